@@ -1,0 +1,228 @@
+"""Plain-PyTorch definitions of every l2v op.
+
+These are the ground truth that kernels, tests and benchmarks all import, so the three can never
+drift. They favour clarity over speed, run on any device (CPU included) and compute in fp32 or in
+the input's dtype when that is wider (pass fp64 inputs to get an fp64 "truth"). Outputs are cast
+back to the input's dtype where the op's contract says so.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """Upcast to fp32, keeping fp64 as fp64."""
+    return x.double() if x.dtype == torch.float64 else x.float()
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Packed attention. q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int [B+1] -> [T, Hq, D].
+
+    Every token attends to every token of its own sequence (only to earlier ones and itself when
+    causal). GQA: query head h reads kv head h // (Hq // Hkv).
+    """
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    out = torch.zeros_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qs = _wide(q[start:end]).transpose(0, 1)  # [Hq, n, D]
+        ks = _wide(k[start:end]).transpose(0, 1).repeat_interleave(Hq // Hkv, dim=0)
+        vs = _wide(v[start:end]).transpose(0, 1).repeat_interleave(Hq // Hkv, dim=0)
+        scores = (qs @ ks.transpose(1, 2)) * scale
+        if causal:
+            n = end - start
+            keep = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~keep, float("-inf"))
+        out[start:end] = (scores.softmax(-1) @ vs).transpose(0, 1).to(q.dtype)
+    return out
+
+
+def attention_padded(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Padded attention. q [B, L, Hq, D], k/v [B, L, Hkv, D], key_padding_mask bool [B, L]
+    (True = real token) -> [B, L, Hq, D].
+
+    Padded keys are ignored; outputs at padded query positions are 0; a query with no real key
+    (only possible with causal and leading padding) gives 0. Causal is by position in the padded
+    row: query i sees keys j <= i.
+    """
+    B, L, Hq, D = q.shape
+    Hkv = k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    qs = _wide(q).transpose(1, 2)  # [B, Hq, L, D]
+    ks = _wide(k).transpose(1, 2).repeat_interleave(Hq // Hkv, dim=1)
+    vs = _wide(v).transpose(1, 2).repeat_interleave(Hq // Hkv, dim=1)
+    scores = (qs @ ks.transpose(-1, -2)) * scale  # [B, Hq, L, L]
+    allowed = key_padding_mask[:, None, None, :].expand(B, 1, L, L)
+    if causal:
+        allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = scores.softmax(-1).nan_to_num(0.0)  # rows with no allowed key -> 0
+    out = (probs @ vs).transpose(1, 2)  # [B, L, Hq, D]
+    out = out * key_padding_mask[:, :, None, None]
+    return out.to(q.dtype)
+
+
+def masked_pool(
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "mean",
+    cu_seqlens: torch.Tensor | None = None,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Pool the masked tokens of each row -> float32 [B, D].
+
+    hidden [B, L, D] with mask [B, L], or packed hidden [T, D] with mask [T] and cu_seqlens [B+1].
+    mode: "mean" (mean over masked tokens), "weighted_mean" (weights 1..n over the masked tokens
+    of a row in order, divided by their sum: llm2vec's weighted_mean), "last" (last masked token).
+    A row with no masked token gives zeros. normalize: L2-normalize each row (a zero row stays 0).
+    """
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        rows = [(hidden[s:e], mask[s:e]) for s, e in zip(bounds[:-1], bounds[1:])]
+    else:
+        rows = [(hidden[b], mask[b]) for b in range(hidden.shape[0])]
+    out = []
+    for h, m in rows:
+        h = _wide(h)
+        m = m.bool()
+        n = int(m.sum())
+        if n == 0:
+            out.append(torch.zeros(h.shape[-1], dtype=h.dtype, device=h.device))
+            continue
+        if mode == "mean":
+            out.append(h[m].mean(0))
+        elif mode == "weighted_mean":
+            w = torch.arange(1, n + 1, dtype=h.dtype, device=h.device)
+            out.append((h[m] * w[:, None]).sum(0) / w.sum())
+        elif mode == "last":
+            out.append(h[m][-1])
+        else:
+            raise ValueError(f"unknown pooling mode {mode!r}")
+    pooled = torch.stack(out) if out else hidden.new_zeros(0, hidden.shape[-1])
+    if normalize:
+        pooled = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return pooled.float() if pooled.dtype != torch.float64 else pooled
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    weight_offset: float = 0.0,
+):
+    """RMSNorm over the last dim, optionally after a residual add.
+
+    Without residual: returns y = x / rms(x) * (weight_offset + weight), in x's dtype.
+    With residual: h = x + residual (rounded to x's dtype, as the unfused model stores it);
+    returns (norm(h), h). Statistics in fp32 (fp64 for fp64 inputs).
+    """
+    h = x if residual is None else (_wide(x) + _wide(residual)).to(x.dtype)
+    hw = _wide(h)
+    y = hw * torch.rsqrt(hw.pow(2).mean(-1, keepdim=True) + eps)
+    y = (y * (weight_offset + _wide(weight))).to(x.dtype)
+    return y if residual is None else (y, h)
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, max_position: int, attention_scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_position, D/2] in fp32 for rotate-half RoPE with the given inv_freq."""
+    t = torch.arange(max_position, dtype=torch.float32, device=inv_freq.device)
+    freqs = torch.outer(t, inv_freq.float())
+    return freqs.cos() * attention_scaling, freqs.sin() * attention_scaling
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Position of each packed token in its own sequence (restarting at 0): int32 [T]."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=total)
+    return (torch.arange(total, device=cu_seqlens.device) - starts).to(torch.int32)
+
+
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor
+) -> torch.Tensor:
+    """Rotate-half (Llama/HF) RoPE. x [T, H, D], cos/sin [P, D/2], position_ids int [T].
+
+    out[..., :D/2] = x1*cos - x2*sin, out[..., D/2:] = x2*cos + x1*sin, x1/x2 the two halves.
+    Computed in fp32, returned in x's dtype.
+    """
+    half = x.shape[-1] // 2
+    c = _wide(cos)[position_ids.long()][:, None, :]
+    s = _wide(sin)[position_ids.long()][:, None, :]
+    xw = _wide(x)
+    x1, x2 = xw[..., :half], xw[..., half:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+def gated_act(x: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """[..., 2I] -> [..., I]: act(gate) * up, gate = x[..., :I], up = x[..., I:] (HF order)."""
+    half = x.shape[-1] // 2
+    g, u = _wide(x[..., :half]), _wide(x[..., half:])
+    if act == "silu":
+        a = F.silu(g)
+    elif act == "gelu_tanh":
+        a = F.gelu(g, approximate="tanh")
+    else:
+        raise ValueError(f"unknown activation {act!r}")
+    return (a * u).to(x.dtype)
+
+
+def lora_merge(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """W + scale * B @ A, accumulated in fp64, rounded once to W's dtype (out of place).
+
+    weight [N, K], lora_A [r, K], lora_B [N, r].
+    """
+    merged = weight.double() + scale * (lora_B.double() @ lora_A.double())
+    return merged.to(weight.dtype)
+
+
+def gemm_residual(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [M, K] @ w[N, K].T (+ bias [N]) (+ residual [M, N]), fp32 accumulate, one rounding."""
+    out = _wide(x) @ _wide(w).T
+    if bias is not None:
+        out = out + _wide(bias)
+    if residual is not None:
+        out = out + _wide(residual)
+    return out.to(x.dtype)
+
+
+def gemm_gated(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: str = "silu"
+) -> torch.Tensor:
+    """act(x @ w_gate.T) * (x @ w_up.T): x [M, K], w_gate/w_up [I, K] -> [M, I], one rounding."""
+    xw = _wide(x)
+    g = xw @ _wide(w_gate).T
+    u = xw @ _wide(w_up).T
+    a = F.silu(g) if act == "silu" else F.gelu(g, approximate="tanh")
+    return (a * u).to(x.dtype)

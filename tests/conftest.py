@@ -1,0 +1,23 @@
+"""Test set-up: without CUDA, Triton kernels run in the CPU interpreter.
+
+TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set here,
+before the test modules import l2v_kernels.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run bench/gpu_check.sh on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,27 @@
+"""Shared test helpers: error metrics and poisoning."""
+
+from __future__ import annotations
+
+import torch
+
+# DESIGN.md "Numerics": ||out - ref|| / ||ref|| bounds per dtype.
+REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp64; NaN/inf anywhere gives inf so it never passes."""
+    o, r = out.double(), ref.double()
+    if not torch.isfinite(o).all():
+        return float("inf")
+    denom = r.norm().item()
+    return (o - r).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "") -> None:
+    err = rel_err(out, ref)
+    assert err < tol, f"{what} rel error {err:.3e} >= {tol:.1e}"
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill with NaN (floats) so any element a kernel fails to write fails the check."""
+    return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-12345)
