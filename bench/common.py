@@ -119,3 +119,60 @@ def write_report(
     p = d / f"{name}.md"
     p.write_text("\n".join(md))
     return p
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel benchmark cases: every bench/bench_<op>.py exposes `cases(smoke: bool) -> list[Case]`.
+# `run_cases` times them (CLI reports) and bench/test_kernels_bench.py feeds the same cases to
+# pytest-benchmark, so both paths measure the same callables.
+# --------------------------------------------------------------------------------------------
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Callable  # noqa: E402
+
+
+@dataclass
+class Case:
+    group: str  # op and shape, e.g. "attention B32 L512 Hq32 Hkv8 D128"
+    impl: str  # "l2v" for ours; baseline names otherwise ("sdpa_flash", "cublas+silu", ...)
+    fn: Callable[[], object]  # runs the op once on prepared inputs
+    flops: float | None = None  # from real (unpadded) tokens only
+    bytes: float | None = None  # minimal HBM traffic of the op
+    params: dict = field(default_factory=dict)  # shape parameters, copied into the result row
+
+
+def run_cases(cases: list[Case], *, ours: str = "l2v") -> list[dict]:
+    """Time each case; add TFLOP/s, GB/s and, per group, our speedup over each baseline."""
+    rows = []
+    for c in cases:
+        try:
+            ms = median_ms(c.fn)
+            err = None
+        except Exception as e:  # a baseline missing on this torch: record, keep going
+            ms, err = None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        row = {"group": c.group, "impl": c.impl, **c.params, "ms": ms}
+        if ms:
+            row["TFLOP/s"] = c.flops / ms / 1e9 if c.flops else None
+            row["GB/s"] = c.bytes / ms / 1e6 if c.bytes else None
+        if err:
+            row["error"] = err
+        rows.append(row)
+    for r in rows:
+        mine = next((x for x in rows if x["group"] == r["group"] and x["impl"] == ours), None)
+        if mine and mine.get("ms") and r.get("ms"):
+            r["ours_speedup"] = r["ms"] / mine["ms"]
+    return rows
+
+
+def kernel_bench_main(name: str, cases_fn, argv=None, title: str | None = None) -> list[dict]:
+    """CLI shared by the kernel benchmarks: python -m bench.bench_<op> [--smoke] [--out DIR]."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=title or name)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (default without CUDA)")
+    ap.add_argument("--out", default=None, help="output folder (default $L2V_BENCH_OUT or bench/results)")
+    args = ap.parse_args(argv)
+    smoke = args.smoke or not on_gpu()
+    rows = run_cases(cases_fn(smoke))
+    path = write_report(name + ("_smoke" if smoke else ""), rows, args.out, title=title)
+    print(path.read_text())
+    return rows
