@@ -70,12 +70,24 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def median_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps: int = 3) -> float:
-    """Median time of fn() in milliseconds."""
+def median_ms(
+    fn, *, warmup_ms: float | None = None, rep_ms: float | None = None, cpu_reps: int = 3
+) -> float:
+    """Median time of fn() in milliseconds.
+
+    warmup_ms / rep_ms default to $L2V_BENCH_WARMUP_MS / $L2V_BENCH_REP_MS, else 25 / 100
+    (bench/gpu_check.sh --quick lowers them to fit its time budget).
+    """
+    if warmup_ms is None:
+        warmup_ms = float(os.environ.get("L2V_BENCH_WARMUP_MS") or 25)
+    if rep_ms is None:
+        rep_ms = float(os.environ.get("L2V_BENCH_REP_MS") or 100)
     if on_gpu():
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        return float(
+            triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+        )
     fn()
     times = []
     for _ in range(cpu_reps):
@@ -169,7 +181,9 @@ def kernel_bench_main(name: str, cases_fn, argv=None, title: str | None = None) 
 
     ap = argparse.ArgumentParser(description=title or name)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (default without CUDA)")
-    ap.add_argument("--out", default=None, help="output folder (default $L2V_BENCH_OUT or bench/results)")
+    ap.add_argument(
+        "--out", default=None, help="output folder (default $L2V_BENCH_OUT or bench/results)"
+    )
     args = ap.parse_args(argv)
     smoke = args.smoke or not on_gpu()
     rows = run_cases(cases_fn(smoke))

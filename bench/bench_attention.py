@@ -1,0 +1,247 @@
+"""Bidirectional varlen attention: l2v Triton kernel vs torch SDPA, varlen_attn and FlexAttention.
+
+python -m bench.bench_attention [--smoke] [--out DIR]
+
+Heads from the models' config.json (bench.workloads): Mistral-7B (Hq 32 / Hkv 8 / D 128) and
+Llama-2-7B (32 / 32 / 128), bf16, non-causal. One group per (batch, heads):
+- equal lengths (B, L) in (256, 64), (64, 128), (32, 512), (8, 2048);
+- "mixed": a seeded log-normal batch (median 120, max 512, ~32k tokens), packed for the varlen
+  kernels and left-padded to [B, 512] (llm2vec's layout) for the padded ones.
+Implementations (each baseline guarded: one missing on this torch records an error row):
+- "l2v": our varlen kernel through its unchecked launcher (what the model's hot loop calls);
+- "l2v_padded" (mixed): our padded kernel on the padded layout with its boolean key mask;
+- "sdpa_flash" (equal lengths): SDPA with the flash backend on [B, H, L, D] views;
+- "sdpa_efficient_mask" (mixed): SDPA with the efficient backend and the boolean padding mask;
+- "varlen_attn": torch.nn.attention.varlen.varlen_attn (torch >= 2.10) on the packed tokens;
+- "flex_doc_mask": compiled FlexAttention on the packed tokens with a document mask (block mask
+  built once, outside the timed call).
+Where a baseline has no GQA support on this torch its k/v are expanded to Hq heads once, outside
+the timed call (noted as kv_expanded). FLOPs = 4 * sum(len_i^2) * Hq * D over real tokens only.
+Inputs are built lazily (on a group's first timed call), so collecting the cases allocates
+nothing. --smoke (the default without CUDA): one tiny fp32 shape, our kernel in the Triton
+interpreter and SDPA's math backend, seconds.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # CPU smoke run: Triton kernels need the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+
+from bench.common import Case, kernel_bench_main  # noqa: E402
+from bench.workloads import MODEL_SHAPES, head_dim  # noqa: E402
+from l2v_kernels.attention import _flash_attn_padded_fwd, _flash_attn_varlen_fwd  # noqa: E402
+
+EQUAL_SHAPES = ((256, 64), (64, 128), (32, 512), (8, 2048))
+REAL_MODELS = ("mistral-7b", "llama-2-7b")
+MIXED_TOKENS, MIXED_MEDIAN, MIXED_SIGMA, MIXED_MAX = 32768, 120, 0.6, 512
+
+
+def mixed_lengths(seed: int = 0) -> list[int]:
+    """Log-normal lengths (median 120, clipped to [1, 512]) until ~32k tokens."""
+    g = torch.Generator().manual_seed(seed)
+    lengths, total = [], 0
+    while total < MIXED_TOKENS:
+        n = math.exp(math.log(MIXED_MEDIAN) + MIXED_SIGMA * torch.randn(1, generator=g).item())
+        n = int(min(max(round(n), 1), MIXED_MAX))
+        lengths.append(n)
+        total += n
+    return lengths
+
+
+class Lazy:
+    """A group's inputs, built on first use and shared by its cases."""
+
+    def __init__(self, make):
+        self._make = make
+        self.value = None
+
+    def __call__(self):
+        if self.value is None:
+            self.value = self._make()
+        return self.value
+
+
+def _packed(lengths, hq, hkv, d, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    t = sum(lengths)
+    q = torch.randn(t, hq, d, generator=g, device=device).to(dtype)
+    k = torch.randn(t, hkv, d, generator=g, device=device).to(dtype)
+    v = torch.randn(t, hkv, d, generator=g, device=device).to(dtype)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
+    cu[1:] = torch.tensor(lengths, device=device).cumsum(0)
+    return {"q": q, "k": k, "v": v, "cu": cu, "max": max(lengths), "lengths": lengths}
+
+
+def _left_padded(x: dict):
+    """The packed batch left-padded to [B, max, H, D] plus its boolean key mask."""
+    lengths, L = x["lengths"], x["max"]
+    lens = torch.tensor(lengths, device=x["q"].device)
+    mask = torch.arange(L, device=lens.device)[None, :] >= (L - lens)[:, None]
+    out = {"mask": mask}
+    for name in ("q", "k", "v"):
+        t = x[name]
+        p = t.new_zeros(len(lengths), L, *t.shape[1:])
+        p[mask] = t
+        out[name] = p
+    return out
+
+
+def _expand(t: torch.Tensor, group: int, dim: int) -> torch.Tensor:
+    return t if group == 1 else t.repeat_interleave(group, dim=dim)
+
+
+def _sdpa(backend, q, k, v, mask=None, *, note: dict):
+    """SDPA on [B, H, L, D] with one backend; GQA natively where supported, else k/v expanded
+    once here (note["kv_expanded"] = True)."""
+    from torch.nn.attention import sdpa_kernel
+
+    group = q.shape[1] // k.shape[1]
+    am = None if mask is None else mask[:, None, None, :]
+    if group > 1:
+        try:
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, k, v, attn_mask=am, enable_gqa=True)
+
+            def fn():
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=am, enable_gqa=True)
+
+            return fn
+        except (RuntimeError, TypeError):
+            k, v = _expand(k, group, 1), _expand(v, group, 1)
+            note["kv_expanded"] = True
+
+    def fn():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=am)
+
+    return fn
+
+
+def _varlen_attn(x, note: dict):
+    from torch.nn.attention.varlen import varlen_attn  # absent before torch 2.10: error row
+
+    q, k, v, cu, m = x["q"], x["k"], x["v"], x["cu"], x["max"]
+    group = q.shape[1] // k.shape[1]
+    kw = {}
+    if group > 1:
+        if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+            kw["enable_gqa"] = True
+        else:
+            k, v = _expand(k, group, 1), _expand(v, group, 1)
+            note["kv_expanded"] = True
+    return lambda: varlen_attn(q, k, v, cu, cu, m, m, **kw)
+
+
+_flex_compiled = None
+
+
+def _flex(x):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    global _flex_compiled
+    if _flex_compiled is None:
+        import torch._dynamo as dynamo
+
+        for name in ("recompile_limit", "cache_size_limit"):  # one compile per group's shape
+            if hasattr(dynamo.config, name):
+                setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    q, k, v, lengths = x["q"], x["k"], x["v"], x["lengths"]
+    t = q.shape[0]
+    doc = torch.repeat_interleave(
+        torch.arange(len(lengths), device=q.device), torch.tensor(lengths, device=q.device)
+    )
+
+    def document(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    block_mask = create_block_mask(document, None, None, t, t, device=q.device)
+    qf, kf, vf = (y.transpose(0, 1).unsqueeze(0).contiguous() for y in (q, k, v))  # [1, H, T, D]
+    gqa = q.shape[1] != k.shape[1]
+    return lambda: _flex_compiled(qf, kf, vf, block_mask=block_mask, enable_gqa=gqa)
+
+
+def _case(group, impl, make_fn, flops, params):
+    """A Case whose callable is built on its first call (inputs, masks, compiled baselines).
+    make_fn(params) returns the timed callable and may note how it was built in params."""
+    params = dict(params)
+    fn = Lazy(lambda: make_fn(params))
+    return Case(group, impl, lambda: fn()(), flops=flops, params=params)
+
+
+def _group_cases(name, lengths, hq, hkv, d, dtype, device, *, equal, smoke=False) -> list[Case]:
+    from torch.nn.attention import SDPBackend
+
+    x = Lazy(lambda: _packed(lengths, hq, hkv, d, dtype, device))
+    flops = 4.0 * sum(n * n for n in lengths) * hq * d
+    b = len(lengths)
+    params = {"B": b, "L": lengths[0] if equal else "mixed", "tokens": sum(lengths),
+              "max_len": max(lengths), "Hq": hq, "Hkv": hkv, "D": d, "dtype": str(dtype)[6:]}
+    group = f"attention {name} Hq{hq} Hkv{hkv} D{d}"
+
+    def ours(_):
+        a = x()
+        return lambda: _flash_attn_varlen_fwd(a["q"], a["k"], a["v"], a["cu"], a["max"], False,
+                                              None)
+
+    def dense(backend):
+        def make(p):
+            a = x()
+            L = lengths[0]
+            q, k, v = (a[n].view(b, L, -1, d).transpose(1, 2) for n in ("q", "k", "v"))
+            return _sdpa(backend, q, k, v, note=p)
+        return make
+
+    out = [_case(group, "l2v", ours, flops, params)]
+    if smoke:
+        out.append(_case(group, "sdpa_math", dense(SDPBackend.MATH), flops, params))
+        return out
+    if equal:
+        out.append(_case(group, "sdpa_flash", dense(SDPBackend.FLASH_ATTENTION), flops, params))
+    else:
+        padded = Lazy(lambda: _left_padded(x()))
+
+        def ours_padded(_):
+            a = padded()
+            return lambda: _flash_attn_padded_fwd(a["q"], a["k"], a["v"], a["mask"], False, None)
+
+        def sdpa_masked(p):
+            a = padded()
+            q, k, v = (a[n].transpose(1, 2) for n in ("q", "k", "v"))
+            return _sdpa(SDPBackend.EFFICIENT_ATTENTION, q, k, v, a["mask"], note=p)
+
+        out.append(_case(group, "l2v_padded", ours_padded, flops, params))
+        out.append(_case(group, "sdpa_efficient_mask", sdpa_masked, flops, params))
+    out.append(_case(group, "varlen_attn", lambda p: _varlen_attn(x(), p), flops, params))
+    out.append(_case(group, "flex_doc_mask", lambda p: _flex(x()), flops, params))
+    return out
+
+
+def cases(smoke: bool) -> list[Case]:
+    if smoke:  # CPU: the Triton interpreter and SDPA's math backend
+        return _group_cases("smoke B2 L16", [16, 16], 4, 2, 64, torch.float32, "cpu",
+                            equal=True, smoke=True)
+    out = []
+    for model in REAL_MODELS:
+        cfg = MODEL_SHAPES[model]
+        hq, hkv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], head_dim(cfg)
+        for b, L in EQUAL_SHAPES:
+            out += _group_cases(f"B{b} L{L}", [L] * b, hq, hkv, d, torch.bfloat16, "cuda",
+                                equal=True)
+        lengths = mixed_lengths()
+        out += _group_cases(f"mixed B{len(lengths)} T{sum(lengths)}", lengths, hq, hkv, d,
+                            torch.bfloat16, "cuda", equal=False)
+    return out
+
+
+if __name__ == "__main__":
+    kernel_bench_main("attention", cases, title="Bidirectional varlen attention (forward)")

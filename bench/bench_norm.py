@@ -1,0 +1,95 @@
+"""Fused residual add + RMSNorm: l2v Triton kernel vs plain torch, torch.compile and a copy.
+
+python -m bench.bench_norm [--smoke] [--out DIR]
+
+GB/s counts the bytes the op must move: read x (and residual) and the weight, write y (and h).
+`d2d_copy` copies the same number of bytes device to device: its ratio (ours_speedup) is the
+fraction of copy bandwidth the kernel reaches. "l2v" times what the model runs: the unchecked
+launcher plus the allocation of its outputs (the public function adds input checks on top).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # CPU smoke run: Triton kernels need the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench.common import Case, kernel_bench_main, on_gpu  # noqa: E402
+from l2v_kernels.norm import _rms_norm_fwd  # noqa: E402
+
+EPS = 1e-5
+
+
+def l2v_rms_norm(x, weight, eps, residual=None):
+    y = torch.empty_like(x)
+    h = torch.empty_like(x) if residual is not None else None
+    _rms_norm_fwd(x, weight, eps, y, residual=residual, h_out=h)
+    return y if residual is None else (y, h)
+
+
+def torch_rms_norm(x, weight, eps, residual=None):
+    """Plain PyTorch (the Hugging Face way, fp32 statistics)."""
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = (y * weight.float()).to(x.dtype)
+    return y if residual is None else (y, x)
+
+
+def compiled(fn):
+    """torch.compile'd fn with static shapes; every case has its own shapes, so the recompile
+    limit is raised (it would otherwise fall back to eager silently after 8 shapes)."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+    return torch.compile(fn, dynamic=False)
+
+
+def copy_case(group: str, nbytes: int, params: dict, device) -> Case:
+    """A device-to-device copy moving nbytes in total (nbytes / 2 read + nbytes / 2 written)."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return Case(group, "d2d_copy", lambda: dst.copy_(src), bytes=2 * src.numel(), params=params)
+
+
+def cases(smoke: bool) -> list[Case]:
+    device = "cuda" if on_gpu() else "cpu"
+    if smoke:
+        dtype, shapes = torch.float16, [(7, 64), (33, 96)]
+    else:
+        dtype = torch.bfloat16
+        shapes = [(T, D) for D in (4096, 576) for T in (128, 2048, 16384, 65536)]
+    torch_compiled = None if smoke else compiled(torch_rms_norm)
+    out = []
+    g = torch.Generator(device=device).manual_seed(0)
+    for T, D in shapes:
+        x = torch.randn(T, D, generator=g, device=device).to(dtype)
+        residual = torch.randn(T, D, generator=g, device=device).to(dtype)
+        weight = (torch.rand(D, generator=g, device=device) + 0.5).to(dtype)
+        for with_residual in (False, True):
+            r = residual if with_residual else None
+            n_tensors = 4 if with_residual else 2  # x (+ residual) read, y (+ h) written
+            nbytes = (n_tensors * x.numel() * x.element_size()
+                      + weight.numel() * weight.element_size())
+            group = f"rms_norm T{T} D{D}" + (" +residual" if with_residual else "")
+            params = {"T": T, "D": D, "residual": with_residual, "dtype": str(dtype)[6:]}
+            out.append(Case(group, "l2v", lambda x=x, r=r, w=weight: l2v_rms_norm(x, w, EPS, r),
+                            bytes=nbytes, params=params))
+            out.append(Case(group, "torch", lambda x=x, r=r, w=weight: torch_rms_norm(x, w, EPS, r),
+                            bytes=nbytes, params=params))
+            if torch_compiled is not None:
+                out.append(Case(group, "torch.compile",
+                                lambda x=x, r=r, w=weight: torch_compiled(x, w, EPS, r),
+                                bytes=nbytes, params=params))
+            out.append(copy_case(group, nbytes, params, device))
+    return out
+
+
+if __name__ == "__main__":
+    kernel_bench_main("norm", cases, title="Fused add + RMSNorm")

@@ -1,0 +1,906 @@
+"""End-to-end benchmark: our LLM2Vec encoder vs the llm2vec-style Hugging Face pipeline.
+
+    python -m bench.e2e [--models mistral-7b,...] [--workloads passages,...] [--quick] [--smoke]
+                        [--out DIR] [--device cuda] [--dtype bfloat16]
+    l2v bench ...        (the same CLI)
+
+Both sides get the same random bf16 weights, created on the device for each model shape in
+bench/workloads.py (no files), and the same token ids (bench/workloads.py: queries, passages,
+long documents), so the comparison is model + batching + pooling, nothing else.
+
+- Baseline `hf_bs32`: transformers' *Model with bidirectional SDPA attention
+  (l2v_models.hf_compat), driven the way llm2vec 0.2.3 drives it: texts sorted by length
+  (longest first), left-padded batches of 32, pad = eos, mean over the embed mask (the last N
+  tokens of each row). Stronger than llm2vec in two harmless ways: no KV cache is built
+  (use_cache=False) and the pooling is one vectorized masked sum instead of a per-row loop.
+  Also run with batches of 64 (`hf_bs64`) and under torch.compile (`hf_bs32_compile`).
+- Ours `l2v`: l2v_models.encoder.LLM2Vec on the triton backend (torch on CPU), packed
+  token-budget batches, no padding.
+
+Reported per model and workload: real tokens/s and texts/s (padding never counts), our speedup,
+MFU against a bf16 matmul measured in the same process, peak GPU memory (weights of that side
+plus the run's peak above what was resident before), the cosine of our embeddings to the
+baseline's on the same texts; and latency p50/p99 at batch 1 and 8 on the query workload with
+the weight-read floor (weight bytes / measured copy bandwidth). Results: <name>.json and
+<name>.md (+ PNG plots via bench/plots.py) in the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import signal
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import common
+from bench.workloads import (
+    MODEL_SHAPES,
+    WORKLOADS,
+    Workload,
+    forward_flops,
+    make_workload,
+    model_shape,
+    n_texts,
+    weight_bytes,
+)
+
+OURS = "l2v"
+COMPILE_LIMIT_S = 300.0  # torch.compile warm-up of the baseline, at most
+COS_TARGET = 0.999  # our embeddings vs the baseline's, bf16 on GPU (DESIGN.md "Numerics")
+TARGETS = {  # issue text: H100, Mistral-7B shape
+    "passages_speedup": 2.0,
+    "passages_mfu": 0.70,
+    "b1_latency_over_floor": 1.25,
+}
+IMPL_NOTES = {
+    OURS: "l2v LLM2Vec encoder: packed token-budget batches, no padding",
+    "hf_bs{n}": "transformers *Model, bidirectional SDPA, llm2vec-style sorted left-padded batches "
+    "of {n}, embed-mask mean pooling",
+    "hf_bs{n}_compile": "the same under torch.compile(dynamic=True)",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="l2v bench", description="End-to-end benchmark: l2v vs llm2vec-style transformers."
+    )
+    ap.add_argument(
+        "--models",
+        default=None,
+        help="comma list of model shapes (default: all; smoke: a 2-layer SmolLM2 shape): "
+        + ", ".join(MODEL_SHAPES),
+    )
+    ap.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help="comma list of workloads (default: %(default)s)",
+    )
+    ap.add_argument("--quick", action="store_true", help="half the texts, fewer latency calls")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny CPU-sized run proving the pipeline (default without CUDA)",
+    )
+    ap.add_argument(
+        "--out", default=None, help="output folder (default $L2V_BENCH_OUT or bench/results)"
+    )
+    ap.add_argument(
+        "--name", default=None, help="report file name (default e2e, e2e_smoke when --smoke)"
+    )
+    ap.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="weights and activations (default bfloat16 on GPU, float32 on CPU)",
+    )
+    ap.add_argument(
+        "--backend",
+        default=None,
+        help="our model's backend (default: triton on CUDA, torch on CPU)",
+    )
+    ap.add_argument(
+        "--max-tokens-per-batch",
+        type=int,
+        default=None,
+        help="our token budget per forward (default: the encoder's)",
+    )
+    ap.add_argument(
+        "--hf-batch-sizes",
+        default=None,
+        help="baseline batch sizes, the first is the reference (default 32,64; smoke 3)",
+    )
+    ap.add_argument(
+        "--compile",
+        default="none",
+        help="models (comma list, 'all' or 'none') whose baseline is also run under "
+        "torch.compile on the passages workload (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--latency-calls",
+        type=int,
+        default=None,
+        help="timed calls per latency measurement (default 60; quick 24; smoke 3)",
+    )
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds; optional measurements are skipped once it is spent",
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-plots", action="store_true", help="write JSON and markdown only")
+    return ap.parse_args(argv)
+
+
+def _csv(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _matmul_ms(n: int, device: torch.device, dtype: torch.dtype, g: torch.Generator) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    return common.median_ms(lambda: torch.mm(a, b))
+
+
+def _copy_ms(nbytes: int, device: torch.device, g: torch.Generator) -> float:
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device, generator=g)
+    dst = torch.empty_like(src)
+    return common.median_ms(lambda: dst.copy_(src))
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
+    """The two ceilings of this run: a large matmul's TFLOP/s and a large copy's GB/s.
+
+    Random data (zeros run faster), sizes far beyond L2. The copy counts bytes read plus bytes
+    written. CPU numbers (smoke runs) only prove the code.
+    """
+    n = 8192 if device.type == "cuda" else 256
+    nbytes = (1 << 30) if device.type == "cuda" else (16 << 20)
+    g = torch.Generator(device=device).manual_seed(1234)
+    mm_ms = _matmul_ms(n, device, dtype, g)
+    copy_ms = _copy_ms(nbytes, device, g)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "matmul": f"{n}x{n}x{n} {str(dtype).replace('torch.', '')}",
+        "matmul_tflops": 2.0 * n**3 / mm_ms / 1e9,
+        "copy_bytes": nbytes,
+        "copy_GBps": 2.0 * nbytes / copy_ms / 1e6,
+    }
+
+
+def _peak_start(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _peak_extra(device: torch.device, start: int) -> int | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) - start
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each storage counted once."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device.type == "meta":
+            continue
+        key = (t.device, t.untyped_storage().data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def warmup_subset(wl: Workload, every: int = 4) -> Workload:
+    """Every `every`-th text in length order: covers the length range at 1/every of the cost."""
+    order = sorted(range(len(wl)), key=lambda i: len(wl.ids[i]))
+    return wl.subset(order[::every] or order[:1])
+
+
+def timed(fn, wl: Workload, device: torch.device, warm: Workload | None):
+    """(embeddings, seconds, extra peak bytes) of one pass over wl after a warm-up pass."""
+    if warm is not None and len(warm):
+        fn(warm)
+    start = _peak_start(device)
+    t0 = time.perf_counter()
+    emb = fn(wl)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    return emb, seconds, _peak_extra(device, start)
+
+
+def latencies_ms(fn, wl: Workload, batch: int, calls: int, device: torch.device, warm: int = 3):
+    """Wall time of `calls` separate encode calls of `batch` texts each (after `warm` calls)."""
+    n = len(wl)
+    out = []
+    for c in range(warm + calls):
+        start = (c * batch) % max(1, n - batch + 1)
+        sub = wl.subset(range(start, min(n, start + batch)))
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(sub)
+        _sync(device)
+        if c >= warm:
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def cosines(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Per-text cosine of a and b, plus how similar different texts are (the check's contrast)."""
+    a, b = a.double(), b.double()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    other = torch.nn.functional.cosine_similarity(b, b.roll(1, dims=0), dim=-1)
+    return {
+        "cos_min": float(cos.min()) if len(cos) else None,
+        "cos_mean": float(cos.mean()) if len(cos) else None,
+        "cos_other_texts": float(other.mean()) if len(b) > 1 else None,
+        "finite": bool(torch.isfinite(a).all()),
+    }
+
+
+class Budget:
+    """Optional measurements run only while time is left; failures are recorded, not raised."""
+
+    def __init__(self, seconds: float | None, result: dict):
+        self.t0 = time.perf_counter()
+        self.seconds = seconds
+        self.result = result
+
+    def left(self) -> float:
+        if self.seconds is None:
+            return math.inf
+        return self.seconds - (time.perf_counter() - self.t0)
+
+    def run(self, what: str, fn, *, need: float = 0.0) -> bool:
+        if self.left() < need:
+            self.result["skipped"].append(f"{what}: out of time ({self.left():.0f}s left)")
+            print(f"[e2e] skip {what}: out of time", flush=True)
+            return False
+        t0 = time.perf_counter()
+        try:
+            fn()
+            print(f"[e2e] {what}: {time.perf_counter() - t0:.1f}s", flush=True)
+            return True
+        except Exception as e:  # one failing measurement must not lose the others
+            msg = f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            self.result["errors"].append(msg)
+            print(f"[e2e] FAILED {msg}", file=sys.stderr, flush=True)
+            traceback.print_exc()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return False
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Raise TimeoutError in the main thread after `seconds` (torch.compile warm-up)."""
+    if not 0 < seconds < math.inf or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def handler(signum, frame):
+        raise TimeoutError(f"exceeded {seconds:.0f}s")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# --------------------------------------------------------------------------------------------
+# The two sides
+# --------------------------------------------------------------------------------------------
+
+
+def random_state_dict(cfg: dict, device: torch.device, dtype: torch.dtype, seed: int) -> dict:
+    """Random weights in Hugging Face *ForCausalLM checkpoint names ("model.layers.0...."),
+    made on the device. Linear and embedding weights ~ N(0, initializer_range) like a fresh HF
+    model; norm weights 1 + N(0, 0.1) so that a missing norm weight shows up in the check."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    std = float(cfg.get("initializer_range", 0.02))
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    d = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+
+    def weight(*shape):
+        return (torch.randn(shape, generator=g, device=device) * std).to(dtype)
+
+    def norm():
+        return (1.0 + 0.1 * torch.randn(h, generator=g, device=device)).to(dtype)
+
+    sd = {"model.embed_tokens.weight": weight(cfg["vocab_size"], h)}
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        sd[p + "self_attn.q_proj.weight"] = weight(q, h)
+        sd[p + "self_attn.k_proj.weight"] = weight(kv, h)
+        sd[p + "self_attn.v_proj.weight"] = weight(kv, h)
+        sd[p + "self_attn.o_proj.weight"] = weight(h, q)
+        sd[p + "mlp.gate_proj.weight"] = weight(i, h)
+        sd[p + "mlp.up_proj.weight"] = weight(i, h)
+        sd[p + "mlp.down_proj.weight"] = weight(h, i)
+        sd[p + "input_layernorm.weight"] = norm()
+        sd[p + "post_attention_layernorm.weight"] = norm()
+    sd["model.norm.weight"] = norm()
+    return sd
+
+
+def hf_config_object(cfg: dict):
+    """The transformers config object for a config.json dict (LlamaConfig, MistralConfig...)."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}
+    return AutoConfig.for_model(cfg["model_type"], **fields)
+
+
+def build_hf(cfg: dict, state: dict, dtype: torch.dtype, device: torch.device):
+    """The baseline: transformers' Llama/MistralModel, bidirectional SDPA, our random weights."""
+    from l2v_models.hf_compat import build_hf_model
+
+    prefix = "model."
+    hf_names = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return build_hf_model(
+        hf_config_object(cfg), hf_names, dtype=dtype, device=device, attn_implementation="sdpa"
+    )
+
+
+def build_ours(cfg: dict, state: dict, dtype, device, backend: str, max_tokens: int | None):
+    """Our encoder around a Transformer filled with the same weights (fused copies of them)."""
+    from l2v_models.config import ModelConfig
+    from l2v_models.encoder import LLM2Vec
+    from l2v_models.loading import from_hf_state_dict
+
+    model = from_hf_state_dict(
+        ModelConfig.from_hf_config(cfg), state, dtype=dtype, device=device, backend=backend
+    )
+    return LLM2Vec.from_model(model, max_tokens_per_batch=max_tokens)
+
+
+def ours_encode_fn(encoder):
+    """The encoder's own pre-tokenized entry point: packing, token budget, pooling, host copy."""
+
+    def encode(wl: Workload) -> torch.Tensor:
+        return encoder.encode_token_ids(wl.ids, wl.n_pool)
+
+    return encode
+
+
+def hf_encode_fn(model, batch_size: int, pad_id: int, device: torch.device):
+    """llm2vec's encode loop on token ids: sort by length (longest first), left-pad batches of
+    batch_size with pad = eos, run the *Model, mean over each row's last n_pool tokens."""
+
+    def encode(wl: Workload) -> torch.Tensor:
+        order = sorted(range(len(wl)), key=lambda i: -len(wl.ids[i]))
+        pooled = []
+        with torch.inference_mode():
+            for s in range(0, len(order), batch_size):
+                idx = order[s : s + batch_size]
+                width = len(wl.ids[idx[0]])
+                ids = np.full((len(idx), width), pad_id, dtype=np.int64)
+                attn = np.zeros((len(idx), width), dtype=np.int64)
+                pool = np.zeros((len(idx), width), dtype=np.float32)
+                for r, i in enumerate(idx):
+                    n = len(wl.ids[i])
+                    ids[r, width - n :] = wl.ids[i]
+                    attn[r, width - n :] = 1
+                    pool[r, width - wl.n_pool[i] :] = 1.0
+                ids_t = torch.from_numpy(ids).to(device, non_blocking=True)
+                attn_t = torch.from_numpy(attn).to(device, non_blocking=True)
+                pool_t = torch.from_numpy(pool).to(device, non_blocking=True)
+                hidden = model(input_ids=ids_t, attention_mask=attn_t, use_cache=False)
+                hidden = hidden.last_hidden_state.float()
+                summed = (hidden * pool_t[:, :, None]).sum(1)
+                pooled.append(summed / pool_t.sum(1, keepdim=True).clamp_min(1.0))
+            emb = torch.cat(pooled).cpu()
+        out = torch.empty_like(emb)
+        out[torch.tensor(order)] = emb
+        return out
+
+    return encode
+
+
+def padded_tokens(wl: Workload, batch_size: int) -> int:
+    """Tokens the padded baseline computes (real + padding)."""
+    lengths = sorted(wl.lengths, reverse=True)
+    return sum(
+        lengths[s] * len(lengths[s : s + batch_size]) for s in range(0, len(lengths), batch_size)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# One model
+# --------------------------------------------------------------------------------------------
+
+
+def run_model(name: str, args, settings: dict, result: dict, budget: Budget, save) -> None:
+    device, dtype = settings["device"], settings["dtype"]
+    cfg = model_shape(name)
+    ceil = result["ceilings"]
+    floor_ms = weight_bytes(cfg, torch.finfo(dtype).bits // 8) / (ceil["copy_GBps"] * 1e9) * 1e3
+    info = {
+        "weight_bytes": weight_bytes(cfg, torch.finfo(dtype).bits // 8),
+        "weight_read_floor_ms": floor_ms,
+        "layers": cfg["num_hidden_layers"],
+        "hidden": cfg["hidden_size"],
+        "ceilings": dict(ceil),  # this process's (gpu_check.sh runs one per model)
+    }
+    result["models"][name] = info
+    print(f"[e2e] {name}: building random {settings['dtype_name']} weights on {device}", flush=True)
+
+    t0 = time.perf_counter()
+    state = random_state_dict(cfg, device, dtype, args.seed)
+    hf = build_hf(cfg, state, dtype, device)
+    ours = build_ours(cfg, state, dtype, device, settings["backend"], args.max_tokens_per_batch)
+    del state  # both sides hold what they need; the HF model may share these tensors
+    info["build_s"] = time.perf_counter() - t0
+    info["ours_weight_bytes"] = tensor_bytes(ours.model)
+    info["hf_weight_bytes"] = tensor_bytes(hf)
+    info["backend"] = getattr(ours.model, "backend", settings["backend"])
+
+    bs_ref, *bs_more = settings["hf_batch_sizes"]
+    ref_impl = f"hf_bs{bs_ref}"
+    pad_id = cfg.get("eos_token_id", 2)
+    ours_fn = ours_encode_fn(ours)
+    hf_fns = {
+        f"hf_bs{bs}": (hf_encode_fn(hf, bs, pad_id, device), bs)
+        for bs in settings["hf_batch_sizes"]
+    }
+    refs: dict[str, torch.Tensor] = {}
+
+    quick, smoke = settings["quick"], settings["smoke"]
+    workloads = {
+        w: make_workload(w, n_texts(w, name, quick=quick, smoke=smoke), cfg, seed=args.seed)
+        for w in settings["workloads"]
+    }
+
+    def throughput(wl: Workload, impl: str, fn, batch: int | None):
+        def go():
+            emb, seconds, extra = timed(fn, wl, device, warmup_subset(wl, every=4))
+            flops = forward_flops(cfg, wl.lengths)
+            weights = info["ours_weight_bytes"] if impl == OURS else info["hf_weight_bytes"]
+            row = {
+                "model": name,
+                "workload": wl.name,
+                "impl": impl,
+                "texts": len(wl),
+                "tokens": wl.tokens,
+                "padded_tokens": padded_tokens(wl, batch) if batch else wl.tokens,
+                "seconds": seconds,
+                "tokens_per_s": wl.tokens / seconds,
+                "texts_per_s": len(wl) / seconds,
+                "TFLOP/s": flops / seconds / 1e12,
+                "MFU": flops / seconds / 1e12 / ceil["matmul_tflops"],
+                "peak_mem_GB": (weights + extra) / 1e9 if extra is not None else None,
+            }
+            if impl == ref_impl:
+                refs[wl.name] = emb
+            elif wl.name in refs:
+                row.update(cosines(emb, refs[wl.name]))
+            if impl == OURS:
+                ours_emb[wl.name] = emb
+            result["rows"].append(row)
+            # Ours runs before the reference: check it once the reference exists.
+            if impl == ref_impl and wl.name in ours_emb:
+                mine = next(
+                    r
+                    for r in result["rows"]
+                    if r["model"] == name and r["workload"] == wl.name and r["impl"] == OURS
+                )
+                mine.update(cosines(ours_emb.pop(wl.name), emb))
+            save()
+
+        return go
+
+    def latency(impl: str, fn, batch: int, wl: Workload, calls: int):
+        def go():
+            samples = latencies_ms(fn, wl, batch, calls, device, warm=1 if smoke else 3)
+            result["latency"].append(
+                {
+                    "model": name,
+                    "impl": impl,
+                    "batch": batch,
+                    "calls": len(samples),
+                    "p50_ms": float(np.percentile(samples, 50)),
+                    "p99_ms": float(np.percentile(samples, 99)),
+                    "mean_ms": float(np.mean(samples)),
+                    "floor_ms": floor_ms,
+                    "samples_ms": [round(s, 4) for s in samples],
+                }
+            )
+            save()
+
+        return go
+
+    ours_emb: dict[str, torch.Tensor] = {}
+    ref_fn, _ = hf_fns[ref_impl]
+    order = [w for w in ("passages", "queries", "long") if w in workloads]
+    # Most important first, so a tight time budget loses the least: the headline workload,
+    # latency, the other workloads, then the extra baselines.
+    for i, w in enumerate(order):
+        wl = workloads[w]
+        budget.run(f"{name}/{w}/{OURS}", throughput(wl, OURS, ours_fn, None))
+        budget.run(f"{name}/{w}/{ref_impl}", throughput(wl, ref_impl, ref_fn, bs_ref))
+        if i == 0 and "queries" in workloads:
+            calls = settings["latency_calls"]
+            for batch in (1, 8):
+                budget.run(
+                    f"{name}/latency b{batch}/{OURS}",
+                    latency(OURS, ours_fn, batch, workloads["queries"], calls),
+                )
+                budget.run(
+                    f"{name}/latency b{batch}/{ref_impl}",
+                    latency(ref_impl, ref_fn, batch, workloads["queries"], calls),
+                )
+    for w in order:
+        for impl in [f"hf_bs{bs}" for bs in bs_more]:
+            fn, bs = hf_fns[impl]
+            budget.run(f"{name}/{w}/{impl}", throughput(workloads[w], impl, fn, bs))
+    if name in settings["compile"] and "passages" in workloads:
+        compiled_impl = f"{ref_impl}_compile"
+
+        def compile_and_warm():
+            fn = hf_encode_fn(torch.compile(hf, dynamic=True), bs_ref, pad_id, device)
+            # Compilation happens in the first calls, once per new batch shape (a last batch of
+            # one text, say): one whole pass sees them all. Capped so the rest of the run survives.
+            with time_limit(min(COMPILE_LIMIT_S, budget.left() - 20.0)):
+                fn(workloads["passages"])
+            hf_fns[compiled_impl] = (fn, bs_ref)
+
+        if budget.run(f"{name}/torch.compile warm-up", compile_and_warm, need=60.0):
+            fn, bs = hf_fns[compiled_impl]
+            budget.run(
+                f"{name}/passages/{compiled_impl}",
+                throughput(workloads["passages"], compiled_impl, fn, bs),
+            )
+        hf_fns.pop(compiled_impl, None)
+        torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def add_speedups(result: dict) -> None:
+    """Per (model, workload): ours_speedup on every baseline row, speedup_vs_ref on ours."""
+    ref_impl = result["config"]["reference"]
+    for r in result["rows"]:
+        mine = next(
+            (
+                x
+                for x in result["rows"]
+                if x["model"] == r["model"] and x["workload"] == r["workload"] and x["impl"] == OURS
+            ),
+            None,
+        )
+        if mine and r["impl"] != OURS:
+            r["ours_speedup"] = mine["tokens_per_s"] / r["tokens_per_s"]
+            if r["impl"] == ref_impl:
+                mine["speedup_vs_ref"] = r["ours_speedup"]
+
+
+def targets(result: dict) -> list[dict]:
+    """The issue's targets (H100, Mistral-7B shape), where this run measured them."""
+    model = "mistral-7b"
+    if model not in result["models"]:
+        return []
+    ref = result["config"]["reference"]
+    rows = {(r["workload"], r["impl"]): r for r in result["rows"] if r["model"] == model}
+    lat = {(r["impl"], r["batch"]): r for r in result["latency"] if r["model"] == model}
+    out = []
+    mine = rows.get(("passages", OURS))
+    if mine and mine.get("speedup_vs_ref") is not None:
+        out.append(
+            {
+                "target": f"passages: tokens/s >= {TARGETS['passages_speedup']}x {ref}",
+                "measured": f"{mine['speedup_vs_ref']:.2f}x",
+                "reached": mine["speedup_vs_ref"] >= TARGETS["passages_speedup"],
+            }
+        )
+    if mine:
+        out.append(
+            {
+                "target": f"passages: MFU >= {TARGETS['passages_mfu']:.0%}",
+                "measured": f"{mine['MFU']:.1%}",
+                "reached": mine["MFU"] >= TARGETS["passages_mfu"],
+            }
+        )
+    b1 = lat.get((OURS, 1))
+    if b1:
+        ratio = b1["p50_ms"] / b1["floor_ms"]
+        out.append(
+            {
+                "target": f"batch-1 query p50 <= {TARGETS['b1_latency_over_floor']}x "
+                "weight-read floor",
+                "measured": f"{b1['p50_ms']:.2f} ms = {ratio:.2f}x floor {b1['floor_ms']:.2f} ms",
+                "reached": ratio <= TARGETS["b1_latency_over_floor"],
+            }
+        )
+    for r in result["rows"]:
+        if r["impl"] == OURS and r.get("cos_min") is not None:
+            out.append(
+                {
+                    "target": f"{r['model']} {r['workload']}: cosine to {ref} >= {COS_TARGET}",
+                    "measured": f"min {r['cos_min']:.5f} (other texts {r['cos_other_texts']:.3f})",
+                    "reached": r["cos_min"] >= COS_TARGET,
+                }
+            )
+    return out
+
+
+def render_markdown(result: dict) -> str:
+    st, cfg, ceil = result["stamp"], result["config"], result["ceilings"]
+    ref = cfg["reference"]
+    lines = [
+        f"# End to end: l2v vs llm2vec-style transformers{' (smoke)' if cfg['smoke'] else ''}",
+        "",
+        f"{st['device']} · torch {st['torch']} · triton {st['triton']} · CUDA {st['cuda']} · "
+        f"commit {st['commit']} · {st['date']}",
+        "",
+        f"{cfg['dtype']}, random weights, seed {cfg['seed']}. Ceilings measured in this run: "
+        f"matmul {ceil['matmul']} {ceil['matmul_tflops']:.4g} TFLOP/s, copy "
+        f"{ceil['copy_GBps']:.4g} GB/s (read + write). MFU = useful FLOPs (real tokens) / time / "
+        "that matmul rate (each model's process measures its own: see Setup).",
+        "",
+    ]
+    tp_cols = [
+        "model",
+        "workload",
+        "impl",
+        "texts",
+        "tokens",
+        "padded_tokens",
+        "seconds",
+        "tokens_per_s",
+        "texts_per_s",
+        "ours_speedup",
+        "MFU",
+        "peak_mem_GB",
+    ]
+    rows = [
+        {**r, "impl": r["impl"] + (" (ref)" if r["impl"] == ref else "")} for r in result["rows"]
+    ]
+    lines += [
+        "## Throughput",
+        "",
+        "ours_speedup: our tokens/s over that row's (same texts, same real tokens).",
+        "",
+        common.markdown_table(rows, tp_cols),
+    ]
+    agree = [
+        {
+            "model": r["model"],
+            "workload": r["workload"],
+            "impl": r["impl"],
+            "cos_min": f"{r['cos_min']:.6f}",
+            "cos_mean": f"{r['cos_mean']:.6f}",
+            "cos_other_texts": f"{r['cos_other_texts']:.3f}"
+            if r.get("cos_other_texts") is not None
+            else "",
+            "finite": r.get("finite"),
+        }
+        for r in result["rows"]
+        if r.get("cos_min") is not None
+    ]
+    if agree:
+        lines += [
+            f"## Embeddings vs {ref} (same token ids)",
+            "",
+            f"Cosine per text, target >= {COS_TARGET}; cos_other_texts = mean cosine between "
+            "different texts of the baseline: how far apart unrelated embeddings are.",
+            "",
+            common.markdown_table(agree),
+        ]
+    lat_cols = ["model", "impl", "batch", "calls", "p50_ms", "p99_ms", "floor_ms", "p50_over_floor"]
+    lat = [{**r, "p50_over_floor": r["p50_ms"] / r["floor_ms"]} for r in result["latency"]]
+    lines += [
+        "## Latency (query workload)",
+        "",
+        "floor = weight bytes / measured copy bandwidth: the time to read every weight once.",
+        "",
+        common.markdown_table(lat, lat_cols),
+    ]
+    tg = targets(result)
+    if tg:
+        lines += [
+            "## Targets",
+            "",
+            common.markdown_table(
+                [{**t, "reached": "yes" if t["reached"] else "NO"} for t in tg],
+                ["target", "measured", "reached"],
+            ),
+        ]
+    lines += ["## Setup", ""]
+    for impl in sorted(
+        {r["impl"] for r in result["rows"]} | {r["impl"] for r in result["latency"]}
+    ):
+        lines.append(f"- `{impl}`: {describe(impl)}")
+    lines += [
+        "- workloads (token ids, seeded): queries = BOS + 16-token instruction + 10-40 "
+        "tokens (the query is pooled); passages = log-normal lengths, median ~120, max 512; "
+        "long = 400-512 tokens",
+        "",
+    ]
+    for m, info in result["models"].items():
+        lines.append(
+            f"- {m}: {info.get('layers')} layers, hidden {info.get('hidden')}, weights "
+            f"{info.get('weight_bytes', 0) / 1e9:.2f} GB, backend {info.get('backend')}, "
+            f"built in {info.get('build_s', 0):.1f} s; matmul "
+            f"{info.get('ceilings', {}).get('matmul_tflops', 0):.4g} TFLOP/s, copy "
+            f"{info.get('ceilings', {}).get('copy_GBps', 0):.4g} GB/s"
+        )
+    if result["skipped"] or result["errors"]:
+        lines += ["", "## Not measured", ""]
+        lines += [f"- skipped {s}" for s in result["skipped"]]
+        lines += [f"- error {e}" for e in result["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def describe(impl: str) -> str:
+    if impl == OURS:
+        return IMPL_NOTES[OURS]
+    base = impl.removeprefix("hf_bs")
+    if base.endswith("_compile"):
+        return IMPL_NOTES["hf_bs{n}_compile"]
+    return IMPL_NOTES["hf_bs{n}"].format(n=base)
+
+
+def write_result(result: dict, out: str | None, name: str) -> Path:
+    """<name>.json (rows stamped) and <name>.md in the output folder; returns the JSON path."""
+    add_speedups(result)
+    d = common.out_dir(out)
+    st = result["stamp"]
+    data = {
+        **result,
+        "rows": [{**st, **r} for r in result["rows"]],
+        "latency": [{**st, **r} for r in result["latency"]],
+    }
+    path = d / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)  # a run killed mid-write leaves the previous complete file
+    (d / f"{name}.md").write_text(render_markdown(result))
+    return path
+
+
+def merge_results(results: list[dict]) -> dict:
+    """One report from several (gpu_check.sh runs one process per model)."""
+    merged = {**results[0], "rows": [], "latency": [], "models": {}, "errors": [], "skipped": []}
+    for r in results:
+        for key in ("rows", "latency", "errors", "skipped"):
+            merged[key] += r.get(key, [])
+        merged["models"].update(r.get("models", {}))
+    strip = set(common.STAMP_KEYS)
+    for key in ("rows", "latency"):
+        merged[key] = [{k: v for k, v in row.items() if k not in strip} for row in merged[key]]
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("l2v bench: --device cuda but no CUDA device is visible")
+    smoke = args.smoke or device.type != "cuda"
+    if smoke and not args.smoke:
+        print("[e2e] no CUDA device: running the smoke configuration (timings are not performance)")
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+    models = _csv(args.models) or (["smoke"] if smoke else list(MODEL_SHAPES))
+    for m in models:
+        if m not in MODEL_SHAPES and m != "smoke":  # unknown names fail before any work
+            raise SystemExit(
+                f"l2v bench: unknown model {m!r}; choose from {', '.join(MODEL_SHAPES)}"
+            )
+    workloads = _csv(args.workloads)
+    for w in workloads:
+        if w not in WORKLOADS:
+            raise SystemExit(
+                f"l2v bench: unknown workload {w!r}; choose from {', '.join(WORKLOADS)}"
+            )
+    hf_bs = [int(b) for b in _csv(args.hf_batch_sizes)] or ([3] if smoke else [32, 64])
+    compile_models = {"all": set(models), "none": set()}.get(args.compile, set(_csv(args.compile)))
+    settings = {
+        "device": device,
+        "dtype": dtype,
+        "dtype_name": dtype_name,
+        "smoke": smoke,
+        "quick": args.quick,
+        "workloads": workloads,
+        "hf_batch_sizes": hf_bs,
+        "backend": args.backend or ("triton" if device.type == "cuda" else "torch"),
+        "compile": compile_models,
+        "latency_calls": args.latency_calls or (2 if smoke else 24 if args.quick else 60),
+    }
+    if smoke and args.max_tokens_per_batch is None:
+        args.max_tokens_per_batch = 600  # several packed batches even for a few texts
+    name = args.name or ("e2e_smoke" if smoke else "e2e")
+    result = {
+        "kind": "l2v-e2e",
+        "stamp": common.stamp(),
+        "config": {
+            "models": models,
+            "workloads": workloads,
+            "dtype": dtype_name,
+            "device": str(device),
+            "smoke": smoke,
+            "quick": args.quick,
+            "seed": args.seed,
+            "backend": settings["backend"],
+            "hf_batch_sizes": hf_bs,
+            "reference": f"hf_bs{hf_bs[0]}",
+            "max_tokens_per_batch": args.max_tokens_per_batch,
+            "compile": sorted(compile_models),
+            "latency_calls": settings["latency_calls"],
+        },
+        "ceilings": {},
+        "models": {},
+        "rows": [],
+        "latency": [],
+        "errors": [],
+        "skipped": [],
+    }
+    budget = Budget(args.time_budget, result)
+    result["ceilings"] = measure_ceilings(device, dtype)
+    print(f"[e2e] ceilings: {result['ceilings']}", flush=True)
+
+    def save():
+        write_result(result, args.out, name)
+
+    for m in models:
+        budget.run(m, lambda m=m: run_model(m, args, settings, result, budget, save))
+        gc.collect()  # free this shape's two models before the next one is built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        save()
+    path = write_result(result, args.out, name)
+    if not args.no_plots:
+        try:
+            from bench import plots
+
+            plots.plot_e2e(result, path.parent, prefix=name)
+        except Exception as e:  # plots are a convenience; the numbers are written already
+            print(f"[e2e] plots failed: {type(e).__name__}: {e}", file=sys.stderr)
+    print(path.with_suffix(".md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    main()

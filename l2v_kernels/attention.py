@@ -1,0 +1,399 @@
+"""Bidirectional (non-causal) flash attention for packed varlen and padded batches.
+
+Forward only, FlashAttention-2 style: one program owns a block of query rows of one sequence and
+one kv head, keeps the softmax statistics in fp32 registers (online softmax with exp2, log2(e)
+folded into the scale) and walks over the keys of its own sequence only.
+
+- GQA packing: the query heads that share a kv head are processed together. A program's
+  BLOCK_M rows are (token, head) pairs in token-major order, row r = token r // G, query head
+  kv_head * G + r % G (G = Hq // Hkv), so every K/V tile is loaded once for the G heads, the
+  rows of one token are adjacent in memory, and short sequences waste G times fewer rows in
+  their last partial block than one-head-per-program would.
+- The key loop is split into full blocks without any masking and one masked tail (the last
+  partial block, plus the diagonal blocks when causal), so the inner loop stays cheap.
+- Padded layout: keys are walked only over [first real key, last real key] of each row;
+  padding inside that range (holes) is masked per key block; query blocks outside it just store
+  zeros. Padded query rows give 0 and a row with no real key gives 0, never NaN.
+- Grid: 1-D, query blocks fastest (the programs that share K/V run together and hit L2), in
+  reverse order so that with causal the heaviest (last) blocks of a sequence start first.
+  Query blocks past a sequence's end exit at once.
+- `_flash_attn_varlen_fwd` is the unchecked launcher for the model's hot loop: no host sync, no
+  validation, no data-dependent allocation, so it can be captured in a CUDA graph (after one
+  warm-up call, which compiles and autotunes).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+
+import torch
+import triton
+import triton.language as tl
+
+from l2v_kernels._checks import (
+    FLOAT_DTYPES,
+    _sync_allowed,
+    check_cu_seqlens,
+    check_tensor,
+    check_triton_device,
+    interpreting,
+)
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+_LOG2E = 1.4426950408889634
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, for sm90 (they also compile for sm80;
+# a tile that does not fit there times as inf and is skipped). Chosen from ptxas register/spill
+# reports: BLOCK_M=128 with 4 warps spills at D=128, so D>=128 uses 8 warps for BLOCK_M=128.
+_CUDA_TILES = {
+    64: [(128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3)],
+    256: [(128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
+}
+
+
+def _configs() -> list[triton.Config]:
+    if interpreting():
+        # The interpreter would run every config when autotuning: one small fixed config.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    tiles = sorted({t for ts in _CUDA_TILES.values() for t in ts})
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in tiles
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Keep the tiles listed for this head dim; fp32 (a testing dtype) is not tuned: first one."""
+    tiles = _CUDA_TILES.get(kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")))
+    if tiles is None:
+        return configs
+    kept = [
+        c for c in configs
+        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in tiles
+    ] or configs
+    q = named_args.get("Q")
+    return kept[:1] if getattr(q, "dtype", None) == torch.float32 else kept
+
+
+# Tuning results are kept on disk where this Triton can (3.2+), so a new process does not
+# benchmark every tile again on its first call.
+_AUTOTUNE_EXTRA = (
+    {"cache_results": True}
+    if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+)
+
+
+@triton.jit
+def _attn_loop(
+    acc, l_i, m_i, q,
+    K, V, KM,
+    stride_kt, stride_vt, stride_ml,
+    n_start, n_stop, k_end, t_rows, qk_scale,
+    offs_d,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PADDED: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) over key blocks n_start, n_start+BLOCK_N, ...
+    < n_stop. MASKED: the blocks may hold keys >= k_end (and, when causal, keys after a row's
+    token). PADDED: keys whose padding-mask entry is False are skipped."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(n_start, n_stop, BLOCK_N):
+        offs_k = start_n + offs_n
+        k_ptrs = K + offs_k[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = V + offs_k[:, None] * stride_vt + offs_d[None, :]
+        if PADDED:
+            if MASKED:
+                kval = tl.load(KM + offs_k * stride_ml, mask=offs_k < k_end, other=0) != 0
+            else:
+                kval = tl.load(KM + offs_k * stride_ml) != 0
+        else:
+            kval = offs_k < k_end
+        if MASKED or PADDED:
+            k = tl.load(k_ptrs, mask=kval[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if MASKED or PADDED:
+            if CAUSAL and MASKED:
+                allowed = kval[None, :] & (offs_k[None, :] <= t_rows[:, None])
+            else:
+                allowed = kval[None, :]
+            qk = tl.where(allowed, qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED or PADDED:
+            v = tl.load(v_ptrs, mask=kval[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["HEAD_DIM", "CAUSAL", "PADDED"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    **_AUTOTUNE_EXTRA,
+)
+@triton.jit(do_not_specialize=["max_rows"])
+def _attn_fwd_kernel(
+    Q, K, V, O,
+    Cu, KLo, KHi, KM,
+    qk_scale,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_mb, stride_ml,
+    num_kv_heads, max_rows,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, PADDED: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program = BLOCK_M (token, head) rows of one sequence and one kv head.
+
+    Varlen (PADDED=False): sequence b is tokens Cu[b] ... Cu[b+1]-1, max_rows >= its length.
+    Padded: sequence b is row b of length max_rows; keys are walked over [KLo[b], KHi[b]) and
+    masked by KM[b, :] (nonzero = real token); padded query rows are stored as 0.
+    """
+    n_m = tl.cdiv(max_rows * GROUP, BLOCK_M)
+    pid = tl.program_id(0)
+    m_blk = n_m - 1 - pid % n_m
+    rest = pid // n_m
+    hk = rest % num_kv_heads
+    b = rest // num_kv_heads
+
+    if PADDED:
+        seqlen = max_rows
+        k_lo = tl.load(KLo + b)
+        k_hi = tl.load(KHi + b)
+        b64 = b.to(tl.int64)
+        q_base = Q + b64 * stride_qb
+        k_base = K + b64 * stride_kb
+        v_base = V + b64 * stride_vb
+        o_base = O + b64 * stride_ob
+        KM += b64 * stride_mb
+    else:
+        start = tl.load(Cu + b)
+        seqlen = tl.load(Cu + b + 1) - start
+        k_lo = 0
+        k_hi = seqlen
+        s64 = start.to(tl.int64)
+        q_base = Q + s64 * stride_qt
+        k_base = K + s64 * stride_kt
+        v_base = V + s64 * stride_vt
+        o_base = O + s64 * stride_ot
+
+    start_m = m_blk * BLOCK_M
+    t_first = start_m // GROUP
+    t_last = (start_m + BLOCK_M - 1) // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    t_rows = offs_m // GROUP
+    h_rows = hk * GROUP + offs_m % GROUP
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_in = t_rows < seqlen
+    o_ptrs = o_base + t_rows[:, None] * stride_ot + h_rows[:, None] * stride_oh + offs_d[None, :]
+
+    if PADDED:
+        if (t_first >= k_hi) | (t_last < k_lo):  # no real query in this block
+            zero = tl.zeros([BLOCK_M, HEAD_DIM], dtype=O.dtype.element_ty)
+            tl.store(o_ptrs, zero, mask=row_in[:, None])
+            return
+    else:
+        if t_first >= seqlen:  # past this sequence's end
+            return
+
+    q_ptrs = q_base + t_rows[:, None] * stride_qt + h_rows[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_in[:, None], other=0.0)
+    k_base += hk * stride_kh
+    v_base += hk * stride_vh
+
+    # A finite start for the running max: a row that sees no key keeps l == 0, never NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    if CAUSAL:
+        k_end = tl.minimum(k_hi, t_last + 1)  # no row of the block sees a key past t_last
+        full_end = tl.minimum(k_hi, t_first + 1)  # every row sees the keys up to t_first
+    else:
+        k_end = k_hi
+        full_end = k_hi
+    n_full = tl.maximum(full_end - k_lo, 0) // BLOCK_N
+    mid = k_lo + n_full * BLOCK_N
+    acc, l_i, m_i = _attn_loop(
+        acc, l_i, m_i, q, k_base, v_base, KM, stride_kt, stride_vt, stride_ml,
+        k_lo, mid, k_end, t_rows, qk_scale, offs_d,
+        BLOCK_N, CAUSAL, PADDED, False, DOT_PREC,
+    )
+    acc, l_i, m_i = _attn_loop(
+        acc, l_i, m_i, q, k_base, v_base, KM, stride_kt, stride_vt, stride_ml,
+        mid, k_end, k_end, t_rows, qk_scale, offs_d,
+        BLOCK_N, CAUSAL, PADDED, True, DOT_PREC,
+    )
+
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if PADDED:
+        q_real = tl.load(KM + t_rows * stride_ml, mask=row_in, other=0) != 0
+        out = tl.where(q_real[:, None], out, 0.0)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_in[:, None])
+
+
+def _launch(q, k, v, out, cu, k_lo, k_hi, kmask, *, padded, batch, max_rows, causal, scale):
+    """Strides are passed as (batch, token, head); the head dim must have stride 1."""
+    hq, d = q.shape[-2], q.shape[-1]
+    hkv = k.shape[-2]
+    group = hq // hkv
+
+    def bth(t):
+        return (t.stride(0), t.stride(1), t.stride(2)) if padded else (0, t.stride(0), t.stride(1))
+
+    def grid(meta):
+        return (triton.cdiv(max_rows * group, meta["BLOCK_M"]) * hkv * batch,)
+
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
+    ms = (kmask.stride(0), kmask.stride(1)) if padded else (0, 0)
+    _attn_fwd_kernel[grid](
+        q, k, v, out,
+        cu, k_lo, k_hi, kmask,
+        scale * _LOG2E,
+        *bth(q), *bth(k), *bth(v), *bth(out),
+        *ms,
+        hkv, max_rows,
+        HEAD_DIM=d, GROUP=group, CAUSAL=bool(causal), PADDED=padded,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return out
+
+
+def _flash_attn_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, out=None):
+    """Unchecked launcher for the hot loop: q [T, Hq, D], k/v [T, Hkv, D] (any token/head
+    strides, last-dim stride 1), cu_seqlens int32 [B+1] on the device, max_seqlen an int >= the
+    longest sequence. Writes into `out` ([T, Hq, D], q's dtype) when given. No host sync and no
+    allocation depending on data values: CUDA-graph capturable once compiled and tuned."""
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    batch = cu_seqlens.shape[0] - 1
+    if q.shape[0] == 0 or batch <= 0 or max_seqlen <= 0:
+        return out
+    return _launch(
+        q, k, v, out, cu_seqlens, cu_seqlens, cu_seqlens, cu_seqlens, padded=False,
+        batch=batch, max_rows=int(max_seqlen), causal=causal, scale=softmax_scale,
+    )
+
+
+def _flash_attn_padded_fwd(q, k, v, key_padding_mask, causal, softmax_scale, out=None):
+    """Unchecked launcher for the padded layout: q [B, L, Hq, D], k/v [B, L, Hkv, D],
+    key_padding_mask bool [B, L]. The per-row key range is found on the device (no sync)."""
+    B, L = q.shape[0], q.shape[1]
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    pos = torch.arange(L, dtype=torch.int32, device=q.device)
+    k_lo = torch.where(key_padding_mask, pos, L).amin(1).to(torch.int32)  # L if no real key
+    k_hi = torch.where(key_padding_mask, pos + 1, 0).amax(1).to(torch.int32)  # 0 if none
+    return _launch(
+        q, k, v, out, k_lo, k_lo, k_hi, key_padding_mask.view(torch.uint8), padded=True,
+        batch=B, max_rows=L, causal=causal, scale=softmax_scale,
+    )
+
+
+def _check_qkv(op: str, q, k, v, ndim: int, layout: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(op, name, t, ndim=ndim, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    check_triton_device(op, q, k, v)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"{op}: q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: k and v must have the same shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"{op}: q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree in every dim but the "
+            f"head count ({layout})"
+        )
+    hq, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"{op}: the query head count ({hq}) must be a multiple of the kv head count ({hkv})"
+        )
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{op}: head dim {d} is not supported, expected one of "
+                         f"{SUPPORTED_HEAD_DIMS}")
+
+
+def _check_scale(op: str, softmax_scale) -> None:
+    if softmax_scale is not None and not (
+        isinstance(softmax_scale, numbers.Real) and math.isfinite(softmax_scale)
+        and softmax_scale > 0
+    ):
+        raise ValueError(f"{op}: softmax_scale must be a positive finite number or None, "
+                         f"got {softmax_scale!r}")
+
+
+def flash_attn_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Packed attention: q [T, Hq, D], k/v [T, Hkv, D] (Hq % Hkv == 0; D in 64/128/256;
+    fp16/bf16, fp32 for testing; any token/head strides with a contiguous last dim, e.g. column
+    slices of a fused QKV output), cu_seqlens int32 [B+1] (0 ... T), max_seqlen >= the longest
+    sequence. Each token attends to every token of its own sequence (causal: only to earlier
+    ones and itself). Returns [T, Hq, D] in q's dtype; softmax_scale (> 0) defaults to
+    1/sqrt(D). T = 0 returns an empty tensor.
+    Same definition as l2v_kernels.reference.attention_varlen."""
+    op = "flash_attn_varlen"
+    _check_qkv(op, q, k, v, 3, "[T, H, D]")
+    check_cu_seqlens(op, cu_seqlens, q.shape[0], q.device)
+    _check_scale(op, softmax_scale)
+    integral = isinstance(max_seqlen, numbers.Integral) and not isinstance(max_seqlen, bool)
+    if not integral or max_seqlen < 0:
+        raise ValueError(f"{op}: max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    if q.shape[0] == 0:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if _sync_allowed():
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if max_seqlen < longest:
+            raise ValueError(
+                f"{op}: max_seqlen={max_seqlen} is less than the longest sequence ({longest})"
+            )
+    return _flash_attn_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+
+
+def flash_attn_padded(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Padded attention: q [B, L, Hq, D], k/v [B, L, Hkv, D], key_padding_mask bool [B, L]
+    (True = real token; any pattern: left/right padding, holes). Padded keys are ignored,
+    outputs at padded query positions are 0, a row with no real key gives 0. Causal is by
+    position in the padded row. Returns [B, L, Hq, D] in q's dtype; softmax_scale (> 0)
+    defaults to 1/sqrt(D). Same definition as l2v_kernels.reference.attention_padded."""
+    op = "flash_attn_padded"
+    _check_qkv(op, q, k, v, 4, "[B, L, H, D]")
+    check_tensor(op, "key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,),
+                 shape=tuple(q.shape[:2]))
+    check_triton_device(op, q, key_padding_mask)
+    _check_scale(op, softmax_scale)
+    return _flash_attn_padded_fwd(q, k, v, key_padding_mask, causal, softmax_scale)

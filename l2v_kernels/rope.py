@@ -1,0 +1,214 @@
+"""Rotary position embedding (Llama/Hugging Face rotate-half) on packed q and k in one launch.
+
+q [T, Hq, D] and k [T, Hkv, D] are usually column slices of the fused QKV GEMM output, so any
+token/head strides are accepted as long as the head dim is contiguous. Each program rotates a
+block of tokens for a block of heads; the grid's second axis walks the q heads, then the k heads,
+so one launch covers both. cos/sin rows are gathered by position id (positions restart at 0 for
+each packed text). inplace=True writes back into q and k: the model's hot path, one read and one
+write of q and k.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from l2v_kernels._checks import FLOAT_DTYPES, _sync_allowed, check_tensor, check_triton_device
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr,
+    out_ptr,
+    tokens64,
+    token_ok,
+    heads,
+    n_heads,
+    stride_xt,
+    stride_xh,
+    stride_ot,
+    stride_oh,
+    cos,
+    sin,
+    HALF,
+    BLOCK_HALF: tl.constexpr,
+):
+    """Rotate x[tokens, heads, :] into out (tiles [BLOCK_T, BLOCK_H, BLOCK_HALF])."""
+    j = tl.arange(0, BLOCK_HALF)
+    ok = (token_ok[:, None, None] & (heads < n_heads)[None, :, None]) & (j < HALF)[None, None, :]
+    x1_ptrs = x_ptr + tokens64[:, None, None] * stride_xt + heads[None, :, None] * stride_xh
+    x1_ptrs = x1_ptrs + j[None, None, :]
+    x1 = tl.load(x1_ptrs, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(x1_ptrs + HALF, mask=ok, other=0.0).to(tl.float32)
+    c = cos[:, None, :]
+    s = sin[:, None, :]
+    o1 = x1 * c - x2 * s
+    o2 = x2 * c + x1 * s
+    o1_ptrs = out_ptr + tokens64[:, None, None] * stride_ot + heads[None, :, None] * stride_oh
+    o1_ptrs = o1_ptrs + j[None, None, :]
+    tl.store(o1_ptrs, o1.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(o1_ptrs + HALF, o2.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr,
+    k_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    cos_ptr,
+    sin_ptr,
+    pos_ptr,
+    T,
+    Hq,
+    Hkv,
+    HALF,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_qot,
+    stride_qoh,
+    stride_kot,
+    stride_koh,
+    stride_cos,
+    stride_sin,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_ok = tokens < T
+    tokens64 = tokens.to(tl.int64)
+    head_block = tl.program_id(1)
+
+    pos = tl.load(pos_ptr + tokens, mask=token_ok, other=0).to(tl.int64)
+    j = tl.arange(0, BLOCK_HALF)
+    cs_ok = token_ok[:, None] & (j < HALF)[None, :]
+    cos = tl.load(cos_ptr + pos[:, None] * stride_cos + j[None, :], mask=cs_ok, other=0.0)
+    sin = tl.load(sin_ptr + pos[:, None] * stride_sin + j[None, :], mask=cs_ok, other=0.0)
+
+    n_q_blocks = tl.cdiv(Hq, BLOCK_H)
+    if head_block < n_q_blocks:
+        heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+        _rotate_heads(q_ptr, q_out_ptr, tokens64, token_ok, heads, Hq, stride_qt, stride_qh,
+                      stride_qot, stride_qoh, cos, sin, HALF, BLOCK_HALF)
+    else:
+        heads = (head_block - n_q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+        _rotate_heads(k_ptr, k_out_ptr, tokens64, token_ok, heads, Hkv, stride_kt, stride_kh,
+                      stride_kot, stride_koh, cos, sin, HALF, BLOCK_HALF)
+
+
+def _launch_config(Hq: int, Hkv: int, half: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_H, BLOCK_HALF, num_warps): ~2K (x1, x2) pairs per program."""
+    block_half = triton.next_power_of_2(half)
+    block_h = min(triton.next_power_of_2(max(Hq, Hkv)), max(1, 512 // block_half))
+    block_t = max(1, 2048 // (block_h * block_half))
+    return block_t, block_h, block_half, 4
+
+
+def _apply_rotary_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
+) -> None:
+    """Unchecked launcher. q/q_out [T, Hq, D], k/k_out [T, Hkv, D] (stride(2) == 1, out may alias
+    the input), cos/sin fp32 [P, D/2] (stride(1) == 1), position_ids int [T] contiguous."""
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    if T == 0:
+        return
+    half = D // 2
+    block_t, block_h, block_half, num_warps = _launch_config(Hq, Hkv, half)
+    grid = (triton.cdiv(T, block_t), triton.cdiv(Hq, block_h) + triton.cdiv(Hkv, block_h))
+    _rope_kernel[grid](
+        q,
+        k,
+        q_out,
+        k_out,
+        cos,
+        sin,
+        position_ids,
+        T,
+        Hq,
+        Hkv,
+        half,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        q_out.stride(0),
+        q_out.stride(1),
+        k_out.stride(0),
+        k_out.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        BLOCK_T=block_t,
+        BLOCK_H=block_h,
+        BLOCK_HALF=block_half,
+        num_warps=num_warps,
+    )
+
+
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor,
+    *,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE on packed q and k in one launch.
+
+    q: [T, Hq, D], k: [T, Hkv, D], same float dtype (fp16/bf16/fp32), D even; the head dim must be
+    contiguous, token and head strides are free (e.g. views of a fused QKV buffer).
+    cos, sin: fp32 [P, D/2] (l2v_kernels.reference.rope_cos_sin; rope scaling such as llama3's
+    is folded into inv_freq by the caller). position_ids: int32 or int64 [T], each in [0, P)
+    (packed batches: reference.positions_from_cu_seqlens).
+    With x1, x2 the two halves of a head: out = [x1*cos - x2*sin, x2*cos + x1*sin], in fp32,
+    rounded once to q's dtype.
+    Returns (q_out, k_out): new contiguous tensors, or q and k themselves when inplace=True.
+    Matches l2v_kernels.reference.apply_rotary applied to q and to k.
+    """
+    op = "apply_rotary"
+    check_tensor(op, "q", q, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    T, Hq, D = q.shape
+    check_tensor(op, "k", k, ndim=3, dtypes=(q.dtype,), last_dim_contiguous=True)
+    if k.shape[0] != T or k.shape[2] != D:
+        raise ValueError(
+            f"{op}: k has shape {tuple(k.shape)}, expected [T={T}, Hkv, D={D}] to match q "
+            f"{tuple(q.shape)}"
+        )
+    if D % 2 != 0:
+        raise ValueError(f"{op}: head dim D={D} must be even (rotate-half RoPE)")
+    check_tensor(op, "cos", cos, ndim=2, dtypes=(torch.float32,), last_dim_contiguous=True)
+    check_tensor(op, "sin", sin, ndim=2, dtypes=(torch.float32,), last_dim_contiguous=True)
+    if cos.shape[1] != D // 2 or sin.shape != cos.shape:
+        raise ValueError(
+            f"{op}: cos and sin must both be [P, D/2={D // 2}], got {tuple(cos.shape)} and "
+            f"{tuple(sin.shape)}"
+        )
+    check_tensor(
+        op, "position_ids", position_ids, ndim=1, shape=(T,), dtypes=(torch.int32, torch.int64)
+    )
+    check_triton_device(op, q, k, cos, sin, position_ids)
+    if T > 0 and _sync_allowed():
+        lo, hi = int(position_ids.min()), int(position_ids.max())
+        if lo < 0 or hi >= cos.shape[0]:
+            raise ValueError(
+                f"{op}: position_ids must lie in [0, P={cos.shape[0]}), got {lo} ... {hi}; "
+                "build cos/sin for more positions"
+            )
+    if inplace:
+        q_out, k_out = q, k
+    else:
+        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    _apply_rotary_fwd(q, k, cos, sin, position_ids.contiguous(), q_out, k_out)
+    return q_out, k_out

@@ -1,0 +1,369 @@
+"""The `l2v` command line.
+
+    l2v encode "A cat sits on the mat." "A kitten rests on a rug."   # cosine-similarity table
+    l2v encode --input texts.txt --output emb.npy                      # one text per line
+    l2v encode --input items.jsonl --output emb.jsonl                  # {"text", "instruction"?}
+    l2v info                                                           # versions, device, kernels
+    l2v bench [--quick] ...                                            # bench/e2e.py (checkout)
+
+Errors a user can fix (missing file, bad JSONL line, unknown model, bad option value) end with a
+one-line message and exit code 2; set L2V_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+SIMILARITY_TABLE_MAX = 8  # up to this many texts on the command line: print their similarities
+_OUTPUT_SUFFIXES = (".npy", ".jsonl")
+_GGUF_MIN_TRANSFORMERS = (4, 45)  # 4.43-4.44 (llm2vec's pin) cannot read the embedded Q4_1 GGUF
+
+
+class UsageError(Exception):
+    """A problem with the user's input: reported in one line, exit code 2."""
+
+
+# ------------------------------------------------------------------------------ inputs
+def read_text_file(path: Path) -> list[str]:
+    """One text per line; blank lines are skipped."""
+    with _open_input(path) as f:
+        return [line.rstrip("\r\n") for line in f if line.strip()]
+
+
+def read_jsonl(path: Path) -> list:
+    """One JSON object per line with "text" and optional "instruction" (a bare JSON string is a
+    text); blank lines are skipped. Returns strings and [instruction, text] pairs."""
+    items = []
+    with _open_input(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if isinstance(obj, str):
+                items.append(obj)
+                continue
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise UsageError(
+                    f'{where}: expected an object with a string "text" field, '
+                    f"got {line.strip()[:60]}"
+                )
+            instruction = obj.get("instruction")
+            if instruction is not None and not isinstance(instruction, str):
+                raise UsageError(f'{where}: "instruction" must be a string')
+            items.append([instruction, obj["text"]] if instruction else obj["text"])
+    return items
+
+
+def _open_input(path: Path):
+    if str(path) == "-":
+        return _NoClose(sys.stdin)
+    if not path.exists():
+        raise UsageError(f"input file not found: {path}")
+    if path.is_dir():
+        raise UsageError(f"input {path} is a directory, expected a file")
+    return open(path, encoding="utf-8")
+
+
+class _NoClose:
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __enter__(self):
+        return self.stream
+
+    def __exit__(self, *exc):
+        return False
+
+
+def gather_texts(args) -> list:
+    items: list = list(args.texts)
+    if args.input is not None:
+        path = Path(args.input)
+        is_jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or args.jsonl
+        items += read_jsonl(path) if is_jsonl else read_text_file(path)
+    if not items:
+        raise UsageError("no texts: pass them as arguments or with --input FILE")
+    if args.instruction:
+        items = [[args.instruction, t] if isinstance(t, str) else t for t in items]
+    return items
+
+
+# ------------------------------------------------------------------------------ outputs
+def check_output_path(output: str | None) -> Path | None:
+    if output is None:
+        return None
+    path = Path(output)
+    if path.suffix.lower() not in _OUTPUT_SUFFIXES:
+        raise UsageError(f"--output must end in .npy or .jsonl, got {output!r}")
+    if not path.parent.exists():
+        raise UsageError(f"output directory {path.parent} does not exist")
+    return path
+
+
+def write_output(path: Path, embeddings, items: list) -> None:
+    import numpy as np
+
+    if path.suffix.lower() == ".npy":
+        np.save(path, np.asarray(embeddings, dtype=np.float32))
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        for item, row in zip(items, embeddings, strict=True):
+            record = {"text": item} if isinstance(item, str) else {
+                "instruction": item[0], "text": item[1]}  # fmt: skip
+            record["embedding"] = [float(x) for x in row]
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def similarity_table(items: list, embeddings) -> str:
+    """Numbered texts, then their cosine-similarity matrix."""
+    import torch
+
+    e = torch.nn.functional.normalize(torch.as_tensor(embeddings, dtype=torch.float64), dim=-1)
+    sim = (e @ e.T).tolist()
+    n = len(items)
+    lines = []
+    for i, item in enumerate(items, 1):
+        text = item if isinstance(item, str) else f"[{item[0]}] {item[1]}"
+        text = text.replace("\n", " ")
+        lines.append(f"[{i}] {text if len(text) <= 70 else text[:67] + '...'}")
+    lines.append("")
+    lines.append("cosine similarity")
+    lines.append("     " + "".join(f"{f'[{j}]':>8}" for j in range(1, n + 1)))
+    for i in range(n):
+        lines.append(f"{f'[{i + 1}]':<5}" + "".join(f"{sim[i][j]:>8.3f}" for j in range(n)))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ commands
+def _check_gguf_support(model: str | None) -> None:
+    if model is not None and model.lower() != "smollm2" and not model.endswith(".gguf"):
+        return
+    import transformers
+
+    version = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+    if version < _GGUF_MIN_TRANSFORMERS:
+        raise UsageError(
+            f"the default model (SmolLM2-135M-Instruct, a Q4_1 GGUF) needs transformers >= "
+            f"{'.'.join(map(str, _GGUF_MIN_TRANSFORMERS))} to read its config and tokenizer; "
+            f"installed: {transformers.__version__}. Upgrade (pip install -U transformers gguf) "
+            "or pass --model with a Hugging Face model directory"
+        )
+
+
+def cmd_encode(args) -> int:
+    output = check_output_path(args.output)
+    items = gather_texts(args)  # inputs are checked before the (slow) model load
+    _check_gguf_support(args.model)
+    from l2v_models.encoder import LLM2Vec
+
+    t0 = time.perf_counter()
+    encoder = LLM2Vec.from_pretrained(
+        args.model,
+        peft_model_name_or_path=args.peft,
+        pooling_mode=args.pooling,
+        max_length=args.max_length,
+        torch_dtype=args.dtype,
+        device_map=args.device,
+        backend=args.backend,
+    )
+    load_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    emb = encoder.encode(
+        items,
+        show_progress_bar=not args.quiet,
+        normalize_embeddings=args.normalize,
+        max_tokens_per_batch=args.batch_tokens,
+    )
+    encode_s = time.perf_counter() - t1
+    if output is not None:
+        write_output(output, emb.numpy(), items)
+    if output is None and args.input is None and len(items) <= SIMILARITY_TABLE_MAX:
+        print(similarity_table(items, emb))
+        return 0
+    n, d = emb.shape
+    where = f"-> {output}" if output is not None else "(not saved: pass --output FILE.npy)"
+    model = encoder.name_or_path or args.model or "smollm2"
+    print(
+        f"encoded {n} texts into [{n}, {d}] float32 {where}; model {model} "
+        f"on {encoder.device} ({encoder.dtype}), load {load_s:.1f}s, encode {encode_s:.2f}s "
+        f"({n / max(encode_s, 1e-9):.1f} texts/s)"
+    )
+    return 0
+
+
+def cmd_info(args) -> int:
+    import platform
+
+    import numpy
+    import torch
+    import transformers
+
+    def version(package: str) -> str:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
+
+        try:
+            return dist_version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    rows = [
+        ("l2v", _l2v_version()),
+        ("python", platform.python_version()),
+        ("torch", f"{torch.__version__} (CUDA build: {torch.version.cuda or 'no'})"),
+        ("transformers", transformers.__version__),
+        ("numpy", numpy.__version__),
+        ("tokenizers", version("tokenizers")),
+        ("triton", version("triton")),
+        ("gguf", version("gguf")),
+        ("peft", version("peft")),
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            rows.append(
+                (f"cuda:{i}", f"{p.name}, sm{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
+            )
+    else:
+        rows.append(("device", "cpu (no CUDA device visible)"))
+    try:
+        from l2v_kernels.gemm import extension_available
+
+        ext = "loaded" if extension_available() else "not built / not loadable (cuBLAS fallback)"
+    except Exception as e:
+        ext = f"unavailable ({type(e).__name__}: {e})"
+    rows.append(("C++/CUDA extension", ext))
+    try:
+        from l2v_models.llama import resolve_backend
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        rows.append(("backend (auto)", f"{resolve_backend('auto', device)} on {device}"))
+    except Exception as e:
+        rows.append(("backend (auto)", f"unknown ({type(e).__name__}: {e})"))
+    try:
+        from l2v_models.loading import default_model_path
+
+        rows.append(("default model", str(default_model_path())))
+    except Exception as e:
+        rows.append(("default model", f"missing ({e})"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _l2v_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("l2v")
+    except Exception:
+        return "unknown (not installed)"
+
+
+def cmd_bench(argv: list[str]) -> int:
+    """`l2v bench ...` = `python -m bench.e2e ...`: bench/ lives in the source checkout."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "e2e.py").is_file():
+        raise UsageError(
+            "`l2v bench` needs a source checkout (bench/e2e.py next to l2v_models/); clone the "
+            "l2v repository and run it there"
+        )
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from bench import e2e
+
+    e2e.main(argv)
+    return 0
+
+
+# ------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="l2v", description="The fastest exact LLM2Vec text encoder."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{encode,info,bench}")
+    sub.required = True
+
+    enc = sub.add_parser(
+        "encode",
+        help="embed texts",
+        description="Embed texts with an LLM2Vec model (default: the embedded SmolLM2-135M-"
+        "Instruct, run bidirectionally). With up to 8 texts as arguments and no --output, "
+        "prints their cosine-similarity matrix.",
+    )
+    enc.add_argument("texts", nargs="*", help="texts to embed")
+    enc.add_argument("--input", "-i", metavar="FILE",
+                     help="a text file (one text per line) or .jsonl "
+                     "({\"text\", \"instruction\"}); - reads lines from stdin")  # fmt: skip
+    enc.add_argument("--jsonl", action="store_true", help="read --input as JSONL whatever its name")
+    enc.add_argument("--output", "-o", metavar="FILE", help="write embeddings to .npy or .jsonl")
+    enc.add_argument("--model", "-m", default=None,
+                     help="base model: HF dir or hub id, LLM2Vec -mntp dir, .gguf file "
+                     "(default: the embedded SmolLM2)")  # fmt: skip
+    enc.add_argument("--peft", default=None, help="LoRA adapter dir or hub id (e.g. -supervised)")
+    enc.add_argument("--pooling", default=None,
+                     choices=("mean", "weighted_mean", "eos_token", "last_token", "bos_token"),
+                     help="pooling mode (default: llm2vec_config.json, else mean)")  # fmt: skip
+    enc.add_argument("--instruction", default=None,
+                     help="instruction for every text that has none of its own")  # fmt: skip
+    enc.add_argument("--max-length", type=int, default=None, help="token limit per text")
+    enc.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16, float16 or auto (default: bf16 on CUDA, fp32 on CPU)",
+    )
+    enc.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
+    enc.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
+                     help="kernels: triton (CUDA) or torch (default: auto)")  # fmt: skip
+    enc.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="real tokens per forward pass (default: 16384 on CUDA, 4096 on CPU)",
+    )
+    enc.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
+    enc.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    enc.set_defaults(func=cmd_encode)
+
+    info = sub.add_parser("info", help="versions, device, kernels")
+    info.set_defaults(func=cmd_info)
+    sub.add_parser("bench", help="end-to-end benchmark (bench/e2e.py; source checkout)",
+                   add_help=False)  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("L2V_DEBUG", "") not in ("", "0")
+    try:
+        if argv and argv[0] == "bench":
+            return cmd_bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("l2v: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, FileNotFoundError, NotADirectoryError, ValueError, TypeError, OSError,
+            ImportError, RuntimeError) as e:  # fmt: skip
+        if debug:
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, (UsageError, FileNotFoundError, ValueError)):
+            message = f"{type(e).__name__}: {message} (set L2V_DEBUG=1 for the traceback)"
+        print(f"l2v: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,595 @@
+"""The drop-in `LLM2Vec` encoder: llm2vec 0.2.3's API and embeddings, on packed batches.
+
+    from l2v_models import LLM2Vec            # instead of: from llm2vec import LLM2Vec
+    model = LLM2Vec.from_pretrained(base, peft_model_name_or_path=adapter,
+                                    device_map="cuda", torch_dtype=torch.bfloat16)
+    emb = model.encode([[instruction, query], passage, ...])   # float32 [N, D] on the CPU
+
+Same as llm2vec 0.2.3 (see l2v_models.tokenization for the text rules): inputs are strings or
+[instruction, text] pairs; the text is truncated by words to `doc_max_length` tokens; chat
+templates by the config's `_name_or_path`; ids right-truncated at `max_length`; pooling
+`mean` / `weighted_mean` over the last N tokens (N = the text's own token count) when
+`skip_instruction`, else over all tokens; `eos_token` / `last_token` = the last token;
+`bos_token` = the BOS token; llm2vec_config.json defaults; float32 CPU output in input order.
+
+Where llm2vec is broken or batch-dependent, the rule here is "what llm2vec gives for the text
+encoded alone (a batch of one, no padding)", or a documented sensible value where even that
+crashes:
+- a bare string is one text -> one embedding of shape [D] (llm2vec encodes it character by
+  character); a list may mix strings and pairs, read item by item (llm2vec reads the whole list
+  by its first item and crashes or encodes characters);
+- an empty text (N = 0) with `mean` pools all tokens of the sequence (BOS, instruction, chat
+  template): llm2vec's `h[-0:]` slice does exactly that for an unpadded row, but pools the padding
+  too in a padded batch; with `weighted_mean` it gives zeros, as llm2vec always does;
+- a whitespace-only text is encoded like any other (its N is whatever the tokenizer gives);
+- N larger than the sequence (issue 80: llm2vec crashes, or pools padding) is clamped to it;
+- `bos_token` pools the first token equal to bos_token_id, or the first token when there is none
+  (llm2vec returns a wrongly shaped result when a text has 0 or 2 BOS tokens, and matches pad
+  tokens when bos == eos);
+- a text that tokenizes to no token at all (empty text, no instruction, no BOS) gives zeros;
+- an empty list gives an empty [0, D] result (llm2vec raises IndexError).
+
+Beyond llm2vec: batches are filled up to `max_tokens_per_batch` real tokens (no padding is
+computed), so results do not depend on batching; `normalize_embeddings=True` L2-normalizes in
+the pooling kernel; `device=` places the model (one GPU per process: llm2vec's multi-GPU
+process pool is not reproduced). enable_bidirectional=False (causal encoding) is not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from l2v_models import tokenization as tk
+
+logger = logging.getLogger(__name__)
+
+# Token budget per forward pass when the caller gives none: large enough to keep an H100 busy on
+# short queries, small enough that activations stay far below the weights of a 7B model.
+DEFAULT_TOKENS_PER_BATCH = {"cuda": 16384, "cpu": 4096}
+# Pooled rows are kept on the GPU and copied to the host in chunks of about this many bytes:
+# one sync per chunk instead of one per batch, and bounded GPU memory for any input size.
+_FLUSH_BYTES = 64 << 20
+_POOL_OP_MODE = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": "last",
+                 "last_token": "last", "bos_token": "last"}  # fmt: skip
+
+# Keywords transformers' from_pretrained takes that have no meaning for l2v's own kernels.
+_IGNORED_HF_KWARGS = ("attn_implementation", "low_cpu_mem_usage", "trust_remote_code",
+                      "use_safetensors", "use_flash_attention_2")  # fmt: skip
+_OUR_KWARGS = ("backend", "base_weights_path", "max_tokens_per_batch")
+
+
+def _check_positive_int(name: str, value, allow_none: bool = False, minimum: int = 1):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_settings(*, pooling_mode=None, max_length=None, doc_max_length=None,
+                    skip_instruction=None, max_tokens_per_batch=None) -> None:  # fmt: skip
+    """ValueError for an invalid encoder setting (None = not given)."""
+    if pooling_mode is not None and pooling_mode not in tk.POOLING_MODES:
+        raise ValueError(f"pooling_mode must be one of {tk.POOLING_MODES}, got {pooling_mode!r}")
+    _check_positive_int("max_length", max_length, allow_none=True)
+    _check_positive_int("doc_max_length", doc_max_length, allow_none=True, minimum=0)
+    if skip_instruction is not None and not isinstance(skip_instruction, (bool, np.bool_)):
+        raise ValueError(f"skip_instruction must be a bool, got {skip_instruction!r}")
+    _check_positive_int("max_tokens_per_batch", max_tokens_per_batch, allow_none=True)
+
+
+def _parse_device_map(device_map):
+    """transformers-style device_map -> a device for load_model (None = default placement).
+
+    l2v runs a whole model on one device: "auto", "cpu", "cuda", "cuda:N", an int N (GPU N), a
+    torch.device, or a dict whose values all name one device ({"": 0}) are accepted.
+    """
+    if device_map is None or (isinstance(device_map, str) and device_map == "auto"):
+        return None
+    if isinstance(device_map, dict):
+        targets = {str(v) for v in device_map.values()}
+        if len(targets) != 1:
+            raise ValueError(
+                f"device_map={device_map!r} splits the model across devices; l2v runs the whole "
+                "model on one device: pass device_map='cuda', 'cuda:N' or 'cpu'"
+            )
+        return _parse_device_map(next(iter(device_map.values())))
+    if isinstance(device_map, bool):
+        raise ValueError(f"invalid device_map {device_map!r}")
+    if isinstance(device_map, (int, np.integer)):
+        return f"cuda:{int(device_map)}"
+    if isinstance(device_map, str) and device_map in ("balanced", "balanced_low_0", "sequential"):
+        raise ValueError(
+            f"device_map={device_map!r} (multi-GPU sharding) is not supported; l2v runs the whole "
+            "model on one GPU per process: pass device_map='cuda' or 'cuda:N'"
+        )
+    if isinstance(device_map, (str, torch.device)):
+        return device_map
+    raise ValueError(
+        f"invalid device_map {device_map!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or a GPU index"
+    )
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return (a.index if a.index is not None else current) == (
+        b.index if b.index is not None else current
+    )
+
+
+def _normalize_sentences(sentences) -> tuple[list[tuple[str, str]], bool]:
+    """encode() input -> ([(instruction, text)], squeeze) where squeeze means a bare string."""
+    if isinstance(sentences, str):
+        return [("", sentences)], True
+    if isinstance(sentences, (bytes, bytearray, dict)) or not hasattr(sentences, "__iter__"):
+        raise TypeError(
+            "sentences must be a string, or a list of strings and [instruction, text] pairs; "
+            f"got {type(sentences).__name__}"
+        )
+    items = list(sentences)
+    # llm2vec's MEDI special case: one bare [instruction, text, int] item.
+    if items and isinstance(items[0], str) and isinstance(items[-1], (int, np.integer)):
+        if len(items) >= 2 and isinstance(items[1], str):
+            items = [items]
+    pairs = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            pairs.append(("", item))
+        elif (
+            isinstance(item, (list, tuple, np.ndarray))
+            and len(item) >= 2
+            and isinstance(item[0], str)
+            and isinstance(item[1], str)
+        ):
+            pairs.append((item[0], item[1]))  # extra elements (MEDI ids) are ignored, as in llm2vec
+        else:
+            raise TypeError(
+                f"sentences[{i}] must be a string or an [instruction, text] pair of strings, "
+                f"got {type(item).__name__}: {item!r:.80}"
+            )
+    return pairs, False
+
+
+class LLM2Vec:
+    """llm2vec 0.2.3's `LLM2Vec` on the l2v model. Build with `from_pretrained`.
+
+    Attributes llm2vec users touch: model (an l2v_models.llama.Transformer), tokenizer,
+    pooling_mode, max_length, doc_max_length, skip_instruction (all settable), config (the
+    transformers config). Also: name_or_path (what the chat templates key on), device, dtype,
+    max_tokens_per_batch (None = DEFAULT_TOKENS_PER_BATCH for the device).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        pooling_mode: str = "mean",
+        max_length: int = 512,
+        doc_max_length: int = 400,
+        skip_instruction: bool = True,
+        *,
+        hf_config: Any = None,
+        name_or_path: str | None = None,
+        max_tokens_per_batch: int | None = None,
+    ):
+        if not (hasattr(model, "pool") and hasattr(model, "config") and callable(model)):
+            raise TypeError(
+                f"LLM2Vec wraps an l2v_models.llama.Transformer, got {type(model).__name__}; "
+                "load models with LLM2Vec.from_pretrained(...)"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        if tokenizer is not None:  # as llm2vec sets them (no padding is ever used here)
+            if getattr(tokenizer, "eos_token", None) is not None:
+                tokenizer.pad_token = tokenizer.eos_token
+            tokenizer.padding_side = "left"
+        self.pooling_mode = pooling_mode
+        self.max_length = max_length
+        self.doc_max_length = doc_max_length
+        self.skip_instruction = skip_instruction
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self._check_settings()
+        self.config = hf_config if hf_config is not None else model.config
+        if name_or_path is None:
+            name_or_path = str(getattr(hf_config, "_name_or_path", "") or "")
+        self.name_or_path = name_or_path
+        # llm2vec tests isinstance(model.config, LlamaConfig/...); without a transformers config
+        # (from_model) the l2v architecture name gives the same answer.
+        if hf_config is not None:
+            self.config_family = tk.config_family(hf_config)
+        else:
+            self.config_family = getattr(model.config, "arch", "")
+        self._load_args: dict | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model_name_or_path=None,
+        peft_model_name_or_path=None,
+        merge_peft: bool = False,
+        enable_bidirectional: bool = True,
+        **kwargs,
+    ) -> LLM2Vec:
+        """Load like llm2vec 0.2.3's `LLM2Vec.from_pretrained`.
+
+        base_model_name_or_path: HF model dir or hub id, an LLM2Vec `-mntp` dir or id, a .gguf
+        file, or None / "smollm2" for the embedded SmolLM2-135M-Instruct.
+        peft_model_name_or_path: the second LoRA adapter (supervised / SimCSE); its
+        llm2vec_config.json (else the base's) gives the encoder defaults.
+        merge_peft: accepted for compatibility; adapters are always merged into the weights.
+        enable_bidirectional: must be True (l2v is a bidirectional encoder).
+        kwargs: pooling_mode, max_length, doc_max_length, skip_instruction (None = keep the
+        default, as llm2vec); torch_dtype / dtype (a torch dtype or "float32", "bfloat16",
+        "float16", "auto"; default bf16 on CUDA, fp32 on CPU); device_map / device ("cpu",
+        "cuda", "cuda:N", "auto", a GPU index, {"": N}; default CUDA when available); l2v's own
+        backend ("auto", "triton", "torch"), base_weights_path, max_tokens_per_batch.
+        attn_implementation, low_cpu_mem_usage, trust_remote_code and use_safetensors are
+        accepted and ignored. Anything else raises TypeError.
+        """
+        from l2v_models import loading
+
+        if not enable_bidirectional:
+            raise ValueError(
+                "enable_bidirectional=False (causal encoding) is not supported: l2v runs "
+                "bidirectional LLM2Vec encoders only; use llm2vec itself for causal embeddings"
+            )
+        encoder_args = {}
+        for key in ("pooling_mode", "max_length", "doc_max_length", "skip_instruction"):
+            value = kwargs.pop(key, None)
+            if value is not None:
+                encoder_args[key] = value
+        dtype = _pop_alias(kwargs, "torch_dtype", "dtype")
+        device = _parse_device_map(_pop_alias(kwargs, "device_map", "device"))
+        ours = {key: kwargs.pop(key) for key in _OUR_KWARGS if key in kwargs}
+        for key in _IGNORED_HF_KWARGS:
+            if key in kwargs:
+                logger.debug("l2v: ignoring %s=%r (l2v uses its own kernels)", key, kwargs.pop(key))
+        if kwargs:
+            raise TypeError(
+                f"LLM2Vec.from_pretrained got unsupported keyword(s) {sorted(kwargs)}; accepted: "
+                "pooling_mode, max_length, doc_max_length, skip_instruction, torch_dtype/dtype, "
+                "device_map/device, backend, base_weights_path, max_tokens_per_batch"
+                + (" (hub options: download the model and pass its local directory)"
+                   if {"token", "revision", "cache_dir"} & set(kwargs) else "")
+            )  # fmt: skip
+        # Validate what can be validated before the (slow) load.
+        max_tokens = ours.pop("max_tokens_per_batch", None)
+        _check_settings(max_tokens_per_batch=max_tokens, **encoder_args)
+        resolved_device = loading._resolve_device(device)
+        loading._resolve_dtype(dtype, resolved_device)
+        load_args = dict(
+            base_model_name_or_path=base_model_name_or_path,
+            peft_model_name_or_path=peft_model_name_or_path,
+            dtype=dtype,
+            backend=ours.get("backend", "auto"),
+            base_weights_path=ours.get("base_weights_path"),
+        )
+        loaded = loading.load_model(device=resolved_device, **load_args)
+
+        settings = dict(tk.DEFAULT_ENCODER_ARGS)
+        for key, value in loaded.llm2vec_config.items():
+            if key in settings:
+                settings[key] = value
+            else:
+                logger.warning("l2v: ignoring unknown llm2vec_config.json key %r", key)
+        settings.update(encoder_args)
+        encoder = cls(
+            loaded.model,
+            loaded.tokenizer,
+            hf_config=loaded.hf_config,
+            name_or_path=loaded.name_or_path,
+            max_tokens_per_batch=max_tokens,
+            **settings,
+        )
+        encoder._load_args = load_args
+        return encoder
+
+    @classmethod
+    def from_model(cls, model, tokenizer=None, **kwargs) -> LLM2Vec:
+        """Wrap an already built l2v Transformer (e.g. random weights for benchmarks); without
+        a tokenizer only `encode_token_ids` works."""
+        return cls(model, tokenizer, **kwargs)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def eval(self) -> LLM2Vec:  # llm2vec is an nn.Module; code calls .eval() on it
+        return self
+
+    def to(self, device) -> LLM2Vec:
+        """Move the model to `device` (re-loading it there), like nn.Module.to."""
+        self._place(device)
+        return self
+
+    def _check_settings(self) -> None:
+        _check_settings(
+            pooling_mode=self.pooling_mode,
+            max_length=self.max_length,
+            doc_max_length=self.doc_max_length,
+            skip_instruction=self.skip_instruction,
+            max_tokens_per_batch=self.max_tokens_per_batch,
+        )
+
+    # ------------------------------------------------------------------ llm2vec text methods
+    def _convert_to_str(self, instruction: str, text: str) -> str:
+        return tk.convert_to_str(
+            self.tokenizer, instruction, text, self.max_length, self.doc_max_length
+        )
+
+    def prepare_for_tokenization(self, text: str) -> str:
+        return tk.prepare_for_tokenization(
+            text, self.name_or_path, self.config_family, self.pooling_mode
+        )
+
+    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> tk.Tokenized:
+        """(instruction, text) pairs -> per text token ids + embed length (llm2vec's rules)."""
+        if self.tokenizer is None:
+            raise ValueError(
+                "this LLM2Vec has no tokenizer (built with from_model); use encode_token_ids"
+            )
+        return tk.prepare_inputs(
+            self.tokenizer,
+            pairs,
+            name_or_path=self.name_or_path,
+            family=self.config_family,
+            pooling_mode=self.pooling_mode,
+            max_length=self.max_length,
+            doc_max_length=self.doc_max_length,
+        )
+
+    # ------------------------------------------------------------------ encode
+    def encode(
+        self,
+        sentences,
+        batch_size: int | None = None,
+        show_progress_bar: bool = True,
+        convert_to_numpy: bool = False,
+        convert_to_tensor: bool = False,
+        device=None,
+        *,
+        normalize_embeddings: bool = False,
+        max_tokens_per_batch: int | None = None,
+    ):
+        """Embed texts -> float32 CPU tensor [N, D] in input order (numpy with convert_to_numpy).
+
+        sentences: a string (-> one embedding, shape [D]), or a list of strings and
+        [instruction, text] pairs. batch_size: at most this many texts per forward pass
+        (default: no limit, the token budget decides). max_tokens_per_batch: real tokens per
+        forward pass (default: self.max_tokens_per_batch, else 16384 on CUDA, 4096 on CPU; a
+        longer text goes alone). Results do not depend on either, up to rounding.
+        device: run there (the model is re-loaded on that device if it lives elsewhere).
+        normalize_embeddings: L2-normalize each embedding.
+        """
+        pairs, squeeze = _normalize_sentences(sentences)
+        self._check_settings()
+        if device is not None:
+            self._place(device)
+        tokens = self.tokenize_pairs(pairs)
+        out = self.encode_token_ids(
+            tokens.input_ids,
+            tokens.embed_lengths,
+            batch_size=batch_size,
+            max_tokens_per_batch=max_tokens_per_batch,
+            normalize_embeddings=normalize_embeddings,
+            show_progress_bar=show_progress_bar,
+        )
+        if squeeze:
+            out = out[0]
+        if convert_to_numpy and not convert_to_tensor:
+            return out.numpy()
+        return out
+
+    def encode_token_ids(
+        self,
+        input_ids: Sequence[Sequence[int]],
+        embed_lengths: Sequence[int],
+        *,
+        batch_size: int | None = None,
+        max_tokens_per_batch: int | None = None,
+        normalize_embeddings: bool = False,
+        show_progress_bar: bool = False,
+    ) -> torch.Tensor:
+        """Embed already tokenized texts -> float32 CPU tensor [N, D] in input order.
+
+        input_ids: per text its ids (special tokens included). embed_lengths: per text N, the
+        count of last tokens that are the text part (llm2vec's embed mask; clamped to the
+        length). Pooling follows self.pooling_mode and self.skip_instruction.
+        """
+        from tqdm.auto import tqdm
+
+        self._check_settings()
+        n = len(input_ids)
+        if len(embed_lengths) != n:
+            raise ValueError(f"got {n} texts but {len(embed_lengths)} embed lengths")
+        batch_size = _check_positive_int("batch_size", batch_size, allow_none=True)
+        budget = (
+            _check_positive_int("max_tokens_per_batch", max_tokens_per_batch, allow_none=True)
+            or self.max_tokens_per_batch
+            or DEFAULT_TOKENS_PER_BATCH.get(self.device.type, 4096)
+        )
+        D = self.hidden_size
+        out = torch.zeros(n, D, dtype=torch.float32)
+        if n == 0:
+            return out
+
+        lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=n)
+        starts, counts = self._pool_spans(input_ids, lengths, embed_lengths)
+        # Longest first (the first forward pass shows the peak memory); empty texts stay zero.
+        order = np.argsort(-lengths, kind="stable")
+        order = order[lengths[order] > 0]
+        if order.size == 0:
+            return out
+        len_sorted = lengths[order]
+        offsets = np.zeros(order.size + 1, dtype=np.int64)
+        np.cumsum(len_sorted, out=offsets[1:])
+        total = int(offsets[-1])
+        flat_ids = np.fromiter(
+            itertools.chain.from_iterable(input_ids[i] for i in order), dtype=np.int64, count=total
+        )
+        if flat_ids.size and (flat_ids.min() < 0 or flat_ids.max() >= self.model.config.vocab_size):
+            raise ValueError(
+                f"token ids must lie in [0, {self.model.config.vocab_size}), got "
+                f"{int(flat_ids.min())} ... {int(flat_ids.max())}"
+            )
+        flat_ids = flat_ids.astype(np.int32)
+        # Pool mask: token j of text i is pooled when starts[i] <= j < starts[i] + counts[i].
+        pos = np.arange(total, dtype=np.int64) - np.repeat(offsets[:-1], len_sorted)
+        lo = np.repeat(starts[order], len_sorted)
+        hi = lo + np.repeat(counts[order], len_sorted)
+        flat_mask = ((pos >= lo) & (pos < hi)).astype(np.uint8)
+
+        bounds = _pack_batches(len_sorted, budget, batch_size)
+        mode = _POOL_OP_MODE[self.pooling_mode]
+        device = self.device
+        cuda = device.type == "cuda"
+        chunks: list[torch.Tensor] = []  # pooled rows in sorted order, host side
+        pending: list[torch.Tensor] = []  # pooled rows still on the device
+        pending_bytes = 0
+        # Kernels launch on the current CUDA device: make it the model's.
+        on_device = torch.cuda.device(device) if cuda else contextlib.nullcontext()
+        with (
+            on_device,
+            torch.inference_mode(),
+            tqdm(total=len(bounds) - 1, desc="Batches", disable=not show_progress_bar) as bar,
+        ):
+            for b0, b1 in zip(bounds[:-1], bounds[1:], strict=True):
+                t0, t1 = int(offsets[b0]), int(offsets[b1])
+                ids, mask, cu = _batch_tensors(
+                    flat_ids[t0:t1], flat_mask[t0:t1], offsets[b0 : b1 + 1] - t0, device, cuda
+                )
+                hidden = self.model(ids, cu, int(len_sorted[b0]))
+                pooled = self.model.pool(
+                    hidden, mask, cu, int(len_sorted[b0]), mode, normalize_embeddings
+                )
+                del hidden  # free it before the next forward pass allocates its own
+                if cuda:
+                    pending.append(pooled)
+                    pending_bytes += pooled.numel() * 4
+                    if pending_bytes >= _FLUSH_BYTES:
+                        chunks.append(torch.cat(pending).cpu())
+                        pending, pending_bytes = [], 0
+                else:
+                    chunks.append(pooled)
+                bar.update(1)
+            if pending:
+                chunks.append(torch.cat(pending).cpu())
+            pooled_sorted = torch.cat(chunks).float()
+        # Outside inference mode, so the caller gets an ordinary tensor it may modify in place.
+        out[torch.from_numpy(order)] = pooled_sorted
+        return out
+
+    def _pool_spans(self, input_ids, lengths: np.ndarray, embed_lengths) -> tuple[np.ndarray, ...]:
+        """Per text (start, count) of the pooled tokens, llm2vec's rules (see module doc)."""
+        n_embed = np.minimum(np.asarray(embed_lengths, dtype=np.int64).reshape(-1), lengths)
+        n_embed = np.maximum(n_embed, 0)
+        mode = self.pooling_mode
+        if mode in ("eos_token", "last_token"):
+            return np.maximum(lengths - 1, 0), np.ones_like(lengths)
+        if mode == "bos_token":
+            bos = getattr(self.tokenizer, "bos_token_id", None) if self.tokenizer else None
+            starts = np.array([_first_index(ids, bos) for ids in input_ids], dtype=np.int64)
+            return starts, np.ones_like(lengths)
+        if not self.skip_instruction:
+            return np.zeros_like(lengths), lengths.copy()
+        if mode == "mean":  # N = 0: llm2vec's h[-0:] is the whole (unpadded) sequence
+            counts = np.where(n_embed > 0, n_embed, lengths)
+        else:  # weighted_mean: N = 0 gives zero weights, i.e. zeros, in llm2vec too
+            counts = n_embed
+        return lengths - counts, counts
+
+    def _place(self, device) -> None:
+        """Make the model live on `device`, re-loading it there when it lives elsewhere."""
+        from l2v_models import loading
+
+        target = loading._resolve_device(device)
+        if _same_device(target, self.device):
+            return
+        if self._load_args is None:
+            raise ValueError(
+                f"the model lives on {self.device} and was not loaded by from_pretrained, so it "
+                f"cannot be moved to {target}; build it on that device"
+            )
+        logger.info("l2v: re-loading the model on %s (it was on %s)", target, self.device)
+        self.model = loading.load_model(device=target, **self._load_args).model
+
+
+def _pop_alias(kwargs: dict, name: str, alias: str):
+    a, b = kwargs.pop(name, None), kwargs.pop(alias, None)
+    if a is not None and b is not None and a != b:
+        raise ValueError(f"got both {name}={a!r} and {alias}={b!r}; pass one")
+    return a if a is not None else b
+
+
+def _first_index(ids, token_id) -> int:
+    """Position of the first `token_id` in ids, 0 when absent (or token_id is None)."""
+    if token_id is None:
+        return 0
+    try:
+        return list(ids).index(token_id)
+    except ValueError:
+        return 0
+
+
+def _pack_batches(len_sorted: np.ndarray, budget: int, max_texts: int | None) -> list[int]:
+    """Greedy packing of length-sorted texts: boundaries [0, ..., n] of batches holding at most
+    `budget` tokens (a longer text goes alone) and at most `max_texts` texts."""
+    bounds = [0]
+    tokens = 0
+    for i, length in enumerate(len_sorted.tolist()):
+        count = i - bounds[-1]
+        if count and (tokens + length > budget or (max_texts is not None and count >= max_texts)):
+            bounds.append(i)
+            tokens = 0
+        tokens += length
+    bounds.append(len(len_sorted))
+    return bounds
+
+
+def _align16(n: int) -> int:
+    return (n + 15) & ~15
+
+
+def _batch_tensors(ids: np.ndarray, mask: np.ndarray, cu: np.ndarray, device, cuda: bool):
+    """(input_ids int32 [T], pool mask uint8 [T], cu_seqlens int32 [B+1]) on `device`.
+
+    On CUDA the three go in one pinned host buffer and one non-blocking copy; each segment
+    starts at a 16-byte boundary. The caching host allocator keeps a pinned block alive until
+    its copy has run, so a fresh buffer per batch is safe without a sync.
+    """
+    T, nb = ids.shape[0], cu.shape[0]
+    if not cuda:
+        return (torch.from_numpy(ids), torch.from_numpy(mask),
+                torch.from_numpy(cu.astype(np.int32)))  # fmt: skip
+    o_ids = _align16(4 * nb)
+    o_mask = o_ids + _align16(4 * T)
+    host = torch.empty(o_mask + T, dtype=torch.uint8, pin_memory=True)
+    view = host.numpy()
+    view[: 4 * nb] = cu.astype(np.int32).view(np.uint8)
+    view[o_ids : o_ids + 4 * T] = ids.view(np.uint8)
+    view[o_mask:] = mask
+    dev = host.to(device, non_blocking=True)
+    cu_dev = dev[: 4 * nb].view(torch.int32)
+    ids_dev = dev[o_ids : o_ids + 4 * T].view(torch.int32)
+    return ids_dev, dev[o_mask:], cu_dev

@@ -1,0 +1,160 @@
+"""`l2v` command line: encode (arguments, text files, JSONL, .npy/.jsonl output), errors, info,
+bench delegation. Run in-process through main(argv), plus one real `l2v encode` subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny import make_tiny_checkpoint
+
+from l2v_models import cli
+from l2v_models.encoder import LLM2Vec
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("cli"), "llama"))
+
+
+@pytest.fixture(scope="module")
+def encoder(model_dir):
+    return LLM2Vec.from_pretrained(model_dir, device="cpu")
+
+
+def run(argv, capsys):
+    rc = cli.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_encode_arguments_prints_similarity_table(model_dir, capsys):
+    rc, out, _ = run(["encode", "-q", "--model", model_dir, "the cat sat", "a dog", "the mat"],
+                     capsys)  # fmt: skip
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0] == "[1] the cat sat" and "cosine similarity" in out
+    row1 = lines[-3].split()
+    assert row1[0] == "[1]" and row1[1] == "1.000" and len(row1) == 4
+
+
+def test_encode_text_file_to_npy(model_dir, encoder, tmp_path, capsys):
+    src = tmp_path / "texts.txt"
+    src.write_text("the cat sat\n\n  \na dog is in the text\r\nthe mat\n")
+    dst = tmp_path / "emb.npy"
+    rc, out, _ = run(["encode", "-q", "--model", model_dir, "-i", str(src), "-o", str(dst),
+                      "--batch-tokens", "5"], capsys)  # fmt: skip
+    assert rc == 0 and "encoded 3 texts" in out and str(dst) in out
+    emb = np.load(dst)
+    assert emb.shape == (3, 96) and emb.dtype == np.float32
+    ref = encoder.encode(["the cat sat", "a dog is in the text", "the mat"],
+                         show_progress_bar=False)  # fmt: skip
+    np.testing.assert_allclose(emb, ref.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_encode_jsonl_to_jsonl_with_instructions(model_dir, encoder, tmp_path, capsys):
+    src = tmp_path / "items.jsonl"
+    src.write_text(
+        '{"text": "the cat sat", "instruction": "Retrieve the passage"}\n'
+        '{"text": "a dog"}\n\n"the mat"\n'
+    )
+    dst = tmp_path / "emb.jsonl"
+    rc, _, _ = run(["encode", "-q", "--model", model_dir, "-i", str(src), "-o", str(dst),
+                    "--instruction", "query:", "--normalize"], capsys)  # fmt: skip
+    assert rc == 0
+    records = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [r["text"] for r in records] == ["the cat sat", "a dog", "the mat"]
+    assert [r.get("instruction") for r in records] == ["Retrieve the passage", "query:", "query:"]
+    got = np.array([r["embedding"] for r in records], dtype=np.float32)
+    ref = encoder.encode([["Retrieve the passage", "the cat sat"], ["query:", "a dog"],
+                          ["query:", "the mat"]], show_progress_bar=False,
+                         normalize_embeddings=True)  # fmt: skip
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_many_arguments_print_a_summary(model_dir, capsys):
+    texts = [f"text {i}" for i in range(9)]
+    rc, out, _ = run(["encode", "-q", "--model", model_dir, "--pooling", "last_token", *texts],
+                     capsys)  # fmt: skip
+    assert rc == 0 and out.startswith("encoded 9 texts into [9, 96]") and "--output" in out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["-i", "/nonexistent/texts.txt"], "input file not found: /nonexistent/texts.txt"),
+        (["-i", "{bad}"], ":2: invalid JSON"),
+        (["-i", "{missing}"], ':1: expected an object with a string "text" field'),
+        (["-o", "out.csv", "x"], "--output must end in .npy or .jsonl"),
+        (["-o", "/nonexistent/dir/out.npy", "x"], "output directory /nonexistent/dir"),
+        ([], "no texts"),
+        (["--dtype", "float64", "x"], "invalid dtype"),
+        (["--device", "tpu", "x"], "device"),
+        (["--batch-tokens", "0", "x"], "max_tokens_per_batch"),
+    ],
+)
+def test_encode_errors_are_one_line(model_dir, tmp_path, capsys, argv, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"txt": "no text field"}\n')
+    argv = [a.replace("{bad}", str(bad)).replace("{missing}", str(missing)) for a in argv]
+    rc, out, err = run(["encode", "-q", "--model", model_dir, *argv], capsys)
+    assert rc == 2 and out == ""
+    assert err.startswith("l2v: error: ") and err.count("\n") == 1, err
+    assert message in err and "Traceback" not in err
+
+
+def test_unknown_model_path(capsys):
+    rc, _, err = run(["encode", "--model", "/nonexistent/model", "x"], capsys)
+    assert rc == 2 and "/nonexistent/model" in err and err.count("\n") == 1
+
+
+def test_default_model_needs_a_recent_transformers(monkeypatch, capsys):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "4.44.2")
+    rc, _, err = run(["encode", "x"], capsys)
+    assert rc == 2 and "needs transformers >=" in err and "4.44.2" in err
+
+
+def test_info(capsys):
+    rc, out, _ = run(["info"], capsys)
+    assert rc == 0
+    assert "torch" in out and "transformers" in out and "C++/CUDA extension" in out
+    assert ("cuda:0" in out) == torch.cuda.is_available()
+
+
+def test_bench_delegates_to_bench_e2e(monkeypatch, capsys):
+    from bench import e2e
+
+    seen = []
+    monkeypatch.setattr(e2e, "main", lambda argv=None: seen.append(argv) or {})
+    assert cli.main(["bench", "--quick", "--models", "smoke"]) == 0
+    assert seen == [["--quick", "--models", "smoke"]]
+
+
+def test_bench_without_a_source_checkout(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "l2v_models" / "cli.py"))
+    rc, _, err = run(["bench"], capsys)
+    assert rc == 2 and "source checkout" in err
+
+
+def test_l2v_encode_subprocess(model_dir):
+    exe = Path(sys.executable).parent / "l2v"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "l2v_models.cli"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run(
+        [*cmd, "encode", "--model", model_dir, "--device", "cpu", "the cat sat", "a dog"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[:2] == ["[1] the cat sat", "[2] a dog"]
+    assert "Batches" in proc.stderr  # the progress bar goes to stderr

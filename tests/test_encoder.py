@@ -1,0 +1,362 @@
+"""The LLM2Vec encoder against llm2vec 0.2.3's own pipeline, transcribed.
+
+`llm2vec_encode` below is llm2vec's `encode` / `_encode` / `forward` / `get_pooling` written out
+on a Hugging Face bidirectional model (l2v_models.hf_compat) with the same tiny random weights:
+left-padded batches sorted by string length, pad = eos, pooling over the padded rows. Our packed
+encoder must give the same vectors (cosine >= 0.99999 in fp32) wherever llm2vec is well defined,
+and the documented result where it is not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_tokenization import Llm2vecTextRef
+from tiny import make_lora_adapter, make_tiny_checkpoint
+from transformers import AutoModel
+
+from l2v_models.encoder import LLM2Vec
+from l2v_models.hf_compat import hf_bidirectional
+
+COS_MIN = 0.99999
+
+TEXTS = [
+    ["Retrieve the passage", "the cat sat on the mat"],
+    "a dog is in the text",
+    ["query:", "which cat"],
+    "x",
+    "A longer document, with punctuation! It is for the test of a passage that is long.",
+    ["  represent this  ", " dog "],
+    "the mat",
+]
+
+
+# ------------------------------------------------------------------ llm2vec 0.2.3, transcribed
+def llm2vec_get_pooling(features, last_hidden_states, pooling_mode, skip_instruction, bos_id):
+    if skip_instruction:
+        features["attention_mask"] = features["embed_mask"]
+    seq_lengths = features["attention_mask"].sum(dim=-1)
+    if pooling_mode == "mean":
+        return torch.stack(
+            [last_hidden_states[i, -length:, :].mean(dim=0) for i, length in enumerate(seq_lengths)]
+        )
+    if pooling_mode == "weighted_mean":
+        bs, l, _ = last_hidden_states.shape
+        complete_weights = torch.zeros(bs, l, device=last_hidden_states.device)
+        for i, seq_l in enumerate(seq_lengths):
+            if seq_l > 0:
+                complete_weights[i, -seq_l:] = torch.arange(seq_l) + 1
+                complete_weights[i] /= torch.clamp(complete_weights[i].sum(), min=1e-9)
+        return torch.sum(last_hidden_states * complete_weights.unsqueeze(-1), dim=1)
+    if pooling_mode in ("eos_token", "last_token"):
+        return last_hidden_states[:, -1]
+    if pooling_mode == "bos_token":
+        return last_hidden_states[features["input_ids"] == bos_id]
+    raise ValueError(pooling_mode)
+
+
+@torch.no_grad()
+def llm2vec_encode(hf, enc: LLM2Vec, sentences, batch_size=32):
+    """llm2vec's LLM2Vec.encode with enc's settings, on the HF bidirectional model `hf`."""
+    ref = Llm2vecTextRef(enc.tokenizer, enc.name_or_path, enc.config, enc.pooling_mode,
+                         enc.max_length, enc.doc_max_length)  # fmt: skip
+    if isinstance(sentences[0], str):
+        sentences = [[""] + [sentence] for sentence in sentences]
+    texts = [ref._convert_to_str(s[0], s[1]) for s in sentences]
+    order = np.argsort([-len(t) for t in texts])
+    texts_sorted = [texts[i] for i in order]
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch = texts_sorted[start : start + batch_size]
+        features = ref.tokenize([ref.prepare_for_tokenization(t) for t in batch])
+        embed_mask = features.pop("embed_mask")
+        hidden = hf(**features).last_hidden_state
+        features["embed_mask"] = embed_mask
+        out.append(llm2vec_get_pooling(features, hidden, enc.pooling_mode, enc.skip_instruction,
+                                       enc.tokenizer.bos_token_id))  # fmt: skip
+    emb = torch.cat(out)[np.argsort(order)]
+    return emb.to(torch.float32)
+
+
+def mixed_to_pairs(items):
+    """Our mixed list -> llm2vec's all-pairs form (what llm2vec needs to read it correctly)."""
+    return [["", t] if isinstance(t, str) else list(t) for t in items]
+
+
+def assert_rows_match(ours: torch.Tensor, ref: torch.Tensor, cos_min: float = COS_MIN):
+    assert ours.shape == ref.shape and ours.dtype == torch.float32
+    assert torch.isfinite(ours).all()
+    for i in range(ref.shape[0]):
+        if ref[i].norm() == 0:
+            assert ours[i].norm() == 0, f"row {i}: expected zeros"
+            continue
+        cos = torch.nn.functional.cosine_similarity(ours[i].double(), ref[i].double(), dim=0)
+        rel = ((ours[i] - ref[i]).norm() / ref[i].norm()).item()
+        assert cos >= cos_min and rel < 1e-4, f"row {i}: cos {cos:.7f}, rel err {rel:.2e}"
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("enc"), "llama")
+
+
+def load_hf(path, adapter=None):
+    hf = AutoModel.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    if adapter is not None:
+        from peft import PeftModel
+
+        hf = PeftModel.from_pretrained(hf, adapter).merge_and_unload()
+    return hf_bidirectional(hf.eval())
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_dir):
+    return load_hf(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def base_encoder(tiny_dir):
+    return LLM2Vec.from_pretrained(str(tiny_dir), device_map="cpu", torch_dtype=torch.float32)
+
+
+@pytest.fixture
+def enc(base_encoder):
+    """The shared encoder with llm2vec's default settings restored after each test."""
+    yield base_encoder
+    base_encoder.pooling_mode, base_encoder.skip_instruction = "mean", True
+    base_encoder.max_length, base_encoder.doc_max_length = 512, 400
+
+
+def encode(enc, items, **kw):
+    kw.setdefault("show_progress_bar", False)
+    return enc.encode(items, **kw)
+
+
+# ------------------------------------------------------------------ llm2vec's rules, end to end
+@pytest.mark.parametrize("skip_instruction", [True, False])
+@pytest.mark.parametrize("mode", ["mean", "weighted_mean", "eos_token", "last_token", "bos_token"])
+def test_pooling_matches_llm2vec(enc, hf, mode, skip_instruction):
+    enc.pooling_mode, enc.skip_instruction = mode, skip_instruction
+    ours = encode(enc, TEXTS, max_tokens_per_batch=40)  # several packed batches
+    ref = llm2vec_encode(hf, enc, mixed_to_pairs(TEXTS), batch_size=4)  # padded batches
+    assert_rows_match(ours, ref)
+
+
+def test_defaults_and_attributes(enc, tiny_dir):
+    assert (enc.pooling_mode, enc.max_length, enc.doc_max_length, enc.skip_instruction) == (
+        "mean", 512, 400, True)  # fmt: skip
+    assert enc.tokenizer.pad_token == enc.tokenizer.eos_token
+    assert enc.tokenizer.padding_side == "left"
+    assert type(enc.config).__name__ == "LlamaConfig" and enc.config_family == "llama"
+    assert enc.device == torch.device("cpu") and enc.dtype == torch.float32
+    assert enc.eval() is enc
+
+
+def test_doc_max_length_and_max_length(enc, hf):
+    enc.doc_max_length, enc.max_length = 6, 12
+    ours = encode(enc, TEXTS)
+    assert_rows_match(ours, llm2vec_encode(hf, enc, mixed_to_pairs(TEXTS)))
+    # over-long texts are truncated: more words after the limit change nothing
+    long = "a dog is in the text and the cat sat on the mat " * 3
+    a, b = encode(enc, [long, long + " which cat of the mat"])
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_chat_template_by_name_or_path(tmp_path):
+    name = "mistralai/Mistral-7B-Instruct-v0.2"
+    path = make_tiny_checkpoint(tmp_path, "mistral", name_or_path=name)
+    enc = LLM2Vec.from_pretrained(str(path), device="cpu", pooling_mode="eos_token")
+    assert enc.name_or_path == name and enc.config_family == "mistral"
+    prepared = enc.prepare_for_tokenization(enc._convert_to_str("Q", "the cat"))
+    assert prepared == "[INST] Q !@#$%^&*()the cat [/INST] </s>"
+    items = [["Q", "the cat"], "a dog"]
+    assert_rows_match(encode(enc, items), llm2vec_encode(load_hf(path), enc, mixed_to_pairs(items)))
+
+
+def test_llm2vec_config_json_and_adapter(tmp_path, tiny_dir):
+    cfg = {"pooling_mode": "weighted_mean", "max_length": 30, "doc_max_length": 8,
+           "skip_instruction": False}  # fmt: skip
+    adapter = make_lora_adapter(tmp_path, tiny_dir, llm2vec_config=cfg)
+    enc = LLM2Vec.from_pretrained(str(tiny_dir), str(adapter), device="cpu")
+    assert (enc.pooling_mode, enc.max_length, enc.doc_max_length, enc.skip_instruction) == (
+        "weighted_mean", 30, 8, False)  # fmt: skip
+    assert_rows_match(encode(enc, TEXTS), llm2vec_encode(load_hf(tiny_dir, adapter), enc,
+                                                         mixed_to_pairs(TEXTS)))  # fmt: skip
+    # explicit keywords win over llm2vec_config.json; None keeps the file's value (llm2vec)
+    enc2 = LLM2Vec.from_pretrained(
+        str(tiny_dir),
+        str(adapter),
+        device="cpu",
+        pooling_mode="mean",
+        max_length=None,
+        merge_peft=True,
+    )
+    assert (enc2.pooling_mode, enc2.max_length) == ("mean", 30)
+
+
+# ------------------------------------------------------------------ batching and order
+def test_results_do_not_depend_on_batching_and_keep_input_order(enc):
+    words = "the cat sat on a mat and a dog was in the text of this passage".split()
+    rng = np.random.default_rng(0)
+    items = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(1, 30, size=23)]
+    items[3] = ["query:", items[3]]
+    base = encode(enc, items, max_tokens_per_batch=10**6)
+    for kw in ({"max_tokens_per_batch": 7}, {"max_tokens_per_batch": 45},
+               {"batch_size": 1}, {"batch_size": 4, "max_tokens_per_batch": 60}):  # fmt: skip
+        torch.testing.assert_close(encode(enc, items, **kw), base, rtol=1e-5, atol=1e-6)
+    alone = torch.stack([encode(enc, [t])[0] for t in items[:6]])
+    torch.testing.assert_close(alone, base[:6], rtol=1e-5, atol=1e-6)
+
+
+def test_normalize_and_output_types(enc):
+    raw = encode(enc, TEXTS)
+    unit = encode(enc, TEXTS, normalize_embeddings=True)
+    torch.testing.assert_close(unit, torch.nn.functional.normalize(raw, dim=-1), rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
+    arr = encode(enc, TEXTS, convert_to_numpy=True)
+    assert isinstance(arr, np.ndarray) and arr.dtype == np.float32 and arr.shape == (7, 96)
+    np.testing.assert_array_equal(arr, raw.numpy())
+    t = encode(enc, TEXTS, convert_to_numpy=True, convert_to_tensor=True)  # tensor wins
+    assert isinstance(t, torch.Tensor) and t.device.type == "cpu"
+    t *= 2  # an ordinary tensor (not an inference tensor): in-place use works
+    assert encode(enc, TEXTS, device="cpu").shape == (7, 96)
+
+
+# ------------------------------------------------------------------ documented divergences
+def test_bare_string_mixed_list_and_medi_item(enc):
+    single = encode(enc, "a dog is in the text")
+    assert single.shape == (96,)  # llm2vec: one embedding per character
+    torch.testing.assert_close(single, encode(enc, ["a dog is in the text"])[0])
+    mixed = encode(enc, ["the cat", ["query:", "the mat"]])
+    torch.testing.assert_close(mixed[0], encode(enc, ["the cat"])[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed[1], encode(enc, [["query:", "the mat"]])[0], rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
+    medi = encode(enc, ["query:", "the mat", 0])  # llm2vec's bare [instruction, text, id]
+    assert medi.shape == (1, 96)
+    torch.testing.assert_close(medi[0], mixed[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["mean", "weighted_mean"])
+def test_empty_and_whitespace_texts(enc, hf, mode):
+    enc.pooling_mode = mode
+    empties = ["", "   ", ["query:", ""], ["query:", " \t "]]
+    ours = encode(enc, empties + ["a long text about the cat and the dog on the mat"])
+    # llm2vec's result for each text encoded alone (no padding): mean -> all tokens (h[-0:]),
+    # weighted_mean -> zeros
+    alone = torch.cat([llm2vec_encode(hf, enc, [list(p)], batch_size=1)
+                       for p in mixed_to_pairs(empties)])  # fmt: skip
+    assert_rows_match(ours[:4], alone)
+    if mode == "weighted_mean":
+        assert (ours[:4] == 0).all()
+    else:
+        assert (ours[:4].norm(dim=-1) > 0).all()
+    torch.testing.assert_close(ours[:4], encode(enc, empties), rtol=1e-5, atol=1e-6)
+
+
+def test_issue80_embed_length_beyond_the_sequence_is_clamped(enc):
+    ids = [[1, 40, 41, 42], [1, 43]]
+    a = enc.encode_token_ids(ids, [3, 1])
+    b = enc.encode_token_ids(ids, [4, 2])
+    c = enc.encode_token_ids(ids, [50, 9])  # llm2vec: crash (issue 80)
+    torch.testing.assert_close(b, c, rtol=0, atol=0)
+    assert not torch.equal(a[0], b[0])
+
+
+def test_bos_token_with_zero_or_two_bos(enc, hf):
+    enc.pooling_mode = "bos_token"
+    ids = [[40, 41, 42], [40, 1, 41, 1]]  # no BOS: first token; two: the first BOS
+    ours = enc.encode_token_ids(ids, [3, 4])
+    with torch.no_grad():
+        h0 = hf(input_ids=torch.tensor([ids[0]])).last_hidden_state[0, 0]
+        h1 = hf(input_ids=torch.tensor([ids[1]])).last_hidden_state[0, 1]
+    assert_rows_match(ours, torch.stack([h0, h1]))
+
+
+def test_text_without_any_token_gives_zeros(enc):
+    out = enc.encode_token_ids([[], [1, 40]], [0, 1])
+    assert (out[0] == 0).all() and out[1].norm() > 0
+
+
+def test_from_model_and_encode_token_ids(enc):
+    bare = LLM2Vec.from_model(enc.model, max_tokens_per_batch=9)
+    tokens = enc.tokenize_pairs([("", t) if isinstance(t, str) else tuple(t) for t in TEXTS])
+    got = bare.encode_token_ids(tokens.input_ids, tokens.embed_lengths)
+    torch.testing.assert_close(got, encode(enc, TEXTS), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        bare.encode(["a"])
+
+
+# ------------------------------------------------------------------ bad inputs
+def test_bad_encode_inputs(enc):
+    assert encode(enc, []).shape == (0, 96)
+    for bad in (None, 3, b"bytes", [None], ["a", 3.0], [["only one"]], [["a", 3]], [{"t": 1}]):
+        with pytest.raises(TypeError):
+            encode(enc, bad)
+    with pytest.raises(ValueError, match="batch_size"):
+        encode(enc, ["a"], batch_size=0)
+    with pytest.raises(ValueError, match="max_tokens_per_batch"):
+        encode(enc, ["a"], max_tokens_per_batch=0)
+    enc.pooling_mode = "cls"
+    with pytest.raises(ValueError, match="pooling_mode"):
+        encode(enc, ["a"])
+    enc.pooling_mode = "mean"
+    with pytest.raises(ValueError, match="token ids"):
+        enc.encode_token_ids([[1, 10**6]], [1])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            encode(enc, ["a"], device="cuda")
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"torch_dtype": "float64"}, ValueError, "dtype"),
+        ({"torch_dtype": torch.int8}, ValueError, "dtype"),
+        ({"torch_dtype": "fp32", "dtype": "bf16"}, ValueError, "both"),
+        ({"device_map": "tpu"}, ValueError, "device"),
+        ({"device_map": "balanced"}, ValueError, "one GPU"),
+        ({"device_map": {"embed": 0, "layers": "cpu"}}, ValueError, "one device"),
+        ({"pooling_mode": "cls"}, ValueError, "pooling_mode"),
+        ({"max_length": 0}, ValueError, "max_length"),
+        ({"enable_bidirectional": False}, ValueError, "causal"),
+        ({"load_in_4bit": True}, TypeError, "unsupported keyword"),
+        ({"token": "hf_x"}, TypeError, "local directory"),
+        ({"max_tokens_per_batch": -1}, ValueError, "max_tokens_per_batch"),
+    ],
+)
+def test_bad_from_pretrained_arguments(tiny_dir, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LLM2Vec.from_pretrained(str(tiny_dir), **kwargs)
+
+
+def test_accepted_hf_keywords(tiny_dir):
+    enc = LLM2Vec.from_pretrained(
+        str(tiny_dir), torch_dtype="auto", device_map={"": "cpu"}, attn_implementation="sdpa",
+        low_cpu_mem_usage=True, backend="torch",
+    )  # fmt: skip
+    assert enc.device.type == "cpu" and enc.dtype == torch.float32
+    with pytest.raises(TypeError, match="LLM2Vec wraps"):
+        LLM2Vec(torch.nn.Linear(2, 2), None)
+
+
+# ------------------------------------------------------------------ the real default model
+@pytest.mark.slow
+def test_default_smollm2_model_orders_similar_texts():
+    enc = LLM2Vec.from_pretrained(None, device="cpu")
+    assert enc.config_family == "llama" and enc.hidden_size == 576
+    # SmolLM2 is not LLM2Vec-trained: bidirectional, its mean-pooled vectors still put close
+    # paraphrases well ahead of unrelated sentences (checked to match HF bidirectional).
+    sets = [
+        ["A cat sits on the mat.", "A cat is sitting on the mat.",
+         "Stock markets fell sharply today."],
+        ["The weather is sunny and warm today.", "It is a warm and sunny day.",
+         "The stock market crashed after the announcement."],
+        ["How do I bake bread at home?", "What is a simple recipe for homemade bread?",
+         "The quarterly earnings report beat expectations."],
+    ]  # fmt: skip
+    emb = encode(enc, [t for s in sets for t in s], normalize_embeddings=True).view(3, 3, -1)
+    for e in emb:
+        close, far1, far2 = float(e[0] @ e[1]), float(e[0] @ e[2]), float(e[1] @ e[2])
+        assert close > max(far1, far2) + 0.2, (close, far1, far2)
