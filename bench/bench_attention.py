@@ -19,7 +19,8 @@ Where a baseline has no GQA support on this torch its k/v are expanded to Hq hea
 the timed call (noted as kv_expanded). FLOPs = 4 * sum(len_i^2) * Hq * D over real tokens only.
 Inputs are built lazily (on a group's first timed call), so collecting the cases allocates
 nothing. --smoke (the default without CUDA): one tiny fp32 shape, our kernel in the Triton
-interpreter and SDPA's math backend, seconds.
+interpreter and SDPA's math backend, seconds. The padded layout's comparison is l2v_padded
+vs sdpa_efficient_mask (ours_speedup is always relative to "l2v", the varlen kernel).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ if not torch.cuda.is_available():  # CPU smoke run: Triton kernels need the inte
 
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import Case, kernel_bench_main  # noqa: E402
+from bench.common import Case, kernel_bench_main, on_gpu  # noqa: E402
 from bench.workloads import MODEL_SHAPES, head_dim  # noqa: E402
 from l2v_kernels.attention import _flash_attn_padded_fwd, _flash_attn_varlen_fwd  # noqa: E402
 
@@ -227,8 +228,9 @@ def _group_cases(name, lengths, hq, hkv, d, dtype, device, *, equal, smoke=False
 
 
 def cases(smoke: bool) -> list[Case]:
-    if smoke:  # CPU: the Triton interpreter and SDPA's math backend
-        return _group_cases("smoke B2 L16", [16, 16], 4, 2, 64, torch.float32, "cpu",
+    if smoke:  # without CUDA: the Triton interpreter and SDPA's math backend
+        device = "cuda" if on_gpu() else "cpu"
+        return _group_cases("smoke B2 L16", [16, 16], 4, 2, 64, torch.float32, device,
                             equal=True, smoke=True)
     out = []
     for model in REAL_MODELS:

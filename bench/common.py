@@ -100,7 +100,9 @@ def median_ms(
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     if not rows:
         return "(no rows)\n"
-    columns = columns or [c for c in rows[0] if c not in STAMP_KEYS]
+    # Default: every key of any row (an "error" column appears when some row has one).
+    every_key = dict.fromkeys(k for r in rows for k in r)
+    columns = columns or [c for c in every_key if c not in STAMP_KEYS]
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
@@ -152,13 +154,27 @@ class Case:
     params: dict = field(default_factory=dict)  # shape parameters, copied into the result row
 
 
-def run_cases(cases: list[Case], *, ours: str = "l2v") -> list[dict]:
-    """Time each case; add TFLOP/s, GB/s and, per group, our speedup over each baseline."""
+def run_cases(cases: list[Case], *, ours: str = "l2v", deadline: float | None = None) -> list[dict]:
+    """Time each case; add TFLOP/s, GB/s and, per group, our speedup over each baseline.
+
+    deadline: a time.monotonic() value after which no further case is started (their rows say
+    so). An interrupt (Ctrl-C, or SIGTERM under kernel_bench_main) also stops the loop and
+    keeps the rows measured so far.
+    """
     rows = []
+    stopped = None
     for c in cases:
+        if stopped is None and deadline is not None and time.monotonic() > deadline:
+            stopped = "not run: time budget spent"
+        if stopped:
+            rows.append({"group": c.group, "impl": c.impl, **c.params, "ms": None,
+                         "error": stopped})  # fmt: skip
+            continue
         try:
             ms = median_ms(c.fn)
             err = None
+        except KeyboardInterrupt:
+            ms, err, stopped = None, "interrupted", "not run: interrupted"
         except Exception as e:  # a baseline missing on this torch: record, keep going
             ms, err = None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
         row = {"group": c.group, "impl": c.impl, **c.params, "ms": ms}
@@ -175,18 +191,37 @@ def run_cases(cases: list[Case], *, ours: str = "l2v") -> list[dict]:
     return rows
 
 
-def kernel_bench_main(name: str, cases_fn, argv=None, title: str | None = None) -> list[dict]:
-    """CLI shared by the kernel benchmarks: python -m bench.bench_<op> [--smoke] [--out DIR]."""
-    import argparse
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
+
+def kernel_bench_main(name: str, cases_fn, argv=None, title: str | None = None) -> list[dict]:
+    """CLI shared by the kernel benchmarks:
+
+        python -m bench.bench_<op> [--smoke] [--out DIR] [--time-budget SECONDS]
+
+    With --time-budget, cases not started within that many seconds are listed as not run; a
+    SIGTERM (e.g. from `timeout`) ends the measuring early. Either way the report is written.
+    """
+    import argparse
+    import signal
+
+    start = time.monotonic()
     ap = argparse.ArgumentParser(description=title or name)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (default without CUDA)")
     ap.add_argument(
         "--out", default=None, help="output folder (default $L2V_BENCH_OUT or bench/results)"
     )
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds; later cases are skipped once spent")  # fmt: skip
     args = ap.parse_args(argv)
     smoke = args.smoke or not on_gpu()
-    rows = run_cases(cases_fn(smoke))
+    deadline = start + args.time_budget if args.time_budget else None
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        rows = run_cases(cases_fn(smoke), deadline=deadline)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     path = write_report(name + ("_smoke" if smoke else ""), rows, args.out, title=title)
     print(path.read_text())
     return rows

@@ -13,7 +13,9 @@
 #   5. e2e      python -m bench.e2e, one process per model shape (a crash or an out-of-memory
 #               loses one model, not the run)
 #   6. summary  python -m bench.plots: PNG plots, merged e2e report, SUMMARY.md
-# The whole run stays within 9 minutes (--quick: 4): later steps get what earlier ones left.
+# The whole run stays within 9 minutes (--quick: 4): later steps get what earlier ones left, the
+# kernel benchmarks always leave the end-to-end benchmark E2E_MIN seconds. Limits and lists can be
+# changed through environment variables (bench/README.md, "Knobs").
 #
 # OUT_DIR: the argument, else $L2V_BENCH_OUT, else bench/results/. Every report carries the
 # device, torch / triton / CUDA versions, the commit ($L2V_COMMIT, else `git rev-parse`) and date.
@@ -34,7 +36,7 @@ for arg in "$@"; do
     --quick) QUICK=1 ;;
     --pack) PACK=1 ;;
     --no-pack) PACK=0 ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
     *) OUT_ARG=$arg ;;
   esac
@@ -70,15 +72,17 @@ export L2V_COMMIT
 # Time budget (seconds); every limit below is capped by what is left of it.
 if [ "$QUICK" = 1 ]; then
   BUDGET=${L2V_BUDGET_S:-235}
-  T_BUILD=${L2V_T_BUILD:-100}; T_TESTS=${L2V_T_TESTS:-45}; T_KERNEL=${L2V_T_KERNEL:-25}
-  KERNEL_OPS=${L2V_KERNEL_OPS:-"attention gemm"}
+  T_BUILD=${L2V_T_BUILD:-100}; T_TESTS=${L2V_T_TESTS:-45}; T_KERNELS=${L2V_T_KERNELS:-40}
+  E2E_MIN=${L2V_E2E_MIN:-60}
+  KERNEL_OPS=${L2V_KERNEL_OPS:-"attention:1 gemm:1"}
   E2E_MODELS=${L2V_E2E_MODELS:-"mistral-7b:65 smollm2-135m:35"}
   E2E_FLAGS="--quick"
   export L2V_BENCH_WARMUP_MS=${L2V_BENCH_WARMUP_MS:-10} L2V_BENCH_REP_MS=${L2V_BENCH_REP_MS:-40}
 else
   BUDGET=${L2V_BUDGET_S:-535}
-  T_BUILD=${L2V_T_BUILD:-150}; T_TESTS=${L2V_T_TESTS:-90}; T_KERNEL=${L2V_T_KERNEL:-30}
-  KERNEL_OPS=${L2V_KERNEL_OPS:-"attention pooling norm rope activation gemm"}
+  T_BUILD=${L2V_T_BUILD:-150}; T_TESTS=${L2V_T_TESTS:-90}; T_KERNELS=${L2V_T_KERNELS:-150}
+  E2E_MIN=${L2V_E2E_MIN:-180}
+  KERNEL_OPS=${L2V_KERNEL_OPS:-"attention:3 gemm:3 pooling:1 norm:1 rope:1 activation:1"}
   E2E_MODELS=${L2V_E2E_MODELS:-"mistral-7b:45 smollm2-135m:15 sheared-llama-1.3b:15 llama-2-7b:25"}
   E2E_FLAGS=""
 fi
@@ -159,17 +163,33 @@ rc=${PIPESTATUS[0]}
 # 5 = no GPU tests collected: nothing failed.
 if [ "$rc" != 0 ] && [ "$rc" != 5 ]; then FAILED=1; fi
 
-# 4. Kernel benchmarks: one report per op.
-for op in $KERNEL_OPS; do
-  run_step "kernel-$op" "$T_KERNEL" "$PY" -m bench.bench_"$op" --out "$RES"
-done
-
-# 5. End to end, one process per model; each gets its share of the time left when it starts.
+# Sum of the weights of "name:weight" specs.
 pending_weight() {
   local sum=0 spec
   for spec in "$@"; do sum=$((sum + ${spec##*:})); done
   echo "$sum"
 }
+
+# 4. Kernel benchmarks: one report per op, each with its share of the kernel time, never eating
+# into the E2E_MIN seconds kept for the end-to-end benchmark. Each op stops starting cases a few
+# seconds before its limit, so its report is written even when it cannot finish.
+specs=($KERNEL_OPS)
+KERNELS_END=$(( SECONDS + T_KERNELS ))
+for i in "${!specs[@]}"; do
+  op=${specs[$i]%%:*}
+  avail=$(( KERNELS_END - SECONDS ))
+  for_e2e=$(( $(left) - E2E_MIN ))
+  (( avail > for_e2e )) && avail=$for_e2e
+  limit=$(( avail * ${specs[$i]##*:} / $(pending_weight "${specs[@]:$i}") ))
+  if (( limit < 10 )); then
+    echo "== [kernel-$op] skipped: out of time"
+    printf '%s\t\t0\tskipped (out of time)\n' "kernel-$op" >> "$STEPS"
+    continue
+  fi
+  run_step "kernel-$op" "$limit" "$PY" -m bench.bench_"$op" --out "$RES" --time-budget $((limit - 8))
+done
+
+# 5. End to end, one process per model; each gets its share of the time left when it starts.
 specs=($E2E_MODELS)
 for i in "${!specs[@]}"; do
   spec=${specs[$i]}
@@ -181,9 +201,10 @@ for i in "${!specs[@]}"; do
   flags=$E2E_FLAGS
   # torch.compile of the baseline costs a minute or more: only for the headline model, full run.
   if [ "$QUICK" = 0 ] && [ "$i" = 0 ]; then flags="$flags --compile $model"; else flags="$flags --compile none"; fi
-  # The process's own budget leaves room for its start-up and for writing its report.
+  # The process's own budget leaves room for its imports (~10 s) and for a last measurement
+  # that starts just before the budget runs out.
   run_step "e2e-$model" "$limit" "$PY" -m bench.e2e --models "$model" --name "e2e_$model" \
-    --out "$RES" --time-budget $(( limit > 30 ? limit - 15 : limit / 2 )) --no-plots $flags
+    --out "$RES" --time-budget $(( limit > 50 ? limit - 25 : limit / 2 )) --no-plots $flags
 done
 
 # 6. Plots, the merged e2e report and SUMMARY.md.

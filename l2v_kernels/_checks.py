@@ -69,7 +69,7 @@ def check_tensor(
         raise ValueError(f"{op}: {name} must have a contiguous last dimension (stride 1)")
 
 
-def _sync_allowed() -> bool:
+def sync_allowed() -> bool:
     if torch.compiler.is_compiling():
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
@@ -82,7 +82,7 @@ def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, total: int, device: torc
         raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device}, expected {device}")
     if cu_seqlens.numel() < 2:
         raise ValueError(f"{op}: cu_seqlens must hold B+1 >= 2 offsets, got {cu_seqlens.numel()}")
-    if not _sync_allowed():
+    if not sync_allowed():
         return
     c = cu_seqlens.cpu()
     if int(c[0]) != 0 or int(c[-1]) != total:

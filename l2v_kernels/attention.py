@@ -34,7 +34,7 @@ import triton.language as tl
 
 from l2v_kernels._checks import (
     FLOAT_DTYPES,
-    _sync_allowed,
+    sync_allowed,
     check_cu_seqlens,
     check_tensor,
     check_triton_device,
@@ -367,7 +367,7 @@ def flash_attn_varlen(
         raise ValueError(f"{op}: max_seqlen must be a non-negative int, got {max_seqlen!r}")
     if q.shape[0] == 0:
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if _sync_allowed():
+    if sync_allowed():
         longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         if max_seqlen < longest:
             raise ValueError(

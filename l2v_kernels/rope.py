@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from l2v_kernels._checks import FLOAT_DTYPES, _sync_allowed, check_tensor, check_triton_device
+from l2v_kernels._checks import FLOAT_DTYPES, sync_allowed, check_tensor, check_triton_device
 
 
 @triton.jit
@@ -198,7 +198,7 @@ def apply_rotary(
         op, "position_ids", position_ids, ndim=1, shape=(T,), dtypes=(torch.int32, torch.int64)
     )
     check_triton_device(op, q, k, cos, sin, position_ids)
-    if T > 0 and _sync_allowed():
+    if T > 0 and sync_allowed():
         lo, hi = int(position_ids.min()), int(position_ids.max())
         if lo < 0 or hi >= cos.shape[0]:
             raise ValueError(

@@ -9,7 +9,7 @@ MLP/attention biases where the family has none, other activations, ...).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,7 +46,6 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2: q/k/v projections carry a bias (o_proj does not)
     sliding_window: int | None = None  # sequences longer than this are refused
     hidden_act: str = "silu"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def q_size(self) -> int:

@@ -88,15 +88,14 @@ def build_hf_model(
     """A bidirectional transformers *Model* (LlamaModel etc., no lm_head) from a config and
     optionally a state dict in *Model* names (e.g. l2v_models.loading.to_hf_state_dict(model));
     without one the weights are transformers' random init."""
-    import copy
-
     from transformers import AutoModel
 
-    cfg = copy.deepcopy(hf_config)
-    cfg._attn_implementation = attn_implementation
+    # transformers 5 calls the argument `dtype`, 4.4x `torch_dtype`.
+    dtype_kwarg = "dtype" if _transformers_major() >= 5 else "torch_dtype"
     with torch.device(device):
-        model = AutoModel.from_config(cfg, dtype=dtype) if _has_dtype_kwarg() else \
-            AutoModel.from_config(cfg, torch_dtype=dtype)  # fmt: skip
+        model = AutoModel.from_config(
+            hf_config, attn_implementation=attn_implementation, **{dtype_kwarg: dtype}
+        )
     if state_dict is not None:
         missing, unexpected = model.load_state_dict(
             {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, strict=False
@@ -109,11 +108,10 @@ def build_hf_model(
     return hf_bidirectional(model)
 
 
-def _has_dtype_kwarg() -> bool:
-    """transformers 5 calls it `dtype`, 4.4x `torch_dtype`."""
+def _transformers_major() -> int:
     import transformers
 
-    return int(transformers.__version__.split(".")[0]) >= 5
+    return int(transformers.__version__.split(".")[0])
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2v_kernels._checks import _sync_allowed, check_cu_seqlens, check_tensor, interpreting
+from l2v_kernels._checks import check_cu_seqlens, check_tensor, interpreting, sync_allowed
 from l2v_kernels.reference import positions_from_cu_seqlens, rope_cos_sin
 from l2v_models.config import ModelConfig
 
@@ -79,8 +79,8 @@ def _triton_unavailable(device: torch.device, config: ModelConfig | None) -> str
 
 
 def resolve_backend(backend: str, device, config: ModelConfig | None = None) -> str:
-    """ "auto" -> "triton" on CUDA when the kernels import (else "torch"); an explicit "triton"
-    that cannot run raises instead of falling back."""
+    """Pick the backend: "auto" is "triton" on CUDA when the kernels import and support the
+    model's head_dim, else "torch"; an explicit "triton" that cannot run raises (no fallback)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)
@@ -205,7 +205,7 @@ class Transformer(nn.Module):
                 f"{op}: max_seqlen={max_seqlen} exceeds the model's sliding window ({window}); "
                 "l2v attends over whole texts, so texts must be at most that long"
             )
-        if input_ids.numel() and _sync_allowed():  # one host sync, skipped in graph capture
+        if input_ids.numel() and sync_allowed():  # one host sync, skipped in graph capture
             lo, hi = input_ids.min(), input_ids.max()
             longest = (cu_seqlens[1:] - cu_seqlens[:-1]).max()
             lo, hi, longest = torch.stack([lo.long(), hi.long(), longest.long()]).tolist()

@@ -519,16 +519,12 @@ def convert_weights(
     missing = sorted(set(key_map) - present)
     unexpected = sorted(present - set(key_map))
     if missing or unexpected:
-        raise ValueError(
-            "checkpoint does not match its config: "
-            + (
-                f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}"
-                if missing
-                else ""
-            )
-            + ("; " if missing and unexpected else "")
-            + (f"unexpected keys {unexpected[:10]}" if unexpected else "")
-        )
+        problems = [
+            f"{what} keys {keys[:10]}{' ...' if len(keys) > 10 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        ]
+        raise ValueError("checkpoint does not match its config: " + "; ".join(problems))
     for adapter in adapters:
         for name, (A, B, _) in adapter.deltas.items():
             if name not in shapes:
@@ -593,7 +589,9 @@ def from_hf_state_dict(
     backend: str = "auto",
     adapters: list[LoraAdapter] = (),
 ) -> Transformer:
-    """Our Transformer from an in-memory HF state dict (e.g. hf_model.state_dict())."""
+    """Our Transformer from an in-memory HF state dict (e.g. hf_model.state_dict(); keys with or
+    without the `model.` prefix). Tensors already in the target dtype and device that need no
+    fusing or merging (embeddings, norms, o/down projections) are used as they are, not copied."""
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
     backend = resolve_backend(backend, device, config)

@@ -390,8 +390,12 @@ def test_base_weights_path_only_for_mntp(base):
 
 
 def test_offline_hub_ids_give_clear_errors(tmp_path, base, monkeypatch):
+    from huggingface_hub import constants
+
+    # huggingface_hub reads the environment at import: set both, with an empty cache.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     with pytest.raises(FileNotFoundError, match="could not be downloaded.*pass the local"):
         load_model("McGill-NLP/LLM2Vec-Sheared-LLaMA-mntp", **CPU32)
     with pytest.raises(FileNotFoundError, match="LoRA adapter 'McGill-NLP/x-supervised'"):

@@ -124,6 +124,15 @@ def save_tiny_tokenizer(directory: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2))
 
 
+def _fresh_dir(tmp_path, name: str) -> Path:
+    """tmp_path/name, or name-2, name-3, ... when taken: two factories never share a dir."""
+    out, n = Path(tmp_path) / name, 1
+    while out.exists():
+        n += 1
+        out = Path(tmp_path) / f"{name}-{n}"
+    return out
+
+
 def _set_config_fields(directory: Path, **fields) -> None:
     path = Path(directory) / "config.json"
     cfg = json.loads(path.read_text())
@@ -153,12 +162,13 @@ def make_tiny_checkpoint(
     causal_lm: save a *ForCausalLM (keys `model.` + lm_head, like hub base models); False saves
     the bare *Model (keys without prefix).
     bin_format: write pytorch_model.bin (torch.save) instead of safetensors.
+    subdir: the directory name under tmp_path (default tiny-<arch>, made unique when taken).
     overrides: passed to the config (e.g. num_hidden_layers=3, sliding_window=64).
     """
     from transformers import AutoModel, AutoModelForCausalLM
 
     config = tiny_config(arch, gqa=gqa, rope_scaling=rope_scaling, **overrides)
-    out = Path(tmp_path) / (subdir or f"tiny-{arch}{'' if gqa else '-mha'}")
+    out = _fresh_dir(tmp_path, subdir or f"tiny-{arch}{'' if gqa else '-mha'}")
     torch.manual_seed(seed)
     cls = AutoModelForCausalLM if causal_lm else AutoModel
     model = randomize_(cls.from_config(config).to(dtype), seed)
@@ -205,7 +215,7 @@ def make_lora_adapter(
     from transformers import AutoModel, AutoModelForCausalLM
 
     base_dir = Path(base_dir)
-    out = Path(tmp_path) / (subdir or f"lora-{'mntp-' if mntp else ''}r{rank}-seed{seed}")
+    out = _fresh_dir(tmp_path, subdir or f"lora-{'mntp-' if mntp else ''}r{rank}")
     cls = AutoModelForCausalLM if on_causal_lm else AutoModel
     model = cls.from_pretrained(base_dir, dtype=torch.float32)
     lora = LoraConfig(
