@@ -35,7 +35,8 @@ def check_triton_device(op: str, *tensors: torch.Tensor) -> None:
         )
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
-        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+        names = sorted(map(str, devices))
+        raise ValueError(f"{op}: all tensors must be on one device, got {names}")
 
 
 def check_tensor(
@@ -55,7 +56,7 @@ def check_tensor(
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if shape is not None:
-        for i, (got, want) in enumerate(zip(t.shape, shape)):
+        for i, (got, want) in enumerate(zip(t.shape, shape, strict=False)):
             if want is not None and got != want:
                 raise ValueError(
                     f"{op}: {name} has shape {tuple(t.shape)}, expected dim {i} to be {want}"

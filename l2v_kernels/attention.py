@@ -34,11 +34,11 @@ import triton.language as tl
 
 from l2v_kernels._checks import (
     FLOAT_DTYPES,
-    sync_allowed,
     check_cu_seqlens,
     check_tensor,
     check_triton_device,
     interpreting,
+    sync_allowed,
 )
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)

@@ -37,7 +37,7 @@ def attention_varlen(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     out = torch.zeros_like(q)
     bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end == start:
             continue
         qs = _wide(q[start:end]).transpose(0, 1)  # [Hq, n, D]
@@ -100,7 +100,7 @@ def masked_pool(
     """
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
-        rows = [(hidden[s:e], mask[s:e]) for s, e in zip(bounds[:-1], bounds[1:])]
+        rows = [(hidden[s:e], mask[s:e]) for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
     else:
         rows = [(hidden[b], mask[b]) for b in range(hidden.shape[0])]
     out = []

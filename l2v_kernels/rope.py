@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from l2v_kernels._checks import FLOAT_DTYPES, sync_allowed, check_tensor, check_triton_device
+from l2v_kernels._checks import FLOAT_DTYPES, check_tensor, check_triton_device, sync_allowed
 
 
 @triton.jit

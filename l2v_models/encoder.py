@@ -479,9 +479,12 @@ class LLM2Vec:
                 ids, mask, cu = _batch_tensors(
                     flat_ids[t0:t1], flat_mask[t0:t1], offsets[b0 : b1 + 1] - t0, device, cuda
                 )
-                hidden = self.model(ids, cu, int(len_sorted[b0]))
+                # The batch was built and its ids checked on the host above: no device checks
+                # (they would sync the host with the GPU once per batch).
+                hidden = self.model(ids, cu, int(len_sorted[b0]), check_inputs=False)
                 pooled = self.model.pool(
-                    hidden, mask, cu, int(len_sorted[b0]), mode, normalize_embeddings
+                    hidden, mask, cu, int(len_sorted[b0]), mode, normalize_embeddings,
+                    check_inputs=False,
                 )
                 del hidden  # free it before the next forward pass allocates its own
                 if cuda:

@@ -57,6 +57,7 @@ def _kernels() -> SimpleNamespace:
             gemm_residual=gemm.gemm_residual,
             gemm_swiglu=gemm.gemm_swiglu,
             masked_pool=pooling.masked_pool,
+            masked_pool_unchecked=pooling._masked_pool_fwd,
         )
     return _kernels_cache
 
@@ -199,12 +200,6 @@ class Transformer(nn.Module):
         check_cu_seqlens(op, cu_seqlens, input_ids.shape[0], self.device)
         if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
             raise ValueError(f"{op}: max_seqlen must be a non-negative int, got {max_seqlen!r}")
-        window = self.config.sliding_window
-        if window is not None and max_seqlen > window:
-            raise ValueError(
-                f"{op}: max_seqlen={max_seqlen} exceeds the model's sliding window ({window}); "
-                "l2v attends over whole texts, so texts must be at most that long"
-            )
         if input_ids.numel() and sync_allowed():  # one host sync, skipped in graph capture
             lo, hi = input_ids.min(), input_ids.max()
             longest = (cu_seqlens[1:] - cu_seqlens[:-1]).max()
@@ -217,10 +212,28 @@ class Transformer(nn.Module):
                 raise ValueError(f"{op}: max_seqlen={max_seqlen} < the longest text ({longest})")
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        *,
+        check_inputs: bool = True,
+    ):
         """input_ids int [T], cu_seqlens int32 [B+1] (0 ... T), max_seqlen >= the longest text
-        -> final-norm hidden states [T, hidden_size] in the model dtype."""
-        self._check_inputs(input_ids, cu_seqlens, max_seqlen)
+        -> final-norm hidden states [T, hidden_size] in the model dtype.
+
+        check_inputs=False skips the validation (and its one device-to-host sync): for callers
+        that built the batch themselves and checked it on the host, like the LLM2Vec encoder,
+        so the host can prepare the next batch while the GPU works."""
+        if check_inputs:
+            self._check_inputs(input_ids, cu_seqlens, max_seqlen)
+        window = self.config.sliding_window  # host-side, so checked even when check_inputs=False
+        if window is not None and max_seqlen > window:
+            raise ValueError(
+                f"Transformer.forward: max_seqlen={max_seqlen} exceeds the model's sliding window "
+                f"({window}); l2v attends over whole texts, so texts must be at most that long"
+            )
         T = input_ids.shape[0]
         if max_seqlen > self.rope_cos.shape[0]:
             self._build_rope(1 << (max_seqlen - 1).bit_length())
@@ -309,15 +322,23 @@ class Transformer(nn.Module):
         max_seqlen: int | None = None,
         mode: str = "mean",
         normalize: bool = False,
+        *,
+        check_inputs: bool = True,
     ) -> torch.Tensor:
         """Pool each text's masked tokens -> float32 [B, hidden_size] (see
         l2v_kernels.reference.masked_pool): hidden [T, D] from forward, mask bool/int [T]
         (nonzero = pool this token), cu_seqlens int32 [B+1]; mode "mean", "weighted_mean" or
         "last"; a text with no masked token gives zeros; normalize L2-normalizes each row.
-        max_seqlen is accepted for symmetry with forward and unused."""
+        max_seqlen is accepted for symmetry with forward and unused. check_inputs=False: as in
+        forward, no validation and no host sync (the caller checked)."""
         if mode not in POOL_MODES:
             raise ValueError(f"pool: mode must be one of {POOL_MODES}, got {mode!r}")
         if self.backend == "triton":
+            if not check_inputs:
+                n_seq = cu_seqlens.shape[0] - 1
+                out = hidden.new_empty((n_seq, hidden.shape[-1]), dtype=torch.float32)
+                _kernels().masked_pool_unchecked(hidden, mask, out, mode, cu_seqlens, normalize)
+                return out
             return _kernels().masked_pool(
                 hidden, mask, mode=mode, cu_seqlens=cu_seqlens, normalize=normalize
             )

@@ -229,6 +229,14 @@ def test_triton_backend_in_interpreter_matches_torch_and_hf():
         a = ours.pool(out, mask, cu, max_len, mode, normalize=True)
         b = torch_model.pool(out, mask, cu, max_len, mode, normalize=True)
         assert rel_err(a, b) < 1e-6
+    # The encoder drives the unchecked (sync-free) forward and pooling launchers.
+    from l2v_models.encoder import LLM2Vec
+
+    ids, n_pool = [t.tolist() for t in texts], [5, 1, 30]
+    for mode in ("mean", "weighted_mean", "last_token"):
+        a = LLM2Vec.from_model(ours, pooling_mode=mode).encode_token_ids(ids, n_pool)
+        b = LLM2Vec.from_model(torch_model, pooling_mode=mode).encode_token_ids(ids, n_pool)
+        assert rel_err(a, b) < 1e-5, mode
 
 
 @pytest.fixture(scope="module")
