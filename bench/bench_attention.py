@@ -36,7 +36,7 @@ if not torch.cuda.is_available():  # CPU smoke run: Triton kernels need the inte
 
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import Case, kernel_bench_main, on_gpu  # noqa: E402
+from bench.common import Case, Lazy, kernel_bench_main, on_gpu  # noqa: E402
 from bench.workloads import MODEL_SHAPES, head_dim  # noqa: E402
 from l2v_kernels.attention import _flash_attn_padded_fwd, _flash_attn_varlen_fwd  # noqa: E402
 
@@ -56,18 +56,6 @@ def mixed_lengths(seed: int = 0) -> list[int]:
         total += n
     return lengths
 
-
-class Lazy:
-    """A group's inputs, built on first use and shared by its cases."""
-
-    def __init__(self, make):
-        self._make = make
-        self.value = None
-
-    def __call__(self):
-        if self.value is None:
-            self.value = self._make()
-        return self.value
 
 
 def _packed(lengths, hq, hkv, d, dtype, device, seed=0):

@@ -32,7 +32,7 @@ if not torch.cuda.is_available():  # CPU smoke run: Triton kernels need the inte
 
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import Case, kernel_bench_main  # noqa: E402
+from bench.common import Case, Lazy, kernel_bench_main  # noqa: E402
 from bench.workloads import MODEL_SHAPES  # noqa: E402
 from l2v_kernels import gemm  # noqa: E402
 
@@ -60,18 +60,6 @@ SMOKE_CONFIG = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_head
                 "intermediate_size": 80}
 REAL_MODELS = ("mistral-7b", "llama-2-7b")
 
-
-class Lazy:
-    """Builds a case's inputs on first use: collecting the cases allocates nothing."""
-
-    def __init__(self, make):
-        self._make = make
-        self.value = None
-
-    def __call__(self):
-        if self.value is None:
-            self.value = self._make()
-        return self.value
 
 
 def _ours_gemm_residual():

@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available():  # CPU smoke run: Triton kernels need the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.common import Case, kernel_bench_main, on_gpu  # noqa: E402
+from bench.common import Case, compiled, copy_case, kernel_bench_main, on_gpu  # noqa: E402
 from l2v_kernels.norm import _rms_norm_fwd  # noqa: E402
 
 EPS = 1e-5
@@ -39,23 +39,6 @@ def torch_rms_norm(x, weight, eps, residual=None):
     y = (y * weight.float()).to(x.dtype)
     return y if residual is None else (y, x)
 
-
-def compiled(fn):
-    """torch.compile'd fn with static shapes; every case has its own shapes, so the recompile
-    limit is raised (it would otherwise fall back to eager silently after 8 shapes)."""
-    import torch._dynamo
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
-    return torch.compile(fn, dynamic=False)
-
-
-def copy_case(group: str, nbytes: int, params: dict, device) -> Case:
-    """A device-to-device copy moving nbytes in total (nbytes / 2 read + nbytes / 2 written)."""
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return Case(group, "d2d_copy", lambda: dst.copy_(src), bytes=2 * src.numel(), params=params)
 
 
 def cases(smoke: bool) -> list[Case]:

@@ -23,7 +23,7 @@ if not torch.cuda.is_available():  # CPU smoke run: Triton kernels need the inte
 
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import Case, kernel_bench_main, on_gpu  # noqa: E402
+from bench.common import Case, compiled, copy_case, kernel_bench_main, on_gpu  # noqa: E402
 from l2v_kernels.pooling import _masked_pool_fwd  # noqa: E402
 
 
@@ -58,23 +58,6 @@ def torch_pool_packed(hidden, mask, mode, normalize, segment, starts, n_rows):
     out = total / weight.clamp_min(1.0)[:, None]
     return F.normalize(out, dim=-1) if normalize else out
 
-
-def compiled(fn):
-    """torch.compile'd fn with static shapes; every case has its own shapes, so the recompile
-    limit is raised (it would otherwise fall back to eager silently after 8 shapes)."""
-    import torch._dynamo
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
-    return torch.compile(fn, dynamic=False)
-
-
-def copy_case(group: str, nbytes: int, params: dict, device) -> Case:
-    """A device-to-device copy moving nbytes in total (nbytes / 2 read + nbytes / 2 written)."""
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return Case(group, "d2d_copy", lambda: dst.copy_(src), bytes=2 * src.numel(), params=params)
 
 
 def pooled_bytes(hidden, mask, n_rows) -> int:

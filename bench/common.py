@@ -225,3 +225,37 @@ def kernel_bench_main(name: str, cases_fn, argv=None, title: str | None = None) 
     path = write_report(name + ("_smoke" if smoke else ""), rows, args.out, title=title)
     print(path.read_text())
     return rows
+
+
+class Lazy:
+    """Inputs built on first use (and then shared by a group's cases): collecting the cases
+    allocates nothing, so pytest collection and --time-budget runs stay cheap."""
+
+    def __init__(self, make):
+        self._make = make
+        self.value = None
+
+    def __call__(self):
+        if self.value is None:
+            self.value = self._make()
+        return self.value
+
+
+def compiled(fn):
+    """torch.compile'd fn with static shapes, the strongest torch baseline for an elementwise or
+    reduction op. Every case has its own shapes, so the recompile limit is raised (past it
+    torch.compile would silently fall back to eager)."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+    return torch.compile(fn, dynamic=False)
+
+
+def copy_case(group: str, nbytes: int, params: dict, device) -> Case:
+    """A device-to-device copy moving nbytes in total (nbytes / 2 read + nbytes / 2 written):
+    the bandwidth ceiling a memory-bound kernel is compared with."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return Case(group, "d2d_copy", lambda: dst.copy_(src), bytes=2 * src.numel(), params=params)
