@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
 
 # DESIGN.md "Numerics": ||out - ref|| / ||ref|| bounds per dtype.
@@ -25,3 +28,18 @@ def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str
 def poison(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN (floats) so any element a kernel fails to write fails the check."""
     return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-12345)
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Make torch.empty return NaN-filled tensors while the op runs, so any output element the
+    kernel fails to write fails the check."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return poison(t) if t.is_floating_point() else t
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "empty", nan_empty)
+        yield

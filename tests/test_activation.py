@@ -5,11 +5,9 @@ CPU: Triton interpreter, fp16/fp32, awkward shapes. GPU: bf16 at model sizes.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
-from helpers import REL_TOL, poison, rel_err
+from helpers import REL_TOL, poisoned_allocations, rel_err
 
 from l2v_kernels import reference
 from l2v_kernels.activation import gated_act
@@ -19,19 +17,6 @@ from l2v_kernels.activation import gated_act
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
 
-@contextlib.contextmanager
-def poisoned_allocations():
-    """Make torch.empty return NaN-filled tensors while the op runs, so any output element the
-    kernel fails to write fails the check."""
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return poison(t) if t.is_floating_point() else t
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "empty", nan_empty)
-        yield
 
 
 def run_and_check(x, act):

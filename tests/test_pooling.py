@@ -6,11 +6,9 @@ CPU: Triton interpreter, fp16/fp32, random masks with empty rows. GPU: bf16 at r
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
-from helpers import REL_TOL, poison, rel_err
+from helpers import REL_TOL, poisoned_allocations, rel_err
 
 from l2v_kernels import reference
 from l2v_kernels.pooling import masked_pool
@@ -18,19 +16,6 @@ from l2v_kernels.pooling import masked_pool
 MODES = ["mean", "weighted_mean", "last"]
 
 
-@contextlib.contextmanager
-def poisoned_allocations():
-    """Make torch.empty return NaN-filled tensors while the op runs, so any output element the
-    kernel fails to write fails the check."""
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return poison(t) if t.is_floating_point() else t
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "empty", nan_empty)
-        yield
 
 
 def run_and_check(hidden, mask, mode, normalize, cu_seqlens=None):

@@ -6,29 +6,12 @@ interpreter, fp16/fp32. GPU: bf16 at Mistral-7B's shape.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
-from helpers import REL_TOL, poison, rel_err
+from helpers import REL_TOL, poisoned_allocations, rel_err
 
 from l2v_kernels import reference
 from l2v_kernels.rope import apply_rotary
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """Make torch.empty return NaN-filled tensors while the op runs, so any output element the
-    kernel fails to write fails the check."""
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return poison(t) if t.is_floating_point() else t
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "empty", nan_empty)
-        yield
 
 
 def rope_tables(D, max_position, device="cpu", base=10000.0, scaling=1.0):
