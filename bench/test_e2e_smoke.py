@@ -203,3 +203,22 @@ def test_gpu_check_script_parses():
     assert help_text.returncode == 0 and "--quick" in help_text.stdout
     bad = subprocess.run(["bash", str(script), "--fast"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown option" in bad.stderr
+
+
+def test_warmup_runs_the_timed_batches_first():
+    """The timed pass and every timed latency call run only batches already run untimed (so no
+    Triton compile or autotuning lands in a measurement)."""
+    cfg = model_shape("smollm2-135m")
+    wl = make_workload("queries", 10, cfg, seed=0)
+    seen: list[tuple] = []
+
+    def fn(w):
+        seen.append(tuple(map(tuple, w.ids)))
+        return torch.zeros(len(w), 2)
+
+    e2e.timed(fn, wl, torch.device("cpu"), [wl, wl])
+    assert len(seen) == 3 and seen[0] == seen[1] == seen[2]
+    seen.clear()
+    samples = e2e.latencies_ms(fn, wl, 3, 5, torch.device("cpu"), warm=1)
+    assert len(samples) == 5 and len(seen) == 10
+    assert seen[:5] == seen[5:]  # every timed call's batch was run once before timing began

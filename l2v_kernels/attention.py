@@ -47,9 +47,10 @@ _LOG2E = 1.4426950408889634
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, for sm90 (they also compile for sm80;
 # a tile that does not fit there times as inf and is skipped). Chosen from ptxas register/spill
-# reports: BLOCK_M=128 with 4 warps spills at D=128, so D>=128 uses 8 warps for BLOCK_M=128.
+# reports (sm_90a, Triton 3.8): BLOCK_M=128 with 4 warps spills (D=64: 0.1-1.8 KB of spill
+# stores), so BLOCK_M=128 uses 8 warps; the D=64 tiles spill nothing (varlen, padded, causal).
 _CUDA_TILES = {
-    64: [(128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    64: [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 8, 3), (64, 32, 4, 3)],
     128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3)],
     256: [(128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
 }
@@ -139,7 +140,9 @@ def _attn_loop(
 
 @triton.autotune(
     configs=_configs(),
-    key=["HEAD_DIM", "CAUSAL", "PADDED"],
+    # GROUP too: models with different GQA group sizes may run in one process, and the tuning
+    # results are kept on disk across processes.
+    key=["HEAD_DIM", "GROUP", "CAUSAL", "PADDED"],
     prune_configs_by={"early_config_prune": _prune_configs},
     **_AUTOTUNE_EXTRA,
 )
@@ -199,11 +202,14 @@ def _attn_fwd_kernel(
     h_rows = hk * GROUP + offs_m % GROUP
     offs_d = tl.arange(0, HEAD_DIM)
     row_in = t_rows < seqlen
-    o_ptrs = o_base + t_rows[:, None] * stride_ot + h_rows[:, None] * stride_oh + offs_d[None, :]
+    # The [BLOCK_M, HEAD_DIM] output pointers are built only where they are stored: live across
+    # the key loop they would cost registers (and spills) in every tile.
 
     if PADDED:
         if (t_first >= k_hi) | (t_last < k_lo):  # no real query in this block
             zero = tl.zeros([BLOCK_M, HEAD_DIM], dtype=O.dtype.element_ty)
+            o_ptrs = (o_base + t_rows[:, None] * stride_ot + h_rows[:, None] * stride_oh
+                      + offs_d[None, :])
             tl.store(o_ptrs, zero, mask=row_in[:, None])
             return
     else:
@@ -243,6 +249,7 @@ def _attn_fwd_kernel(
     if PADDED:
         q_real = tl.load(KM + t_rows * stride_ml, mask=row_in, other=0) != 0
         out = tl.where(q_real[:, None], out, 0.0)
+    o_ptrs = o_base + t_rows[:, None] * stride_ot + h_rows[:, None] * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_in[:, None])
 
 

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import numbers
 
@@ -261,6 +262,15 @@ def gemm_residual(
     return torch.ops.l2v.gemm_residual(x, w, residual, bias)
 
 
+# Unchecked: the caller validated once (CUDA, float16/bfloat16, one dtype and device, contiguous
+# last dims, 16-byte aligned: what gemm_residual(impl="auto") checks on every call) and calls
+# this per layer without Python checks: `_gemm_residual_fwd(x, w, residual, bias)` (residual and
+# bias may be None). The extension's cuBLASLt op when it is loaded, else the cuBLAS torch path.
+_gemm_residual_fwd = (
+    torch.ops.l2v.gemm_residual if _EXTENSION_ERROR is None else _gemm_residual_torch
+)
+
+
 # ----------------------------------------------------------------------------------------------
 # GEMM + SwiGLU / GELU-tanh gating (Triton)
 # ----------------------------------------------------------------------------------------------
@@ -290,6 +300,7 @@ def _gemm_swiglu_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    M_CLASS: tl.constexpr,  # unused: the size class of M, a tuning key (see _gemm_swiglu_small)
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -368,22 +379,53 @@ _SMALL_M_CONFIGS = [
     _config(64, 64, 64, 4, 4),
     _config(64, 128, 64, 4, 3),
 ]
+# fp32 (a testing dtype: "auto" sends it to cuBLAS) is not tuned: one small tile, chosen from
+# ptxas reports (sm90: 128 registers, no spills, 20 KiB shared memory). The tiles above spill
+# heavily in fp32 (no tensor cores: FMA dots) and need up to 288 KiB of shared memory.
+_FP32_CONFIG = _config(32, 64, 32, 4, 2)
 # The interpreter (CPU tests): one small config, no autotuning (it would benchmark each config).
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4}
+
+
+def _prune_swiglu_configs(configs, named_args, **kwargs):
+    """fp32 inputs: the one fp32 tile; otherwise every candidate."""
+    x = named_args.get("x_ptr")
+    return [_FP32_CONFIG] if getattr(x, "dtype", None) == torch.float32 else configs
+
 
 # M (the token count) changes with every batch, so it is not an autotuning key: each size class
 # of M has its own autotuner, tuned per (I, K, dtype) at the first call in that class. A class
 # choice guards only a range of M, so torch.compile with dynamic shapes does not recompile per M.
+# M_CLASS (0 small, 1 medium, 2 large) is in the key so that the medium and large classes, with
+# the same configs, keep separate tuning results on disk.
 _SMALL_M = 64
 _MEDIUM_M = 1024
-_KEY = ["I", "K"]
-_gemm_swiglu_small = triton.autotune(configs=_SMALL_M_CONFIGS, key=_KEY)(_gemm_swiglu_kernel)
-_gemm_swiglu_medium = triton.autotune(configs=_LARGE_M_CONFIGS, key=_KEY)(_gemm_swiglu_kernel)
-_gemm_swiglu_large = triton.autotune(configs=_LARGE_M_CONFIGS, key=_KEY)(_gemm_swiglu_kernel)
+_KEY = ["I", "K", "M_CLASS"]
+# Tuning results are kept on disk where this Triton can (3.2+): a new process does not benchmark
+# every config again on its first call.
+_AUTOTUNE_EXTRA = (
+    {"cache_results": True}
+    if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+)
+
+
+def _swiglu_autotuner(configs):
+    return triton.autotune(
+        configs=configs, key=_KEY,
+        prune_configs_by={"early_config_prune": _prune_swiglu_configs},
+        **_AUTOTUNE_EXTRA,
+    )(_gemm_swiglu_kernel)
+
+
+_gemm_swiglu_small = _swiglu_autotuner(_SMALL_M_CONFIGS)
+_gemm_swiglu_medium = _swiglu_autotuner(_LARGE_M_CONFIGS)
+_gemm_swiglu_large = _swiglu_autotuner(_LARGE_M_CONFIGS)
 
 
 def _gemm_swiglu_launch(x: torch.Tensor, w_gate_up: torch.Tensor, act: str) -> torch.Tensor:
-    """Launch the Triton kernel on checked inputs; returns the new [M, I] output."""
+    """Unchecked: the caller validated once. x [M, K], w_gate_up [2I, K] (pack_gate_up), one
+    dtype, one device (CUDA, or CPU under TRITON_INTERPRET=1), contiguous last dims, act in
+    ACTIVATIONS. Launches the Triton kernel; returns the new [M, I] output."""
     m, k = x.shape
     i = w_gate_up.shape[0] // 2
     out = x.new_empty((m, i))
@@ -397,19 +439,19 @@ def _gemm_swiglu_launch(x: torch.Tensor, w_gate_up: torch.Tensor, act: str) -> t
     if interpreting():
         cfg = _INTERPRETER_CONFIG
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(i, cfg["BLOCK_N"]),)
-        wrap(_gemm_swiglu_kernel)[grid](*args, **consts, **cfg)
+        wrap(_gemm_swiglu_kernel)[grid](*args, **consts, **cfg, M_CLASS=0)
         return out
     if m <= _SMALL_M:
-        kernel = _gemm_swiglu_small
+        kernel, m_class = _gemm_swiglu_small, 0
     elif m <= _MEDIUM_M:
-        kernel = _gemm_swiglu_medium
+        kernel, m_class = _gemm_swiglu_medium, 1
     else:
-        kernel = _gemm_swiglu_large
+        kernel, m_class = _gemm_swiglu_large, 2
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(i, meta["BLOCK_N"]),)
 
-    wrap(kernel)[grid](*args, **consts)
+    wrap(kernel)[grid](*args, **consts, M_CLASS=m_class)
     return out
 
 

@@ -90,11 +90,9 @@ def build_hf_model(
     without one the weights are transformers' random init."""
     from transformers import AutoModel
 
-    # transformers 5 calls the argument `dtype`, 4.4x `torch_dtype`.
-    dtype_kwarg = "dtype" if _transformers_major() >= 5 else "torch_dtype"
     with torch.device(device):
         model = AutoModel.from_config(
-            hf_config, attn_implementation=attn_implementation, **{dtype_kwarg: dtype}
+            hf_config, attn_implementation=attn_implementation, **dtype_kwargs(dtype)
         )
     if state_dict is not None:
         missing, unexpected = model.load_state_dict(
@@ -108,10 +106,19 @@ def build_hf_model(
     return hf_bidirectional(model)
 
 
-def _transformers_major() -> int:
+def transformers_version() -> tuple[int, int]:
+    """(major, minor) of the installed transformers, e.g. (4, 44) or (5, 23)."""
     import transformers
 
-    return int(transformers.__version__.split(".")[0])
+    major, minor = (transformers.__version__.split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def dtype_kwargs(dtype) -> dict:
+    """The dtype keyword of transformers' from_pretrained / from_config: transformers 5 calls
+    it `dtype` (and deprecates `torch_dtype`); 4.4x only knows `torch_dtype` and passes an
+    unknown `dtype` on to the model's __init__, which raises."""
+    return {"dtype" if transformers_version() >= (5, 0) else "torch_dtype": dtype}
 
 
 @torch.no_grad()

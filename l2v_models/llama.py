@@ -156,6 +156,7 @@ class Transformer(nn.Module):
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
         self.scale = config.head_dim**-0.5
+        self._gemm_residual = self._gemm_swiglu = None  # unchecked GEMM launchers: _bind_gemms
 
     @classmethod
     def from_state_dict(
@@ -176,6 +177,7 @@ class Transformer(nn.Module):
         model.load_state_dict(state_dict, strict=True, assign=True)
         model.requires_grad_(False).eval()
         model._build_rope(min(config.max_position_embeddings, _ROPE_MIN_POSITIONS))
+        model._bind_gemms()
         return model
 
     @property
@@ -257,20 +259,52 @@ class Transformer(nn.Module):
         return _rms_norm_torch(x, self.norm, self.config.rms_norm_eps)
 
     # ---------------------------------------------------------------- triton backend
+    def _bind_gemms(self) -> None:
+        """Choose the layer GEMMs' entry points once per model instead of once per call.
+
+        When every layer GEMM qualifies for the fused kernels (triton backend on CUDA, fp16/bf16
+        weights, rows of a multiple of 16 bytes, 16-byte aligned weights; activations are fresh
+        allocations and so aligned too), the layer loop calls the unchecked launchers: the
+        extension's cuBLASLt residual GEMM and the Triton SwiGLU GEMM, skipping a few Python
+        checks per GEMM per layer that cost real time at batch 1. Otherwise it calls the checked
+        public functions, which pick a path per call (CPU interpreter, fp32, odd shapes).
+        """
+        self._gemm_residual = self._gemm_swiglu = None
+        if self.backend != "triton" or self.device.type != "cuda":
+            return
+        c = self.config
+        weights = [w for layer in self.layers for w in (layer.wqkv, layer.wo, layer.w_gate_up,
+                                                        layer.w_down)]  # fmt: skip
+        rows_ok = all(n % 8 == 0 for n in (c.hidden_size, c.q_size, c.qkv_size,
+                                           c.intermediate_size))  # fmt: skip
+        if (
+            self.dtype in (torch.float16, torch.bfloat16)
+            and rows_ok
+            and all(w.data_ptr() % 16 == 0 and w.is_contiguous() for w in weights)
+        ):
+            from l2v_kernels import gemm
+
+            self._gemm_residual = gemm._gemm_residual_fwd
+            self._gemm_swiglu = gemm._gemm_swiglu_launch
+
     def _layer_triton(self, layer: Layer, x: torch.Tensor, b: _Batch) -> torch.Tensor:
         k_ops, c = _kernels(), self.config
         T, eps = x.shape[0], c.rms_norm_eps
         xn = torch.empty_like(x)
         k_ops.rms_norm(x, layer.attn_norm, eps, xn)
-        qkv = k_ops.gemm_residual(xn, layer.wqkv, None, layer.bqkv)
+        gemm_residual = self._gemm_residual or k_ops.gemm_residual
+        qkv = gemm_residual(xn, layer.wqkv, None, layer.bqkv)
         q, k, v = _split_qkv(qkv, c)
         k_ops.rotary(q, k, b.cos, b.sin, b.positions, q, k)  # in place
         attn = k_ops.attention(q, k, v, b.cu_seqlens, b.max_seqlen, False, self.scale)
-        h = k_ops.gemm_residual(attn.view(T, c.q_size), layer.wo, x, None)
+        h = gemm_residual(attn.view(T, c.q_size), layer.wo, x, None)
         hn = torch.empty_like(h)
         k_ops.rms_norm(h, layer.mlp_norm, eps, hn)
-        act = k_ops.gemm_swiglu(hn, layer.w_gate_up, act="silu")
-        return k_ops.gemm_residual(act, layer.w_down, h, None)
+        if self._gemm_swiglu is not None:
+            act = self._gemm_swiglu(hn, layer.w_gate_up, "silu")
+        else:
+            act = k_ops.gemm_swiglu(hn, layer.w_gate_up, act="silu")
+        return gemm_residual(act, layer.w_down, h, None)
 
     # ---------------------------------------------------------------- torch backend
     def _prepare_torch(self, b: _Batch, T: int) -> None:

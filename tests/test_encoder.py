@@ -17,7 +17,7 @@ from tiny import make_lora_adapter, make_tiny_checkpoint
 from transformers import AutoModel
 
 from l2v_models.encoder import LLM2Vec
-from l2v_models.hf_compat import hf_bidirectional
+from l2v_models.hf_compat import dtype_kwargs, hf_bidirectional
 
 COS_MIN = 0.99999
 
@@ -103,7 +103,9 @@ def tiny_dir(tmp_path_factory):
 
 
 def load_hf(path, adapter=None):
-    hf = AutoModel.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    hf = AutoModel.from_pretrained(
+        path, attn_implementation="sdpa", **dtype_kwargs(torch.float32)
+    )
     if adapter is not None:
         from peft import PeftModel
 

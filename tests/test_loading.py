@@ -21,7 +21,7 @@ from tiny import (
 )
 
 from l2v_models.config import ModelConfig
-from l2v_models.hf_compat import build_hf_model
+from l2v_models.hf_compat import build_hf_model, dtype_kwargs
 from l2v_models.loading import (
     from_hf_state_dict,
     hf_key_map,
@@ -114,7 +114,7 @@ def peft_merged(base_dir, adapter_dirs, on_causal_lm=False):
     from transformers import AutoModel, AutoModelForCausalLM
 
     cls = AutoModelForCausalLM if on_causal_lm else AutoModel
-    model = cls.from_pretrained(base_dir, dtype=torch.float32)
+    model = cls.from_pretrained(base_dir, **dtype_kwargs(torch.float32))
     for adapter in adapter_dirs:
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     sd = model.state_dict()
@@ -222,7 +222,9 @@ def test_gguf_default_model_matches_transformers_gguf_loading(smollm2):
     from l2v_models.loading import default_model_path
 
     path = default_model_path()
-    hf = AutoModel.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    hf = AutoModel.from_pretrained(
+        str(path.parent), gguf_file=path.name, **dtype_kwargs(torch.float32)
+    )
     assert_same_weights(smollm2, dict(hf.state_dict()))  # bit-exact, q/k de-permuted
     c = smollm2.config
     assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (
@@ -289,7 +291,8 @@ def test_inv_freq_equals_transformers(scaling):
 
     config = tiny_config("llama", rope_scaling=scaling)
     ours = ModelConfig.from_hf_config(config).inv_freq()
-    assert torch.equal(ours, LlamaRotaryEmbedding(config).inv_freq)
+    # 4.4x's first positional parameter is `dim`; both take config=.
+    assert torch.equal(ours, LlamaRotaryEmbedding(config=config).inv_freq)
 
 
 def test_sliding_window_and_qwen2_window_flags():

@@ -273,6 +273,12 @@ def test_bf16_triton_matches_hf_bf16_on_gpu():
     ours = from_hf_state_dict(ModelConfig.from_hf_config(config), state, dtype=torch.bfloat16,
                               device="cuda", backend="triton")  # fmt: skip
     assert ours.backend == "triton"
+    # The layer loop takes the unchecked fused launchers (SwiGLU always; cuBLASLt residual GEMM
+    # when the extension is built, which gpu_check.sh does first).
+    assert ours._gemm_swiglu is not None and ours._gemm_residual is not None
+    from l2v_kernels.gemm import extension_available
+
+    assert extension_available(), "build the extension first (bench/gpu_check.sh does)"
     texts = random_texts([100, 1, 257, 512, 33, 64], 32000, seed=7)
     ids, mask = left_pad(texts, device="cuda")
     with torch.no_grad():

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from l2v_models.hf_compat import dtype_kwargs
+
 ARCHS = ("llama", "mistral", "qwen2")
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TINY_VOCAB = 256
@@ -217,7 +219,7 @@ def make_lora_adapter(
     base_dir = Path(base_dir)
     out = _fresh_dir(tmp_path, subdir or f"lora-{'mntp-' if mntp else ''}r{rank}")
     cls = AutoModelForCausalLM if on_causal_lm else AutoModel
-    model = cls.from_pretrained(base_dir, dtype=torch.float32)
+    model = cls.from_pretrained(base_dir, **dtype_kwargs(torch.float32))
     lora = LoraConfig(
         r=rank,
         lora_alpha=alpha,
