@@ -128,7 +128,7 @@ run_step() {
   rc=$?
   case $rc in
     0) status=ok ;;
-    124|137) status="timed out after ${limit}s" ;;
+    124|137) status="timed out after ${limit}s"; echo ;;  # (ends a cut progress line)
     *) status="failed (exit $rc)" ;;
   esac
   echo "== [$name] $status in $((SECONDS - t0))s"
