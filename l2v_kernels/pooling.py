@@ -42,7 +42,10 @@ def _pool_block(
     """Pooled fp32 values of one row for the hidden-dim block offs_d."""
     if MODE == 2:
         # last: one token's block (zeros when the row has no masked token: last == -1)
-        h = tl.load(h_row + last.to(tl.int64) * stride_ht + offs_d, mask=d_ok & (last >= 0),
+        # (the scalar test is broadcast to the block first: newer interpreters reject a block
+        # mask combined with a scalar one)
+        has_last = (offs_d * 0 + last) >= 0
+        h = tl.load(h_row + last.to(tl.int64) * stride_ht + offs_d, mask=d_ok & has_last,
                     other=0.0)
         pooled = h.to(tl.float32)
     else:

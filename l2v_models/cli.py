@@ -21,7 +21,6 @@ from pathlib import Path
 
 SIMILARITY_TABLE_MAX = 8  # up to this many texts on the command line: print their similarities
 _OUTPUT_SUFFIXES = (".npy", ".jsonl")
-_GGUF_MIN_TRANSFORMERS = (4, 45)  # 4.43-4.44 (llm2vec's pin) cannot read the embedded Q4_1 GGUF
 
 
 class UsageError(Exception):
@@ -145,18 +144,17 @@ def similarity_table(items: list, embeddings) -> str:
 
 # ------------------------------------------------------------------------------ commands
 def _check_gguf_support(model: str | None) -> None:
+    """Refuse a GGUF model (the default is one) before the slow load when the installed
+    transformers cannot read its tokenizer (load_model checks again)."""
     if model is not None and model.lower() != "smollm2" and not model.endswith(".gguf"):
         return
-    import transformers
+    from l2v_models.loading import gguf_support_error
 
-    version = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
-    if version < _GGUF_MIN_TRANSFORMERS:
-        raise UsageError(
-            f"the default model (SmolLM2-135M-Instruct, a Q4_1 GGUF) needs transformers >= "
-            f"{'.'.join(map(str, _GGUF_MIN_TRANSFORMERS))} to read its config and tokenizer; "
-            f"installed: {transformers.__version__}. Upgrade (pip install -U transformers gguf) "
-            "or pass --model with a Hugging Face model directory"
-        )
+    what = "the default model (SmolLM2-135M-Instruct, a GGUF)" if model is None or (
+        model.lower() == "smollm2") else f"the GGUF model {model}"  # fmt: skip
+    problem = gguf_support_error(what)
+    if problem is not None:
+        raise UsageError(f"{problem} (--model DIR)")
 
 
 def cmd_encode(args) -> int:

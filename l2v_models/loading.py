@@ -301,10 +301,13 @@ class _GGUFSource(_Source):
         return w
 
 
-def _read_gguf_index(buf, path) -> tuple[str, dict[str, tuple[int, tuple[int, ...], int, int]]]:
+def _read_gguf_index(
+    buf, path, meta_out: dict | None = None
+) -> tuple[str, dict[str, tuple[int, tuple[int, ...], int, int]]]:
     """(architecture, {tensor name: (ggml type, dims, absolute byte offset, byte count)}) from a
     little-endian GGUF v2/v3 file: header, metadata key/values (skipped, except the architecture
-    and alignment), tensor infos, then the aligned data section."""
+    and alignment), tensor infos, then the aligned data section. meta_out, when given, receives
+    every scalar and string metadata value (arrays are skipped)."""
     import struct
 
     from gguf import GGML_QUANT_SIZES
@@ -354,6 +357,8 @@ def _read_gguf_index(buf, path) -> tuple[str, dict[str, tuple[int, tuple[int, ..
         v = value(take("I"))
         if key in ("general.architecture", "general.alignment"):
             meta[key] = v
+        if meta_out is not None and v is not None:
+            meta_out[key] = v
     infos = []
     for _ in range(n_tensors):
         name = string()
@@ -715,6 +720,63 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "l2v"
 
 
+# transformers reads a GGUF's config and tokenizer (l2v reads and dequantizes the weights itself).
+# For the embedded SmolLM2 (tokenizer.ggml.model gpt2, pre smollm, add_bos_token false, eos/pad
+# <|im_end|>), transformers 4.x up to 5.5 builds a tokenizer that prepends <|im_start|> as BOS to
+# every text, which changes every embedding; 5.6-5.17 tokenize right but name <|im_start|> as eos
+# (fixed up below from the GGUF's ids). Measured on 4.44.2, 4.45.2, 4.5x, 5.0-5.23.
+GGUF_MIN_TRANSFORMERS = (5, 6)
+
+
+def gguf_support_error(what: str = "a GGUF model") -> str | None:
+    """Why the installed transformers cannot read a GGUF's tokenizer faithfully, or None."""
+    import transformers
+
+    from l2v_models.hf_compat import transformers_version
+
+    if transformers_version() >= GGUF_MIN_TRANSFORMERS:
+        return None
+    return (
+        f"{what} needs transformers >= {'.'.join(map(str, GGUF_MIN_TRANSFORMERS))} to read its "
+        f"tokenizer (installed: {transformers.__version__}, whose GGUF conversion prepends a BOS "
+        "token the model does not use). Upgrade (pip install -U transformers gguf), or pass a "
+        "Hugging Face model directory: those work with transformers >= 4.44"
+    )
+
+
+def _gguf_token_metadata(gguf: Path) -> dict:
+    """The GGUF's scalar metadata (tokenizer.ggml.add_bos_token, *_token_id, ...)."""
+    import mmap
+
+    meta: dict = {}
+    with open(gguf, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        _read_gguf_index(buf, gguf, meta_out=meta)
+    return meta
+
+
+def _check_gguf_tokenizer(tokenizer, meta: dict, gguf: Path) -> None:
+    """Check transformers' GGUF tokenizer against the file's own metadata: refuse one that adds
+    (or drops) a BOS token against tokenizer.ggml.add_bos_token; set eos/pad tokens from the
+    file's ids where transformers named others (they decide no token, only llm2vec's pad)."""
+    bos_id = meta.get("tokenizer.ggml.bos_token_id")
+    add_bos = meta.get("tokenizer.ggml.add_bos_token")
+    if add_bos is not None and bos_id is not None:
+        ids = tokenizer("a")["input_ids"]
+        if bool(ids and ids[0] == bos_id) != bool(add_bos):
+            import transformers
+
+            raise RuntimeError(
+                f"transformers {transformers.__version__} reads the tokenizer of {gguf} "
+                f"unfaithfully (BOS token {'not ' if add_bos else ''}prepended, but the file says "
+                f"add_bos_token={bool(add_bos)}); use transformers >= "
+                f"{'.'.join(map(str, GGUF_MIN_TRANSFORMERS))} or a Hugging Face model directory"
+            )
+    for attr, key in (("eos_token", "eos"), ("pad_token", "padding")):
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None and getattr(tokenizer, f"{attr}_id", None) != token_id:
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(int(token_id)))
+
+
 def _gguf_config_and_tokenizer(gguf: Path):
     """transformers' config and tokenizer for a GGUF file (AutoConfig / AutoTokenizer with
     gguf_file=, as transformers reads GGUF). Converting them takes seconds (the whole vocab is
@@ -733,11 +795,17 @@ def _gguf_config_and_tokenizer(gguf: Path):
     cached = cache_dir() / "gguf" / hashlib.sha256(key.encode()).hexdigest()[:20]
     if (cached / "config.json").is_file() and (cached / "tokenizer_config.json").is_file():
         try:
-            return AutoConfig.from_pretrained(cached), AutoTokenizer.from_pretrained(cached)
+            hf_config = AutoConfig.from_pretrained(cached)
+            tokenizer = AutoTokenizer.from_pretrained(cached)
+            _check_gguf_tokenizer(tokenizer, _gguf_token_metadata(gguf), gguf)
+            return hf_config, tokenizer
+        except RuntimeError:
+            raise
         except Exception as e:  # a damaged cache entry: rebuild it
             logger.debug("l2v: ignoring the cached GGUF config/tokenizer in %s (%s)", cached, e)
     hf_config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    _check_gguf_tokenizer(tokenizer, _gguf_token_metadata(gguf), gguf)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cached.parent))
@@ -785,6 +853,12 @@ def load_model(
             raise FileNotFoundError(f"GGUF file {base_arg!r} not found")
         if base_weights_path is not None:
             raise ValueError("base_weights_path applies to -mntp adapter dirs, not to a GGUF file")
+        problem = gguf_support_error(
+            "the default model (SmolLM2-135M-Instruct, a GGUF)"
+            if gguf.name == _SMOLLM2_FILE else f"the GGUF model {base_arg}"
+        )  # fmt: skip
+        if problem is not None:
+            raise RuntimeError(problem)
         hf_config, tokenizer = _gguf_config_and_tokenizer(gguf)
         config = ModelConfig.from_hf_config(hf_config)
         source: _Source = _GGUFSource(gguf, config)

@@ -43,3 +43,13 @@ def poisoned_allocations():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch, "empty", nan_empty)
         yield
+
+
+def skip_unless_gguf_readable() -> None:
+    """Skip (with the reason l2v gives its users) where the installed transformers cannot read
+    the embedded SmolLM2 GGUF's tokenizer faithfully (transformers < 5.6, llm2vec's 4.44 pin)."""
+    from l2v_models.loading import gguf_support_error
+
+    problem = gguf_support_error("the default model")
+    if problem is not None:
+        pytest.skip(problem)

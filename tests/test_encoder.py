@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import skip_unless_gguf_readable
 from test_tokenization import Llm2vecTextRef
 from tiny import make_lora_adapter, make_tiny_checkpoint
 from transformers import AutoModel
@@ -103,9 +104,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def load_hf(path, adapter=None):
-    hf = AutoModel.from_pretrained(
-        path, attn_implementation="sdpa", **dtype_kwargs(torch.float32)
-    )
+    hf = AutoModel.from_pretrained(path, attn_implementation="sdpa", **dtype_kwargs(torch.float32))
     if adapter is not None:
         from peft import PeftModel
 
@@ -346,6 +345,7 @@ def test_accepted_hf_keywords(tiny_dir):
 # ------------------------------------------------------------------ the real default model
 @pytest.mark.slow
 def test_default_smollm2_model_orders_similar_texts():
+    skip_unless_gguf_readable()
     enc = LLM2Vec.from_pretrained(None, device="cpu")
     assert enc.config_family == "llama" and enc.hidden_size == 576
     # SmolLM2 is not LLM2Vec-trained: bidirectional, its mean-pooled vectors still put close

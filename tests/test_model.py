@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_err
+from helpers import rel_err, skip_unless_gguf_readable
 from tiny import LLAMA3_SCALING, randomize_, tiny_config
 
 from l2v_kernels import reference
@@ -241,6 +241,7 @@ def test_triton_backend_in_interpreter_matches_torch_and_hf():
 
 @pytest.fixture(scope="module")
 def smollm2():
+    skip_unless_gguf_readable()
     return load_model(None, dtype=torch.float32, device="cpu", backend="torch")
 
 

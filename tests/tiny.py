@@ -112,9 +112,12 @@ def make_tiny_tokenizer():
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
     )
     tok.decoder = decoders.WordPiece()
+    # Llama's model inputs: transformers 4.4x's generic default adds token_type_ids, which
+    # llm2vec would pass on to the model (LlamaModel.forward does not take them).
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        model_input_names=["input_ids", "attention_mask"],
+    )  # fmt: skip
 
 
 def save_tiny_tokenizer(directory: Path) -> None:
