@@ -15,7 +15,9 @@ long documents), so the comparison is model + batching + pooling, nothing else.
   (use_cache=False) and the pooling is one vectorized masked sum instead of a per-row loop.
   Also run with batches of 64 (`hf_bs64`) and under torch.compile (`hf_bs32_compile`).
 - Ours `l2v`: l2v_models.encoder.LLM2Vec on the triton backend (torch on CPU), packed
-  token-budget batches, no padding.
+  token-budget batches, no padding. In the latency measurement also `l2v_graphs`: the same
+  encoder with cuda_graphs=True (small batches replayed from captured CUDA graphs; every bucket
+  the timed calls use is captured first; CUDA + triton backend only, not applicable on CPU).
 
 Reported per model and workload: real tokens/s and texts/s (padding never counts), our speedup,
 MFU against a bf16 matmul measured in the same process, peak GPU memory (weights of that side
@@ -54,6 +56,7 @@ from bench.workloads import (
 )
 
 OURS = "l2v"
+OURS_GRAPHS = "l2v_graphs"
 COMPILE_LIMIT_S = 300.0  # torch.compile warm-up of the baseline, at most
 COS_TARGET = 0.999  # our embeddings vs the baseline's, bf16 on GPU (DESIGN.md "Numerics")
 TARGETS = {  # issue text: H100, Mistral-7B shape
@@ -63,6 +66,9 @@ TARGETS = {  # issue text: H100, Mistral-7B shape
 }
 IMPL_NOTES = {
     OURS: "l2v LLM2Vec encoder: packed token-budget batches, no padding",
+    OURS_GRAPHS: "the l2v encoder with cuda_graphs=True: batches of up to 2048 tokens padded to "
+    "a bucket and replayed from CUDA graphs (forward + pooling), every bucket the timed calls "
+    "use captured beforehand",
     "hf_bs{n}": "transformers *Model, bidirectional SDPA, llm2vec-style sorted left-padded batches "
     "of {n}, embed-mask mean pooling",
     "hf_bs{n}_compile": "the same under torch.compile(dynamic=True)",
@@ -552,6 +558,63 @@ def run_model(name: str, args, settings: dict, result: dict, budget: Budget, sav
 
         return go
 
+    graphs_problem = None
+    if ours.model.backend != "triton" or device.type != "cuda":
+        graphs_problem = (
+            f"not applicable: needs CUDA and the triton backend (this run: {device.type}, "
+            f"{ours.model.backend})"
+        )
+    info["cuda_graphs"] = graphs_problem or "measured (latency rows l2v_graphs)"
+    graphs_encoder: list = []  # built on first use, shares ours' weights
+
+    def latency_graphs(batch: int, wl: Workload, calls: int):
+        """Our encoder with cuda_graphs=True: capture every bucket the timed calls can use
+        (any failure is recorded in the row and in errors), then the same timing as ours."""
+
+        def go():
+            from l2v_models.encoder import LLM2Vec
+
+            try:
+                if not graphs_encoder:
+                    graphs_encoder.append(
+                        LLM2Vec.from_model(
+                            ours.model,
+                            max_tokens_per_batch=ours.max_tokens_per_batch,
+                            cuda_graphs=True,
+                        )
+                    )
+                enc = graphs_encoder[0]
+                runner = enc.graph_runner()
+                longest = max(sum(sub.lengths) for sub in latency_calls(wl, batch, calls))
+                t0 = time.perf_counter()
+                captured = runner.warmup(
+                    "mean", False, max_tokens=min(longest, runner.max_tokens), max_seqs=batch
+                )
+                _sync(device)
+                info.setdefault("graph_capture", {})[f"b{batch}"] = {
+                    "buckets": len(captured),
+                    "seconds": time.perf_counter() - t0,
+                }
+            except Exception as e:
+                first_line = str(e).splitlines()[0][:300] if str(e) else ""
+                result["latency"].append(
+                    {
+                        "model": name,
+                        "impl": OURS_GRAPHS,
+                        "batch": batch,
+                        "calls": 0,
+                        "floor_ms": floor_ms,
+                        "error": f"{type(e).__name__}: {first_line}",
+                    }
+                )
+                save()
+                raise  # Budget.run records it in errors too and goes on
+            latency(OURS_GRAPHS, ours_encode_fn(enc), batch, wl, calls)()
+            # Replays vs eager batches (over the largest bucket) over all calls so far.
+            info["graph_capture"][f"b{batch}"]["runner_calls"] = dict(runner.calls)
+
+        return go
+
     def latency(impl: str, fn, batch: int, wl: Workload, calls: int):
         def go():
             samples = latencies_ms(fn, wl, batch, calls, device, warm=1)
@@ -588,6 +651,11 @@ def run_model(name: str, args, settings: dict, result: dict, budget: Budget, sav
                     f"{name}/latency b{batch}/{OURS}",
                     latency(OURS, ours_fn, batch, workloads["queries"], calls),
                 )
+                if graphs_problem is None:
+                    budget.run(
+                        f"{name}/latency b{batch}/{OURS_GRAPHS}",
+                        latency_graphs(batch, workloads["queries"], calls),
+                    )
                 budget.run(
                     f"{name}/latency b{batch}/{ref_impl}",
                     latency(ref_impl, ref_fn, batch, workloads["queries"], calls),
@@ -666,13 +734,15 @@ def targets(result: dict) -> list[dict]:
                 "reached": mine["MFU"] >= TARGETS["passages_mfu"],
             }
         )
-    b1 = lat.get((OURS, 1))
-    if b1:
+    for impl, how in ((OURS, ""), (OURS_GRAPHS, " with cuda_graphs=True")):
+        b1 = lat.get((impl, 1))
+        if not b1 or b1.get("p50_ms") is None:
+            continue
         ratio = b1["p50_ms"] / b1["floor_ms"]
         out.append(
             {
-                "target": f"{model} batch-1 query p50 <= {TARGETS['b1_latency_over_floor']}x "
-                "weight-read floor",
+                "target": f"{model} batch-1 query p50{how} <= "
+                f"{TARGETS['b1_latency_over_floor']}x weight-read floor",
                 "measured": f"{b1['p50_ms']:.2f} ms = {ratio:.2f}x floor {b1['floor_ms']:.2f} ms",
                 "reached": ratio <= TARGETS["b1_latency_over_floor"],
             }
@@ -755,7 +825,12 @@ def render_markdown(result: dict) -> str:
             common.markdown_table(agree),
         ]
     lat_cols = ["model", "impl", "batch", "calls", "p50_ms", "p99_ms", "floor_ms", "p50_over_floor"]
-    lat = [{**r, "p50_over_floor": r["p50_ms"] / r["floor_ms"]} for r in result["latency"]]
+    lat = [
+        {**r, "p50_over_floor": r["p50_ms"] / r["floor_ms"]} if r.get("p50_ms") is not None else r
+        for r in result["latency"]
+    ]
+    if any(r.get("error") for r in lat):
+        lat_cols.append("error")
     lines += [
         "## Latency (query workload)",
         "",
@@ -790,6 +865,11 @@ def render_markdown(result: dict) -> str:
             f"built in {info.get('build_s', 0):.1f} s; matmul "
             f"{info.get('ceilings', {}).get('matmul_tflops', 0):.4g} TFLOP/s, copy "
             f"{info.get('ceilings', {}).get('copy_GBps', 0):.4g} GB/s"
+            + (f"; CUDA graphs: {info['cuda_graphs']}" if info.get("cuda_graphs") else "")
+            + "".join(
+                f"; {b} graph capture {c['buckets']} buckets in {c['seconds']:.1f} s"
+                for b, c in info.get("graph_capture", {}).items()
+            )
         )
     if result["skipped"] or result["errors"]:
         lines += ["", "## Not measured", ""]
@@ -799,8 +879,8 @@ def render_markdown(result: dict) -> str:
 
 
 def describe(impl: str) -> str:
-    if impl == OURS:
-        return IMPL_NOTES[OURS]
+    if impl in (OURS, OURS_GRAPHS):
+        return IMPL_NOTES[impl]
     base = impl.removeprefix("hf_bs")
     if base.endswith("_compile"):
         return IMPL_NOTES["hf_bs{n}_compile"]

@@ -222,3 +222,26 @@ def test_warmup_runs_the_timed_batches_first():
     samples = e2e.latencies_ms(fn, wl, 3, 5, torch.device("cpu"), warm=1)
     assert len(samples) == 5 and len(seen) == 10
     assert seen[:5] == seen[5:]  # every timed call's batch was run once before timing began
+
+
+def test_graph_latency_rows_render(smoke, tmp_path):
+    """The cuda_graphs rows only exist on a GPU: a measured one and a failed capture must still
+    render (markdown, targets, plots) and say what happened."""
+    _, result = smoke
+    part = json.loads(json.dumps(result))  # a deep copy
+    assert "not applicable" in part["models"]["smoke"]["cuda_graphs"]  # CPU: no graphs rows
+    measured = next(r for r in part["latency"] if r["impl"] == "l2v" and r["batch"] == 1)
+    part["latency"] += [
+        {**measured, "impl": e2e.OURS_GRAPHS, "model": "mistral-7b"},
+        {**measured, "model": "mistral-7b"},
+        {"model": "mistral-7b", "impl": e2e.OURS_GRAPHS, "batch": 8, "calls": 0,
+         "floor_ms": 1.0, "error": "RuntimeError: CUDA graphs: capturing bucket T=512 ..."},
+    ]  # fmt: skip
+    part["models"]["mistral-7b"] = part["models"]["smoke"]
+    path = e2e.write_result(part, tmp_path, "e2e")
+    md = path.with_suffix(".md").read_text()
+    assert "capturing bucket T=512" in md and "| error |" in md
+    assert "batch-1 query p50 with cuda_graphs=True" in md  # its own target row
+    assert "cuda_graphs=True" in e2e.describe(e2e.OURS_GRAPHS)
+    plots.plot_e2e(part, tmp_path, prefix="e2e")
+    assert (tmp_path / "e2e_latency_b1.png").exists()

@@ -32,7 +32,9 @@ crashes:
 Beyond llm2vec: batches are filled up to `max_tokens_per_batch` real tokens (no padding is
 computed), so results do not depend on batching; `normalize_embeddings=True` L2-normalizes in
 the pooling kernel; `device=` places the model (one GPU per process: llm2vec's multi-GPU
-process pool is not reproduced). enable_bidirectional=False (causal encoding) is not supported.
+process pool is not reproduced); `cuda_graphs=True` replays batches of up to 2048 tokens from
+captured CUDA graphs, padded to buckets (l2v_models.cuda_graphs; CUDA + triton backend only).
+enable_bidirectional=False (causal encoding) is not supported.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ _POOL_OP_MODE = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": 
 # Keywords transformers' from_pretrained takes that have no meaning for l2v's own kernels.
 _IGNORED_HF_KWARGS = ("attn_implementation", "low_cpu_mem_usage", "trust_remote_code",
                       "use_safetensors", "use_flash_attention_2")  # fmt: skip
-_OUR_KWARGS = ("backend", "base_weights_path", "max_tokens_per_batch")
+_OUR_KWARGS = ("backend", "base_weights_path", "max_tokens_per_batch", "cuda_graphs")
 
 
 def _check_positive_int(name: str, value, allow_none: bool = False, minimum: int = 1):
@@ -167,7 +169,8 @@ class LLM2Vec:
     Attributes llm2vec users touch: model (an l2v_models.llama.Transformer), tokenizer,
     pooling_mode, max_length, doc_max_length, skip_instruction (all settable), config (the
     transformers config). Also: name_or_path (what the chat templates key on), device, dtype,
-    max_tokens_per_batch (None = DEFAULT_TOKENS_PER_BATCH for the device).
+    max_tokens_per_batch (None = DEFAULT_TOKENS_PER_BATCH for the device), cuda_graphs (small
+    batches replayed from CUDA graphs, see l2v_models.cuda_graphs and `graph_runner()`).
     """
 
     def __init__(
@@ -182,6 +185,7 @@ class LLM2Vec:
         hf_config: Any = None,
         name_or_path: str | None = None,
         max_tokens_per_batch: int | None = None,
+        cuda_graphs: bool = False,
     ):
         if not (hasattr(model, "pool") and hasattr(model, "config") and callable(model)):
             raise TypeError(
@@ -211,6 +215,12 @@ class LLM2Vec:
         else:
             self.config_family = getattr(model.config, "arch", "")
         self._load_args: dict | None = None
+        if not isinstance(cuda_graphs, (bool, np.bool_)):
+            raise ValueError(f"cuda_graphs must be a bool, got {cuda_graphs!r}")
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graphs = None  # the BucketedGraphRunner, built on first use
+        if self.cuda_graphs:
+            self.graph_runner()  # fail now, not at the first encode, where graphs cannot run
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -234,7 +244,9 @@ class LLM2Vec:
         default, as llm2vec); torch_dtype / dtype (a torch dtype or "float32", "bfloat16",
         "float16", "auto"; default bf16 on CUDA, fp32 on CPU); device_map / device ("cpu",
         "cuda", "cuda:N", "auto", a GPU index, {"": N}; default CUDA when available); l2v's own
-        backend ("auto", "triton", "torch"), base_weights_path, max_tokens_per_batch.
+        backend ("auto", "triton", "torch"), base_weights_path, max_tokens_per_batch,
+        cuda_graphs (True: batches of up to 2048 tokens and 64 texts replay captured CUDA
+        graphs; needs CUDA and the triton backend, else raises).
         attn_implementation, low_cpu_mem_usage, trust_remote_code and use_safetensors are
         accepted and ignored. Anything else raises TypeError.
         """
@@ -260,7 +272,7 @@ class LLM2Vec:
             raise TypeError(
                 f"LLM2Vec.from_pretrained got unsupported keyword(s) {sorted(kwargs)}; accepted: "
                 "pooling_mode, max_length, doc_max_length, skip_instruction, torch_dtype/dtype, "
-                "device_map/device, backend, base_weights_path, max_tokens_per_batch"
+                "device_map/device, backend, base_weights_path, max_tokens_per_batch, cuda_graphs"
                 + (" (hub options: download the model and pass its local directory)"
                    if {"token", "revision", "cache_dir"} & set(kwargs) else "")
             )  # fmt: skip
@@ -269,6 +281,14 @@ class LLM2Vec:
         _check_settings(max_tokens_per_batch=max_tokens, **encoder_args)
         resolved_device = loading._resolve_device(device)
         loading._resolve_dtype(dtype, resolved_device)
+        cuda_graphs = ours.pop("cuda_graphs", False)
+        if cuda_graphs is True and (
+            resolved_device.type != "cuda" or ours.get("backend", "auto") == "torch"
+        ):  # refused before the (slow) load; the constructor checks the loaded model too
+            raise ValueError(_graphs_refusal(
+                f"the model would run on {resolved_device} with backend="
+                f"{ours.get('backend', 'auto')!r}"
+            ))  # fmt: skip
         load_args = dict(
             base_model_name_or_path=base_model_name_or_path,
             peft_model_name_or_path=peft_model_name_or_path,
@@ -291,6 +311,7 @@ class LLM2Vec:
             hf_config=loaded.hf_config,
             name_or_path=loaded.name_or_path,
             max_tokens_per_batch=max_tokens,
+            cuda_graphs=cuda_graphs,
             **settings,
         )
         encoder._load_args = load_args
@@ -314,6 +335,19 @@ class LLM2Vec:
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
+
+    def graph_runner(self):
+        """The l2v_models.cuda_graphs.BucketedGraphRunner of this encoder's model (built on
+        first use, rebuilt when the model was re-loaded); ValueError where graphs cannot run.
+        Its warmup() captures buckets ahead of time."""
+        from l2v_models.cuda_graphs import BucketedGraphRunner, graph_support_error
+
+        if self._graphs is None or self._graphs.model is not self.model:
+            problem = graph_support_error(self.model)
+            if problem is not None:
+                raise ValueError(_graphs_refusal(problem))
+            self._graphs = BucketedGraphRunner(self.model)
+        return self._graphs
 
     def eval(self) -> LLM2Vec:  # llm2vec is an nn.Module; code calls .eval() on it
         return self
@@ -463,6 +497,7 @@ class LLM2Vec:
         bounds = _pack_batches(len_sorted, budget, batch_size)
         mode = _POOL_OP_MODE[self.pooling_mode]
         device = self.device
+        graphs = self.graph_runner() if self.cuda_graphs else None
         cuda = device.type == "cuda"
         chunks: list[torch.Tensor] = []  # pooled rows in sorted order, host side
         pending: list[torch.Tensor] = []  # pooled rows still on the device
@@ -479,14 +514,17 @@ class LLM2Vec:
                 ids, mask, cu = _batch_tensors(
                     flat_ids[t0:t1], flat_mask[t0:t1], offsets[b0 : b1 + 1] - t0, device, cuda
                 )
-                # The batch was built and its ids checked on the host above: no device checks
-                # (they would sync the host with the GPU once per batch).
-                hidden = self.model(ids, cu, int(len_sorted[b0]), check_inputs=False)
-                pooled = self.model.pool(
-                    hidden, mask, cu, int(len_sorted[b0]), mode, normalize_embeddings,
-                    check_inputs=False,
-                )
-                del hidden  # free it before the next forward pass allocates its own
+                if graphs is not None and graphs.fits(t1 - t0, b1 - b0):
+                    pooled = graphs(ids, cu, mask, mode, normalize_embeddings)
+                else:
+                    # The batch was built and its ids checked on the host above: no device
+                    # checks (they would sync the host with the GPU once per batch).
+                    hidden = self.model(ids, cu, int(len_sorted[b0]), check_inputs=False)
+                    pooled = self.model.pool(
+                        hidden, mask, cu, int(len_sorted[b0]), mode, normalize_embeddings,
+                        check_inputs=False,
+                    )
+                    del hidden  # free it before the next forward pass allocates its own
                 if cuda:
                     pending.append(pooled)
                     pending_bytes += pooled.numel() * 4
@@ -536,6 +574,13 @@ class LLM2Vec:
             )
         logger.info("l2v: re-loading the model on %s (it was on %s)", target, self.device)
         self.model = loading.load_model(device=target, **self._load_args).model
+
+
+def _graphs_refusal(problem: str) -> str:
+    return (
+        f"cuda_graphs=True needs the model on a CUDA device with the triton backend, but "
+        f"{problem}; pass cuda_graphs=False (the default)"
+    )
 
 
 def _pop_alias(kwargs: dict, name: str, alias: str):
