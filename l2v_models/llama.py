@@ -14,8 +14,11 @@ which is Hugging Face's h = x + attn(norm(x)); out = h + mlp(norm(h)), followed 
 Because the GEMMs add the residual, the norms never need to: each layer keeps one stream.
 
 Backends: "triton" runs the l2v_kernels ops (unchecked launchers inside the layer loop; inputs are
-validated once per forward) and the gemm module's GEMMs (the C++ extension where present, cuBLAS
-otherwise); "torch" is plain PyTorch on any device (SDPA on a padded view, fp32 norm statistics).
+validated once per forward, or not at all with check_inputs=False when the caller checked them on
+the host, as the encoder does, so no batch syncs the host) and the gemm module's GEMMs (the C++
+extension where present, cuBLAS otherwise; on CUDA in fp16/bf16 the unchecked launchers are bound
+once per model by _bind_gemms); "torch" is plain PyTorch on any device (SDPA on a padded view,
+fp32 norm statistics).
 Weights are created on the meta device and filled from a state dict with assign=True (see
 l2v_models.loading, which maps Hugging Face checkpoints onto these names).
 """
