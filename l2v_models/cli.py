@@ -13,12 +13,22 @@ one-line message and exit code 2; set L2V_DEBUG=1 to see the traceback instead.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
+# Subcommands that live next to their feature. Each module has `add_parser(subparsers)`, which
+# adds its parser with set_defaults(func=...); it is imported while the parser is built, so it
+# must import lightly (argparse only, heavy imports inside func).
+FEATURE_COMMANDS: tuple[str, ...] = (
+    # "l2v_models.serve.cli",  # l2v serve
+    # "l2v_models.corpus.cli",  # l2v encode-corpus
+    # "l2v_models.train.cli",  # l2v train
+    # "l2v_models.eval.cli",  # l2v eval
+)
 SIMILARITY_TABLE_MAX = 8  # up to this many texts on the command line: print their similarities
 _OUTPUT_SUFFIXES = (".npy", ".jsonl")
 
@@ -289,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l2v", description="The fastest exact LLM2Vec text encoder."
     )
-    sub = parser.add_subparsers(dest="command", metavar="{encode,info,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     enc = sub.add_parser(
@@ -336,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="versions, device, kernels")
     info.set_defaults(func=cmd_info)
+    for module in FEATURE_COMMANDS:
+        importlib.import_module(module).add_parser(sub)
     sub.add_parser("bench", help="end-to-end benchmark (bench/e2e.py; source checkout)",
                    add_help=False)  # fmt: skip
     return parser
