@@ -6,7 +6,7 @@ that path is free of host syncs when called with check_inputs=False, so the whol
 the pooling can be captured once per batch shape and replayed with one launch:
 
     runner = BucketedGraphRunner(model)             # model: a Transformer, triton backend, CUDA
-    pooled = runner(ids, cu_seqlens, pool_mask, mode="mean", max_seqlen=longest)   # fp32 [B, D]
+    pooled = runner(batch, mode="mean")          # a packing.PackedBatch on the GPU -> fp32 [B, D]
 
 Buckets. A batch of T tokens in B texts runs in the bucket (T_b, B_b): T_b the smallest token
 bucket >= T (powers of two from `min_tokens`, 16, up to `max_tokens`, default 2048, the last
@@ -44,9 +44,12 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from l2v_kernels.reference import positions_from_cu_seqlens
 from l2v_models.llama import POOL_MODES
+from l2v_models.packing import PackedBatch
 
 logger = logging.getLogger(__name__)
 
@@ -157,21 +160,17 @@ class BucketedGraphRunner:
     # ------------------------------------------------------------------ running
     def __call__(
         self,
-        input_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        pool_mask: torch.Tensor,
+        batch: PackedBatch,
         mode: str = "mean",
         normalize: bool = False,
         *,
-        max_seqlen: int | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Pooled fp32 [B, D] of one packed batch: input_ids int [T], cu_seqlens int32 [B+1]
-        (0 ... T), pool_mask [T] (nonzero = pooled), as Transformer.forward and .pool take them.
-        Inputs are not validated on the device (as with check_inputs=False). max_seqlen (the
-        longest text) is only used by the eager path for batches over the largest bucket (when
-        None there, it is read from cu_seqlens with one sync). out: an fp32 [B, D] tensor on
-        the model's device to write into (else a new one is returned)."""
+        """Pooled fp32 [B, D] of one packed batch (l2v_models.packing.PackedBatch on the model's
+        device), as Engine.forward computes it. Inputs are not validated on the device (as with
+        check_inputs=False). out: an fp32 [B, D] tensor on the model's device to write into (else
+        a new one is returned). The graph computes positions from cu_seqlens itself."""
+        input_ids, cu_seqlens, pool_mask = batch.input_ids, batch.cu_seqlens, batch.pool_mask
         if mode not in POOL_MODES:
             raise ValueError(f"mode must be one of {POOL_MODES}, got {mode!r}")
         if input_ids.ndim != 1 or cu_seqlens.ndim != 1 or pool_mask.shape != input_ids.shape:
@@ -185,7 +184,7 @@ class BucketedGraphRunner:
         bucket = self.bucket(T, B)
         if bucket is None:
             self.calls["eager"] += 1
-            return self._eager(input_ids, cu_seqlens, pool_mask, mode, normalize, max_seqlen, out)
+            return self._eager(batch, mode, normalize, out)
         key = (*bucket, mode, bool(normalize))
         g = self._graphs.get(key)
         on_device = torch.cuda.device(self.device) if self.capture else contextlib.nullcontext()
@@ -241,19 +240,20 @@ class BucketedGraphRunner:
                 ids = torch.zeros(t, dtype=torch.int32, device=self.device)
                 mask = torch.ones(t, dtype=torch.uint8, device=self.device)
                 cu = cu.to(self.device)
+                positions = positions_from_cu_seqlens(cu, t)
+                batch = PackedBatch(ids, cu, positions, mask, max(lengths), np.arange(b))
                 for m in modes:
                     for nz in normalize:
-                        self(ids, cu, mask, m, nz, max_seqlen=max(lengths))
+                        self(batch, m, nz)
                         done.append((t, b, m, bool(nz)))
         return done
 
     # ------------------------------------------------------------------ internals
-    def _eager(self, input_ids, cu_seqlens, pool_mask, mode, normalize, max_seqlen, out):
+    def _eager(self, batch: PackedBatch, mode, normalize, out):
         model = self.model
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if input_ids.numel() else 0
-        hidden = model(input_ids, cu_seqlens, max_seqlen, check_inputs=False)
-        pooled = model.pool(hidden, pool_mask, cu_seqlens, max_seqlen, mode, normalize,
+        hidden = model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, batch.positions,
+                       check_inputs=False)  # fmt: skip
+        pooled = model.pool(hidden, batch.pool_mask, batch.cu_seqlens, mode, normalize,
                             check_inputs=False)  # fmt: skip
         return pooled if out is None else out.copy_(pooled)
 
@@ -291,7 +291,7 @@ class BucketedGraphRunner:
         i, model = g.inputs, self.model
         mode, normalize = g.key[2], g.key[3]
         hidden = model(i.input_ids, i.cu_seqlens, i.tokens, check_inputs=False)
-        pooled = model.pool(hidden, i.pool_mask, i.cu_seqlens, i.tokens, mode, normalize,
+        pooled = model.pool(hidden, i.pool_mask, i.cu_seqlens, mode, normalize,
                             check_inputs=False)  # fmt: skip
         if g.out is None:
             g.out = pooled

@@ -39,8 +39,6 @@ enable_bidirectional=False (causal encoding) is not supported.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -49,15 +47,11 @@ import numpy as np
 import torch
 
 from l2v_models import tokenization as tk
+from l2v_models.engine import Engine, check_budget
+from l2v_models.packing import TokenizedTexts
 
 logger = logging.getLogger(__name__)
 
-# Token budget per forward pass when the caller gives none: large enough to keep an H100 busy on
-# short queries, small enough that activations stay far below the weights of a 7B model.
-DEFAULT_TOKENS_PER_BATCH = {"cuda": 16384, "cpu": 4096}
-# Pooled rows are kept on the GPU and copied to the host in chunks of about this many bytes:
-# one sync per chunk instead of one per batch, and bounded GPU memory for any input size.
-_FLUSH_BYTES = 64 << 20
 _POOL_OP_MODE = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": "last",
                  "last_token": "last", "bos_token": "last"}  # fmt: skip
 
@@ -192,7 +186,6 @@ class LLM2Vec:
                 f"LLM2Vec wraps an l2v_models.llama.Transformer, got {type(model).__name__}; "
                 "load models with LLM2Vec.from_pretrained(...)"
             )
-        self.model = model
         self.tokenizer = tokenizer
         if tokenizer is not None:  # as llm2vec sets them (no padding is ever used here)
             if getattr(tokenizer, "eos_token", None) is not None:
@@ -202,8 +195,11 @@ class LLM2Vec:
         self.max_length = max_length
         self.doc_max_length = doc_max_length
         self.skip_instruction = skip_instruction
-        self.max_tokens_per_batch = max_tokens_per_batch
-        self._check_settings()
+        self._check_settings(max_tokens_per_batch=max_tokens_per_batch)
+        # The engine runs the model: packing, forward, pooling (CUDA graphs when asked).
+        self.engine = Engine(
+            model, max_tokens_per_batch=max_tokens_per_batch, cuda_graphs=cuda_graphs
+        )
         self.config = hf_config if hf_config is not None else model.config
         if name_or_path is None:
             name_or_path = str(getattr(hf_config, "_name_or_path", "") or "")
@@ -215,12 +211,6 @@ class LLM2Vec:
         else:
             self.config_family = getattr(model.config, "arch", "")
         self._load_args: dict | None = None
-        if not isinstance(cuda_graphs, (bool, np.bool_)):
-            raise ValueError(f"cuda_graphs must be a bool, got {cuda_graphs!r}")
-        self.cuda_graphs = bool(cuda_graphs)
-        self._graphs = None  # the BucketedGraphRunner, built on first use
-        if self.cuda_graphs:
-            self.graph_runner()  # fail now, not at the first encode, where graphs cannot run
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -325,29 +315,41 @@ class LLM2Vec:
 
     # ------------------------------------------------------------------ properties
     @property
+    def model(self):
+        """The l2v Transformer (the engine's)."""
+        return self.engine.model
+
+    @model.setter
+    def model(self, model) -> None:
+        self.engine.model = model
+
+    @property
+    def max_tokens_per_batch(self) -> int | None:
+        return self.engine.max_tokens_per_batch
+
+    @max_tokens_per_batch.setter
+    def max_tokens_per_batch(self, value) -> None:
+        self.engine.max_tokens_per_batch = check_budget("max_tokens_per_batch", value)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.engine.cuda_graphs
+
+    @property
     def device(self) -> torch.device:
-        return self.model.device
+        return self.engine.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.dtype
+        return self.engine.dtype
 
     @property
     def hidden_size(self) -> int:
-        return self.model.config.hidden_size
+        return self.engine.hidden_size
 
     def graph_runner(self):
-        """The l2v_models.cuda_graphs.BucketedGraphRunner of this encoder's model (built on
-        first use, rebuilt when the model was re-loaded); ValueError where graphs cannot run.
-        Its warmup() captures buckets ahead of time."""
-        from l2v_models.cuda_graphs import BucketedGraphRunner, graph_support_error
-
-        if self._graphs is None or self._graphs.model is not self.model:
-            problem = graph_support_error(self.model)
-            if problem is not None:
-                raise ValueError(_graphs_refusal(problem))
-            self._graphs = BucketedGraphRunner(self.model)
-        return self._graphs
+        """The engine's l2v_models.cuda_graphs.BucketedGraphRunner (see Engine.graph_runner)."""
+        return self.engine.graph_runner()
 
     def eval(self) -> LLM2Vec:  # llm2vec is an nn.Module; code calls .eval() on it
         return self
@@ -357,13 +359,13 @@ class LLM2Vec:
         self._place(device)
         return self
 
-    def _check_settings(self) -> None:
+    def _check_settings(self, **extra) -> None:
         _check_settings(
             pooling_mode=self.pooling_mode,
             max_length=self.max_length,
             doc_max_length=self.doc_max_length,
             skip_instruction=self.skip_instruction,
-            max_tokens_per_batch=self.max_tokens_per_batch,
+            **extra,
         )
 
     # ------------------------------------------------------------------ llm2vec text methods
@@ -420,14 +422,13 @@ class LLM2Vec:
         self._check_settings()
         if device is not None:
             self._place(device)
-        tokens = self.tokenize_pairs(pairs)
-        out = self.encode_token_ids(
-            tokens.input_ids,
-            tokens.embed_lengths,
-            batch_size=batch_size,
-            max_tokens_per_batch=max_tokens_per_batch,
-            normalize_embeddings=normalize_embeddings,
-            show_progress_bar=show_progress_bar,
+        out = self.engine.embed(
+            self.prepare_texts(pairs),
+            mode=_POOL_OP_MODE[self.pooling_mode],
+            normalize=normalize_embeddings,
+            max_tokens=max_tokens_per_batch,
+            max_texts=batch_size,
+            progress=show_progress_bar,
         )
         if squeeze:
             out = out[0]
@@ -451,95 +452,36 @@ class LLM2Vec:
         count of last tokens that are the text part (llm2vec's embed mask; clamped to the
         length). Pooling follows self.pooling_mode and self.skip_instruction.
         """
-        from tqdm.auto import tqdm
-
         self._check_settings()
         n = len(input_ids)
         if len(embed_lengths) != n:
             raise ValueError(f"got {n} texts but {len(embed_lengths)} embed lengths")
-        batch_size = _check_positive_int("batch_size", batch_size, allow_none=True)
-        budget = (
-            _check_positive_int("max_tokens_per_batch", max_tokens_per_batch, allow_none=True)
-            or self.max_tokens_per_batch
-            or DEFAULT_TOKENS_PER_BATCH.get(self.device.type, 4096)
+        texts = self.texts_from_token_ids(input_ids, embed_lengths)
+        return self.engine.embed(
+            texts,
+            mode=_POOL_OP_MODE[self.pooling_mode],
+            normalize=normalize_embeddings,
+            max_tokens=max_tokens_per_batch,
+            max_texts=batch_size,
+            progress=show_progress_bar,
         )
-        D = self.hidden_size
-        out = torch.zeros(n, D, dtype=torch.float32)
-        if n == 0:
-            return out
 
+    def prepare_texts(self, sentences) -> TokenizedTexts:
+        """encode()'s input (strings and [instruction, text] pairs) -> the engine's
+        TokenizedTexts, by llm2vec's text rules and this encoder's settings. What the server and
+        the corpus runner call off the model's thread; `engine.embed` then runs them."""
+        pairs, _ = _normalize_sentences(sentences)
+        self._check_settings()
+        tokens = self.tokenize_pairs(pairs)
+        return self.texts_from_token_ids(tokens.input_ids, tokens.embed_lengths)
+
+    def texts_from_token_ids(self, input_ids, embed_lengths) -> TokenizedTexts:
+        """Token ids + llm2vec embed lengths -> the engine's TokenizedTexts (pool spans by this
+        encoder's pooling_mode and skip_instruction; see _pool_spans)."""
+        n = len(input_ids)
         lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=n)
         starts, counts = self._pool_spans(input_ids, lengths, embed_lengths)
-        # Longest first (the first forward pass shows the peak memory); empty texts stay zero.
-        order = np.argsort(-lengths, kind="stable")
-        order = order[lengths[order] > 0]
-        if order.size == 0:
-            return out
-        len_sorted = lengths[order]
-        offsets = np.zeros(order.size + 1, dtype=np.int64)
-        np.cumsum(len_sorted, out=offsets[1:])
-        total = int(offsets[-1])
-        flat_ids = np.fromiter(
-            itertools.chain.from_iterable(input_ids[i] for i in order), dtype=np.int64, count=total
-        )
-        if flat_ids.size and (flat_ids.min() < 0 or flat_ids.max() >= self.model.config.vocab_size):
-            raise ValueError(
-                f"token ids must lie in [0, {self.model.config.vocab_size}), got "
-                f"{int(flat_ids.min())} ... {int(flat_ids.max())}"
-            )
-        flat_ids = flat_ids.astype(np.int32)
-        # Pool mask: token j of text i is pooled when starts[i] <= j < starts[i] + counts[i].
-        pos = np.arange(total, dtype=np.int64) - np.repeat(offsets[:-1], len_sorted)
-        lo = np.repeat(starts[order], len_sorted)
-        hi = lo + np.repeat(counts[order], len_sorted)
-        flat_mask = ((pos >= lo) & (pos < hi)).astype(np.uint8)
-
-        bounds = _pack_batches(len_sorted, budget, batch_size)
-        mode = _POOL_OP_MODE[self.pooling_mode]
-        device = self.device
-        graphs = self.graph_runner() if self.cuda_graphs else None
-        cuda = device.type == "cuda"
-        chunks: list[torch.Tensor] = []  # pooled rows in sorted order, host side
-        pending: list[torch.Tensor] = []  # pooled rows still on the device
-        pending_bytes = 0
-        # Kernels launch on the current CUDA device: make it the model's.
-        on_device = torch.cuda.device(device) if cuda else contextlib.nullcontext()
-        with (
-            on_device,
-            torch.inference_mode(),
-            tqdm(total=len(bounds) - 1, desc="Batches", disable=not show_progress_bar) as bar,
-        ):
-            for b0, b1 in zip(bounds[:-1], bounds[1:], strict=True):
-                t0, t1 = int(offsets[b0]), int(offsets[b1])
-                ids, mask, cu = _batch_tensors(
-                    flat_ids[t0:t1], flat_mask[t0:t1], offsets[b0 : b1 + 1] - t0, device, cuda
-                )
-                if graphs is not None and graphs.fits(t1 - t0, b1 - b0):
-                    pooled = graphs(ids, cu, mask, mode, normalize_embeddings)
-                else:
-                    # The batch was built and its ids checked on the host above: no device
-                    # checks (they would sync the host with the GPU once per batch).
-                    hidden = self.model(ids, cu, int(len_sorted[b0]), check_inputs=False)
-                    pooled = self.model.pool(
-                        hidden, mask, cu, int(len_sorted[b0]), mode, normalize_embeddings,
-                        check_inputs=False,
-                    )
-                    del hidden  # free it before the next forward pass allocates its own
-                if cuda:
-                    pending.append(pooled)
-                    pending_bytes += pooled.numel() * 4
-                    if pending_bytes >= _FLUSH_BYTES:
-                        chunks.append(torch.cat(pending).cpu())
-                        pending, pending_bytes = [], 0
-                else:
-                    chunks.append(pooled)
-                bar.update(1)
-            if pending:
-                chunks.append(torch.cat(pending).cpu())
-            pooled_sorted = torch.cat(chunks).float()
-        # Outside inference mode, so the caller gets an ordinary tensor it may modify in place.
-        out[torch.from_numpy(order)] = pooled_sorted
-        return out
+        return TokenizedTexts(input_ids, starts, counts)
 
     def _pool_spans(self, input_ids, lengths: np.ndarray, embed_lengths) -> tuple[np.ndarray, ...]:
         """Per text (start, count) of the pooled tokens, llm2vec's rules (see module doc)."""
@@ -598,46 +540,3 @@ def _first_index(ids, token_id) -> int:
         return list(ids).index(token_id)
     except ValueError:
         return 0
-
-
-def _pack_batches(len_sorted: np.ndarray, budget: int, max_texts: int | None) -> list[int]:
-    """Greedy packing of length-sorted texts: boundaries [0, ..., n] of batches holding at most
-    `budget` tokens (a longer text goes alone) and at most `max_texts` texts."""
-    bounds = [0]
-    tokens = 0
-    for i, length in enumerate(len_sorted.tolist()):
-        count = i - bounds[-1]
-        if count and (tokens + length > budget or (max_texts is not None and count >= max_texts)):
-            bounds.append(i)
-            tokens = 0
-        tokens += length
-    bounds.append(len(len_sorted))
-    return bounds
-
-
-def _align16(n: int) -> int:
-    return (n + 15) & ~15
-
-
-def _batch_tensors(ids: np.ndarray, mask: np.ndarray, cu: np.ndarray, device, cuda: bool):
-    """(input_ids int32 [T], pool mask uint8 [T], cu_seqlens int32 [B+1]) on `device`.
-
-    On CUDA the three go in one pinned host buffer and one non-blocking copy; each segment
-    starts at a 16-byte boundary. The caching host allocator keeps a pinned block alive until
-    its copy has run, so a fresh buffer per batch is safe without a sync.
-    """
-    T, nb = ids.shape[0], cu.shape[0]
-    if not cuda:
-        return (torch.from_numpy(ids), torch.from_numpy(mask),
-                torch.from_numpy(cu.astype(np.int32)))  # fmt: skip
-    o_ids = _align16(4 * nb)
-    o_mask = o_ids + _align16(4 * T)
-    host = torch.empty(o_mask + T, dtype=torch.uint8, pin_memory=True)
-    view = host.numpy()
-    view[: 4 * nb] = cu.astype(np.int32).view(np.uint8)
-    view[o_ids : o_ids + 4 * T] = ids.view(np.uint8)
-    view[o_mask:] = mask
-    dev = host.to(device, non_blocking=True)
-    cu_dev = dev[: 4 * nb].view(torch.int32)
-    ids_dev = dev[o_ids : o_ids + 4 * T].view(torch.int32)
-    return ids_dev, dev[o_mask:], cu_dev

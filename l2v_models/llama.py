@@ -216,21 +216,22 @@ class Transformer(nn.Module):
             if longest > max_seqlen:
                 raise ValueError(f"{op}: max_seqlen={max_seqlen} < the longest text ({longest})")
 
-    @torch.no_grad()
     def forward(
         self,
         input_ids: torch.Tensor,
         cu_seqlens: torch.Tensor,
         max_seqlen: int,
+        positions: torch.Tensor | None = None,
         *,
         check_inputs: bool = True,
     ):
-        """input_ids int [T], cu_seqlens int32 [B+1] (0 ... T), max_seqlen >= the longest text
+        """input_ids int [T], cu_seqlens int32 [B+1] (0 ... T), max_seqlen >= the longest text,
+        positions int32 [T] (each token's index in its text; computed from cu_seqlens when None)
         -> final-norm hidden states [T, hidden_size] in the model dtype.
 
         check_inputs=False skips the validation (and its one device-to-host sync): for callers
-        that built the batch themselves and checked it on the host, like the LLM2Vec encoder,
-        so the host can prepare the next batch while the GPU works."""
+        that built the batch themselves and checked it on the host, like the engine, so the host
+        can prepare the next batch while the GPU works."""
         if check_inputs:
             self._check_inputs(input_ids, cu_seqlens, max_seqlen)
         window = self.config.sliding_window  # host-side, so checked even when check_inputs=False
@@ -242,10 +243,12 @@ class Transformer(nn.Module):
         T = input_ids.shape[0]
         if max_seqlen > self.rope_cos.shape[0]:
             self._build_rope(1 << (max_seqlen - 1).bit_length())
+        if positions is None:
+            positions = positions_from_cu_seqlens(cu_seqlens, T)
         batch = _Batch(
             cu_seqlens=cu_seqlens,
             max_seqlen=max_seqlen,
-            positions=positions_from_cu_seqlens(cu_seqlens, T),
+            positions=positions,
             cos=self.rope_cos,
             sin=self.rope_sin,
         )
@@ -356,7 +359,6 @@ class Transformer(nn.Module):
         hidden: torch.Tensor,
         mask: torch.Tensor,
         cu_seqlens: torch.Tensor,
-        max_seqlen: int | None = None,
         mode: str = "mean",
         normalize: bool = False,
         *,
@@ -366,8 +368,8 @@ class Transformer(nn.Module):
         l2v_kernels.reference.masked_pool): hidden [T, D] from forward, mask bool/int [T]
         (nonzero = pool this token), cu_seqlens int32 [B+1]; mode "mean", "weighted_mean" or
         "last"; a text with no masked token gives zeros; normalize L2-normalizes each row.
-        max_seqlen is accepted for symmetry with forward and unused. check_inputs=False: as in
-        forward, no validation and no host sync (the caller checked)."""
+        check_inputs=False: as in forward, no validation and no host sync (the caller
+        checked)."""
         if mode not in POOL_MODES:
             raise ValueError(f"pool: mode must be one of {POOL_MODES}, got {mode!r}")
         if self.backend == "triton":

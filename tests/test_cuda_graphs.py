@@ -10,6 +10,7 @@ GPU: capture + replay equals eager on a 2-layer Mistral-7B-shaped bf16 model.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,12 +18,14 @@ from helpers import rel_err
 from test_model import _mistral_7b_two_layers, _triton_config, hf_and_ours, pack, random_texts
 from tiny import randomize_, tiny_config
 
+from l2v_kernels.reference import positions_from_cu_seqlens
 from l2v_models.config import ModelConfig
 from l2v_models.cuda_graphs import BucketedGraphRunner
 from l2v_models.encoder import LLM2Vec
 from l2v_models.hf_compat import build_hf_model
 from l2v_models.llama import POOL_MODES
 from l2v_models.loading import from_hf_state_dict
+from l2v_models.packing import PackedBatch
 
 HAS_CUDA = torch.cuda.is_available()
 # B = 1 (one token), 3 (mixed, with a single token), 8 (mixed), T exactly at a bucket (32, 16).
@@ -45,7 +48,12 @@ def _batch(lengths, seed):
 
 def _plain(model, ids, cu, mask, max_len, mode, normalize):
     hidden = model(ids, cu, max_len)
-    return model.pool(hidden, mask, cu, max_len, mode, normalize)
+    return model.pool(hidden, mask, cu, mode, normalize)
+
+
+def _packed(ids, cu, mask, max_len) -> PackedBatch:
+    positions = positions_from_cu_seqlens(cu, ids.shape[0])
+    return PackedBatch(ids, cu, positions, mask, max_len, np.arange(cu.shape[0] - 1))
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +78,7 @@ def _check_buckets(model, batches, modes_normalize, tol=1e-5):
         t_b, b_b = runner.bucket(T, B)
         assert t_b >= T and b_b >= B
         for mode, normalize in modes_normalize:
-            got = runner(ids, cu, mask, mode, normalize)
+            got = runner(_packed(ids, cu, mask, max_len), mode, normalize)
             ref = _plain(model, ids, cu, mask, max_len, mode, normalize)
             assert got.shape == ref.shape == (B, model.config.hidden_size)
             err = rel_err(got, ref)
@@ -102,7 +110,7 @@ def test_reusing_a_bucket_with_other_batches(torch_model):
     batches = [[1, 1, 1, 14], [10, 10, 10], [20, 9, 2, 1], [4, 11, 2], [17], [2] * 8]
     for seed, lengths in enumerate(batches):
         ids, cu, mask, max_len = _batch(lengths, 10 + seed)
-        got = runner(ids, cu, mask, "mean")
+        got = runner(_packed(ids, cu, mask, max_len), "mean")
         assert rel_err(got, _plain(torch_model, ids, cu, mask, max_len, "mean", False)) < 1e-5
     assert runner.graphs_captured() == [(16, 8, "mean", False), (32, 1, "mean", False),
                                         (32, 4, "mean", False)]  # fmt: skip
@@ -110,7 +118,7 @@ def test_reusing_a_bucket_with_other_batches(torch_model):
     ids, cu, mask, max_len = _batch([6, 3], 20)
     with torch.inference_mode():  # as the encoder calls it
         buf = torch.full((2, torch_model.config.hidden_size), float("nan"))
-        assert runner(ids, cu, mask, "mean", out=buf) is buf
+        assert runner(_packed(ids, cu, mask, max_len), "mean", out=buf) is buf
     assert rel_err(buf, _plain(torch_model, ids, cu, mask, max_len, "mean", False)) < 1e-5
 
 
@@ -124,7 +132,7 @@ def test_bucket_choice_large_batches_and_warmup(torch_model):
     assert runner.bucket(101, 1) is None and runner.bucket(10, 7) is None
     # Over the largest bucket: the plain eager forward + pool.
     ids, cu, mask, max_len = _batch([60, 50], 3)
-    got = runner(ids, cu, mask, "weighted_mean", max_seqlen=max_len)
+    got = runner(_packed(ids, cu, mask, max_len), "weighted_mean")
     assert runner.calls["eager"] == 1 and not runner.graphs_captured()
     assert rel_err(got, _plain(torch_model, ids, cu, mask, max_len, "weighted_mean", False)) < 1e-6
     # warmup builds every bucket up to the limits, per mode and flag.
@@ -136,7 +144,7 @@ def test_bucket_choice_large_batches_and_warmup(torch_model):
     mistral = hf_and_ours(tiny_config("mistral", sliding_window=48))[1]
     assert BucketedGraphRunner(mistral, capture=False).token_buckets == (16, 32, 48)
     with pytest.raises(ValueError, match="mode"):
-        runner(ids, cu, mask, "max")
+        runner(_packed(ids, cu, mask, max_len), "max")
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU refusal")
@@ -158,15 +166,15 @@ def test_encoder_routes_small_batches_through_the_runner(torch_model):
     n_pool = [10, 1, 3, 50, 38, 2]
     plain = LLM2Vec.from_model(torch_model, max_tokens_per_batch=48)
     graphed = LLM2Vec.from_model(torch_model, max_tokens_per_batch=48)
-    graphed._graphs = BucketedGraphRunner(torch_model, capture=False, max_tokens=32)
-    graphed.cuda_graphs = True
+    graphed.engine._graphs = BucketedGraphRunner(torch_model, capture=False, max_tokens=32)
+    graphed.engine.cuda_graphs = True
     for mode in ("mean", "weighted_mean", "last_token"):
         plain.pooling_mode = graphed.pooling_mode = mode
         for normalize in (False, True):
             a = plain.encode_token_ids(ids, n_pool, normalize_embeddings=normalize)
             b = graphed.encode_token_ids(ids, n_pool, normalize_embeddings=normalize)
             assert rel_err(b, a) < 1e-5, (mode, normalize)
-    calls = graphed._graphs.calls
+    calls = graphed.engine._graphs.calls
     assert calls["padded_eager"] > 0  # batches of <= 32 tokens went through the runner ...
     assert calls["eager"] == 0  # ... and larger ones took the encoder's own eager path
 
@@ -203,9 +211,9 @@ def test_capture_and_replay_equal_eager_on_gpu(mistral_bf16, n_texts):
         ids, cu, max_len = pack(texts, "cuda")
         mask = torch.ones(ids.shape[0], dtype=torch.uint8, device="cuda")
         for mode, normalize in (("mean", False), ("last", True)):
-            got = runner(ids, cu, mask, mode, normalize)
-            same_buckets = padded(ids, cu, mask, mode, normalize)
-            eager = model.pool(model(ids, cu, max_len), mask, cu, max_len, mode, normalize)
+            got = runner(_packed(ids, cu, mask, max_len), mode, normalize)
+            same_buckets = padded(_packed(ids, cu, mask, max_len), mode, normalize)
+            eager = model.pool(model(ids, cu, max_len), mask, cu, mode, normalize)
             assert got.shape == (n_texts, 4096) and torch.isfinite(got).all()
             # The replay is the padded computation, kernel for kernel ...
             assert rel_err(got, same_buckets) < 1e-4, (seed, mode)
@@ -246,4 +254,4 @@ def test_capture_failure_names_the_bucket(mistral_bf16, monkeypatch):
 
     monkeypatch.setattr(model, "pool", syncing_pool)
     with pytest.raises(RuntimeError, match=r"capturing bucket T=16 tokens, B=2 texts"):
-        runner(ids, cu, mask, "mean")
+        runner(_packed(ids, cu, mask, max_len), "mean")

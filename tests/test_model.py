@@ -69,7 +69,7 @@ def compare(hf, ours, texts, device="cpu", hidden_tol=1e-4, cos_min=0.99999):
     err = rel_err(out.float(), ref.float())
     assert err < hidden_tol, f"hidden-state rel error {err:.2e}"
     pool_mask = torch.ones(packed.shape[0], dtype=torch.bool, device=device)
-    ours_pooled = ours.pool(out, pool_mask, cu, max_len, "mean")
+    ours_pooled = ours.pool(out, pool_mask, cu, "mean")
     ref_pooled = reference.masked_pool(ref, pool_mask, "mean", cu)
     cos = F.cosine_similarity(ours_pooled, ref_pooled.to(ours_pooled.device), dim=-1)
     assert cos.min().item() >= cos_min, f"pooled cosine {cos.min().item():.6f}"
@@ -226,8 +226,8 @@ def test_triton_backend_in_interpreter_matches_torch_and_hf():
     packed, cu, max_len = pack(texts)
     mask = torch.rand(packed.shape[0], generator=torch.Generator().manual_seed(0)) < 0.7
     for mode in ("mean", "weighted_mean", "last"):
-        a = ours.pool(out, mask, cu, max_len, mode, normalize=True)
-        b = torch_model.pool(out, mask, cu, max_len, mode, normalize=True)
+        a = ours.pool(out, mask, cu, mode, normalize=True)
+        b = torch_model.pool(out, mask, cu, mode, normalize=True)
         assert rel_err(a, b) < 1e-6
     # The encoder drives the unchecked (sync-free) forward and pooling launchers.
     from l2v_models.encoder import LLM2Vec
@@ -291,7 +291,7 @@ def test_bf16_triton_matches_hf_bf16_on_gpu():
     ours_err, hf_err = rel_err(out.float(), ref), rel_err(hf_bf16.float(), ref)
     assert ours_err <= 3 * hf_err + 1e-3, f"ours {ours_err:.3e} vs HF bf16 {hf_err:.3e}"
     pool_mask = torch.ones(packed.shape[0], dtype=torch.bool, device="cuda")
-    a = ours.pool(out, pool_mask, cu, max_len, "mean")
+    a = ours.pool(out, pool_mask, cu, "mean")
     b = reference.masked_pool(hf_bf16, pool_mask, "mean", cu)
     assert F.cosine_similarity(a, b, dim=-1).min().item() >= 0.999
     # The torch backend on the GPU as well.
