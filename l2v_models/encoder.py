@@ -347,6 +347,12 @@ class LLM2Vec:
     def hidden_size(self) -> int:
         return self.engine.hidden_size
 
+    @property
+    def engine_pool_mode(self) -> str:
+        """The engine's pooling mode for this encoder's pooling_mode ("mean", "weighted_mean" or
+        "last"; eos_token / last_token / bos_token pool one token, picked by the pool spans)."""
+        return _POOL_OP_MODE[self.pooling_mode]
+
     def graph_runner(self):
         """The engine's l2v_models.cuda_graphs.BucketedGraphRunner (see Engine.graph_runner)."""
         return self.engine.graph_runner()
@@ -424,7 +430,7 @@ class LLM2Vec:
             self._place(device)
         out = self.engine.embed(
             self.prepare_texts(pairs),
-            mode=_POOL_OP_MODE[self.pooling_mode],
+            mode=self.engine_pool_mode,
             normalize=normalize_embeddings,
             max_tokens=max_tokens_per_batch,
             max_texts=batch_size,
@@ -459,7 +465,7 @@ class LLM2Vec:
         texts = self.texts_from_token_ids(input_ids, embed_lengths)
         return self.engine.embed(
             texts,
-            mode=_POOL_OP_MODE[self.pooling_mode],
+            mode=self.engine_pool_mode,
             normalize=normalize_embeddings,
             max_tokens=max_tokens_per_batch,
             max_texts=batch_size,
