@@ -21,7 +21,7 @@ if not torch.cuda.is_available():  # CPU smoke run: Triton kernels need the inte
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import Case, compiled, copy_case, kernel_bench_main, on_gpu  # noqa: E402
-from l2v_kernels.activation import _gated_act_fwd  # noqa: E402
+from l2v_kernels.activation import gated_act_fwd  # noqa: E402
 
 # (name, intermediate size) from the models' config.json
 MODELS = [("Mistral-7B", 14336), ("Llama-2-7B", 11008), ("SmolLM2-135M", 1536)]
@@ -29,7 +29,7 @@ MODELS = [("Mistral-7B", 14336), ("Llama-2-7B", 11008), ("SmolLM2-135M", 1536)]
 
 def l2v_gated_act(x, act="silu"):
     out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype, device=x.device)
-    _gated_act_fwd(x, out, act)
+    gated_act_fwd(x, out, act)
     return out
 
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.common import Case, Lazy, kernel_bench_main, on_gpu  # noqa: E402
 from bench.workloads import MODEL_SHAPES, head_dim  # noqa: E402
-from l2v_kernels.attention import _flash_attn_padded_fwd, _flash_attn_varlen_fwd  # noqa: E402
+from l2v_kernels.attention import flash_attn_padded_fwd, flash_attn_varlen_fwd  # noqa: E402
 
 EQUAL_SHAPES = ((256, 64), (64, 128), (32, 512), (8, 2048))
 REAL_MODELS = ("mistral-7b", "llama-2-7b")
@@ -181,7 +181,7 @@ def _group_cases(name, lengths, hq, hkv, d, dtype, device, *, equal, smoke=False
 
     def ours(_):
         a = x()
-        return lambda: _flash_attn_varlen_fwd(a["q"], a["k"], a["v"], a["cu"], a["max"], False,
+        return lambda: flash_attn_varlen_fwd(a["q"], a["k"], a["v"], a["cu"], a["max"], False,
                                               None)
 
     def dense(backend):
@@ -203,7 +203,7 @@ def _group_cases(name, lengths, hq, hkv, d, dtype, device, *, equal, smoke=False
 
         def ours_padded(_):
             a = padded()
-            return lambda: _flash_attn_padded_fwd(a["q"], a["k"], a["v"], a["mask"], False, None)
+            return lambda: flash_attn_padded_fwd(a["q"], a["k"], a["v"], a["mask"], False, None)
 
         def sdpa_masked(p):
             a = padded()

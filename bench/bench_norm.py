@@ -18,7 +18,7 @@ if not torch.cuda.is_available():  # CPU smoke run: Triton kernels need the inte
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench.common import Case, compiled, copy_case, kernel_bench_main, on_gpu  # noqa: E402
-from l2v_kernels.norm import _rms_norm_fwd  # noqa: E402
+from l2v_kernels.norm import rms_norm_fwd  # noqa: E402
 
 EPS = 1e-5
 
@@ -26,7 +26,7 @@ EPS = 1e-5
 def l2v_rms_norm(x, weight, eps, residual=None):
     y = torch.empty_like(x)
     h = torch.empty_like(x) if residual is not None else None
-    _rms_norm_fwd(x, weight, eps, y, residual=residual, h_out=h)
+    rms_norm_fwd(x, weight, eps, y, residual=residual, h_out=h)
     return y if residual is None else (y, h)
 
 

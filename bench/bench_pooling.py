@@ -24,12 +24,12 @@ if not torch.cuda.is_available():  # CPU smoke run: Triton kernels need the inte
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import Case, compiled, copy_case, kernel_bench_main, on_gpu  # noqa: E402
-from l2v_kernels.pooling import _masked_pool_fwd  # noqa: E402
+from l2v_kernels.pooling import masked_pool_fwd  # noqa: E402
 
 
 def l2v_pool(hidden, mask, mode, cu_seqlens, normalize, n_rows):
     out = torch.empty(n_rows, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
-    _masked_pool_fwd(hidden, mask, out, mode, cu_seqlens=cu_seqlens, normalize=normalize)
+    masked_pool_fwd(hidden, mask, out, mode, cu_seqlens=cu_seqlens, normalize=normalize)
     return out
 
 

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():  # CPU smoke run: Triton kernels need the inte
 
 from bench.common import Case, compiled, copy_case, kernel_bench_main, on_gpu  # noqa: E402
 from l2v_kernels import reference  # noqa: E402
-from l2v_kernels.rope import _apply_rotary_fwd  # noqa: E402
+from l2v_kernels.rope import apply_rotary_fwd  # noqa: E402
 
 # (name, query heads, kv heads, head dim, rope theta) from the models' config.json
 MODELS = [
@@ -67,7 +67,7 @@ def cases(smoke: bool) -> list[Case]:
             params = {"model": name, "T": T, "Hq": Hq, "Hkv": Hkv, "D": D, "dtype": str(dtype)[6:]}
             args = (q, k, cos, sin, pos)
             # In place, like the model: values drift over repetitions, which costs nothing.
-            out.append(Case(group, "l2v", lambda a=args: _apply_rotary_fwd(*a, a[0], a[1]),
+            out.append(Case(group, "l2v", lambda a=args: apply_rotary_fwd(*a, a[0], a[1]),
                             bytes=nbytes, params=params))
             out.append(Case(group, "torch", lambda a=args: torch_rope_(*a), bytes=nbytes,
                             params=params))

@@ -1,4 +1,5 @@
-"""Bidirectional (non-causal) flash attention for packed varlen and padded batches.
+"""Bidirectional (or causal) flash attention for packed varlen and padded batches, with optional
+local (sliding-window) attention and attention-logit soft-capping.
 
 Forward only, FlashAttention-2 style: one program owns a block of query rows of one sequence and
 one kv head, keeps the softmax statistics in fp32 registers (online softmax with exp2, log2(e)
@@ -14,12 +15,18 @@ folded into the scale) and walks over the keys of its own sequence only.
 - Padded layout: keys are walked only over [first real key, last real key] of each row;
   padding inside that range (holes) is masked per key block; query blocks outside it just store
   zeros. Padded query rows give 0 and a row with no real key gives 0, never NaN.
+- Local attention, window=(left, right): query i sees key j only when i - left <= j <= i + right.
+  A program walks only the keys that some row of its block can see, [t_first - left,
+  t_last + right], so a text of length T costs O(T * window); blocks that every row sees
+  whole run unmasked, only the window's edge blocks are masked.
+- Soft-capping (Gemma-2): s = (q . k) * scale becomes softcap * tanh(s / softcap) before the mask
+  and the softmax. Both are constexpr-gated: the default path compiles exactly as before.
 - Grid: 1-D, query blocks fastest (the programs that share K/V run together and hit L2), in
   reverse order so that with causal the heaviest (last) blocks of a sequence start first.
   Query blocks past a sequence's end exit at once.
-- `_flash_attn_varlen_fwd` is the unchecked launcher for the model's hot loop: no host sync, no
-  validation, no data-dependent allocation, so it can be captured in a CUDA graph (after one
-  warm-up call, which compiles and autotunes).
+- `flash_attn_varlen_fwd` / `flash_attn_padded_fwd` are the unchecked launchers for the model's
+  hot loop: no host sync, no validation, no data-dependent allocation, so they can be captured in
+  a CUDA graph (after one warm-up call, which compiles and autotunes).
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ from l2v_kernels._checks import (
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 _LOG2E = 1.4426950408889634
+# A window side larger than any text is "unlimited"; clamped so t + right + 1 fits in int32.
+_NO_WINDOW = 1 << 30
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, for sm90 (they also compile for sm80;
@@ -94,13 +103,15 @@ def _attn_loop(
     K, V, KM,
     stride_kt, stride_vt, stride_ml,
     n_start, n_stop, k_end, t_rows, qk_scale,
-    offs_d,
+    offs_d, win_left, win_right, cap_scale,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PADDED: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) over key blocks n_start, n_start+BLOCK_N, ...
     < n_stop. MASKED: the blocks may hold keys >= k_end (and, when causal, keys after a row's
-    token). PADDED: keys whose padding-mask entry is False are skipped."""
+    token; with WINDOW, keys outside a row's window). PADDED: keys whose padding-mask entry is
+    False are skipped. SOFTCAP: qk becomes tanh(qk * cap_scale), qk_scale then holds
+    softcap * log2(e)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(n_start, n_stop, BLOCK_N):
         offs_k = start_n + offs_n
@@ -118,11 +129,21 @@ def _attn_loop(
         else:
             k = tl.load(k_ptrs)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if SOFTCAP:
+            # tanh(z) = sign(z) (1 - e) / (1 + e), e = exp(-2|z|): no overflow, no tanh needed
+            # (core tl has none, the interpreter has no libdevice).
+            z = qk * cap_scale
+            e = tl.math.exp2(tl.abs(z) * (-2.0 * 1.4426950408889634))
+            th = (1.0 - e) / (1.0 + e)
+            qk = tl.where(z < 0.0, -th, th)
         if MASKED or PADDED:
             if CAUSAL and MASKED:
                 allowed = kval[None, :] & (offs_k[None, :] <= t_rows[:, None])
             else:
                 allowed = kval[None, :]
+            if WINDOW and MASKED:
+                allowed = allowed & (offs_k[None, :] >= t_rows[:, None] - win_left)
+                allowed = allowed & (offs_k[None, :] <= t_rows[:, None] + win_right)
             qk = tl.where(allowed, qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
@@ -150,7 +171,7 @@ def _attn_loop(
 def _attn_fwd_kernel(
     Q, K, V, O,
     Cu, KLo, KHi, KM,
-    qk_scale,
+    qk_scale, cap_scale, win_left, win_right,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -158,13 +179,16 @@ def _attn_fwd_kernel(
     stride_mb, stride_ml,
     num_kv_heads, max_rows,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, PADDED: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program = BLOCK_M (token, head) rows of one sequence and one kv head.
 
     Varlen (PADDED=False): sequence b is tokens Cu[b] ... Cu[b+1]-1, max_rows >= its length.
     Padded: sequence b is row b of length max_rows; keys are walked over [KLo[b], KHi[b]) and
     masked by KM[b, :] (nonzero = real token); padded query rows are stored as 0.
+    WINDOW: row t sees keys t - win_left ... t + win_right only (positions in the text / padded
+    row). SOFTCAP: scores are capped (see _attn_loop).
     """
     n_m = tl.cdiv(max_rows * GROUP, BLOCK_M)
     pid = tl.program_id(0)
@@ -226,23 +250,41 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
+    # Keys [k_start, k_end) are seen by some row of the block; keys [full_lo, full_hi) by every
+    # row (those blocks need no causal / window mask).
+    k_start = k_lo
+    k_end = k_hi
+    full_lo = k_lo
+    full_hi = k_hi
     if CAUSAL:
-        k_end = tl.minimum(k_hi, t_last + 1)  # no row of the block sees a key past t_last
-        full_end = tl.minimum(k_hi, t_first + 1)  # every row sees the keys up to t_first
+        k_end = tl.minimum(k_end, t_last + 1)  # no row of the block sees a key past t_last
+        full_hi = tl.minimum(full_hi, t_first + 1)  # every row sees the keys up to t_first
+    if WINDOW:
+        k_start = tl.maximum(k_start, t_first - win_left)
+        k_end = tl.minimum(k_end, t_last + win_right + 1)
+        full_lo = tl.maximum(k_start, t_last - win_left)
+        full_hi = tl.minimum(full_hi, t_first + win_right + 1)
+        # Masked blocks up to the first key every row sees; the last one may reach past it.
+        pre_end = k_start + tl.cdiv(tl.maximum(full_lo - k_start, 0), BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _attn_loop(
+            acc, l_i, m_i, q, k_base, v_base, KM, stride_kt, stride_vt, stride_ml,
+            k_start, tl.minimum(pre_end, k_end), k_end, t_rows, qk_scale, offs_d,
+            win_left, win_right, cap_scale,
+            BLOCK_N, CAUSAL, PADDED, True, DOT_PREC, WINDOW, SOFTCAP,
+        )
     else:
-        k_end = k_hi
-        full_end = k_hi
-    n_full = tl.maximum(full_end - k_lo, 0) // BLOCK_N
-    mid = k_lo + n_full * BLOCK_N
+        pre_end = k_start
+    n_full = tl.maximum(full_hi - pre_end, 0) // BLOCK_N
+    mid = pre_end + n_full * BLOCK_N
     acc, l_i, m_i = _attn_loop(
         acc, l_i, m_i, q, k_base, v_base, KM, stride_kt, stride_vt, stride_ml,
-        k_lo, mid, k_end, t_rows, qk_scale, offs_d,
-        BLOCK_N, CAUSAL, PADDED, False, DOT_PREC,
+        pre_end, mid, k_end, t_rows, qk_scale, offs_d, win_left, win_right, cap_scale,
+        BLOCK_N, CAUSAL, PADDED, False, DOT_PREC, WINDOW, SOFTCAP,
     )
     acc, l_i, m_i = _attn_loop(
         acc, l_i, m_i, q, k_base, v_base, KM, stride_kt, stride_vt, stride_ml,
-        mid, k_end, k_end, t_rows, qk_scale, offs_d,
-        BLOCK_N, CAUSAL, PADDED, True, DOT_PREC,
+        mid, k_end, k_end, t_rows, qk_scale, offs_d, win_left, win_right, cap_scale,
+        BLOCK_N, CAUSAL, PADDED, True, DOT_PREC, WINDOW, SOFTCAP,
     )
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -253,7 +295,18 @@ def _attn_fwd_kernel(
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_in[:, None])
 
 
-def _launch(q, k, v, out, cu, k_lo, k_hi, kmask, *, padded, batch, max_rows, causal, scale):
+def _window_sides(window) -> tuple[int, int]:
+    """(left, right) for the kernel; None (or a None side) = unlimited."""
+    if window is None:
+        return _NO_WINDOW, _NO_WINDOW
+    left, right = window
+    left = _NO_WINDOW if left is None else min(int(left), _NO_WINDOW)
+    right = _NO_WINDOW if right is None else min(int(right), _NO_WINDOW)
+    return left, right
+
+
+def _launch(q, k, v, out, cu, k_lo, k_hi, kmask, *, padded, batch, max_rows, causal, scale,
+            window, softcap):
     """Strides are passed as (batch, token, head); the head dim must have stride 1."""
     hq, d = q.shape[-2], q.shape[-1]
     hkv = k.shape[-2]
@@ -266,25 +319,49 @@ def _launch(q, k, v, out, cu, k_lo, k_hi, kmask, *, padded, batch, max_rows, cau
         return (triton.cdiv(max_rows * group, meta["BLOCK_M"]) * hkv * batch,)
 
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
+    if softcap is not None:  # exp2 argument: softcap * tanh(qk * scale / softcap) * log2(e)
+        cap_scale, qk_scale = scale / float(softcap), float(softcap) * _LOG2E
+    else:
+        cap_scale, qk_scale = 1.0, scale * _LOG2E
+    left, right = _window_sides(window)
     ms = (kmask.stride(0), kmask.stride(1)) if padded else (0, 0)
     _attn_fwd_kernel[grid](
         q, k, v, out,
         cu, k_lo, k_hi, kmask,
-        scale * _LOG2E,
+        qk_scale, cap_scale, left, right,
         *bth(q), *bth(k), *bth(v), *bth(out),
         *ms,
         hkv, max_rows,
         HEAD_DIM=d, GROUP=group, CAUSAL=bool(causal), PADDED=padded,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        WINDOW=(left, right) != (_NO_WINDOW, _NO_WINDOW), SOFTCAP=softcap is not None,
     )
     return out
 
 
-def _flash_attn_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, out=None):
-    """Unchecked launcher for the hot loop: q [T, Hq, D], k/v [T, Hkv, D] (any token/head
-    strides, last-dim stride 1), cu_seqlens int32 [B+1] on the device, max_seqlen an int >= the
-    longest sequence. Writes into `out` ([T, Hq, D], q's dtype) when given. No host sync and no
-    allocation depending on data values: CUDA-graph capturable once compiled and tuned."""
+def flash_attn_varlen_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    *,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Unchecked launcher of flash_attn_varlen for the hot loop (no validation, no host sync, no
+    allocation depending on data values: CUDA-graph capturable once compiled and tuned).
+
+    The caller guarantees what flash_attn_varlen checks: q [T, Hq, D], k/v [T, Hkv, D] of one
+    dtype (fp16/bf16/fp32), Hq % Hkv == 0, D in SUPPORTED_HEAD_DIMS, any token/head strides with
+    stride(-1) == 1; cu_seqlens int32 [B+1] on q's device (0 ... T, non-decreasing); max_seqlen
+    an int >= the longest sequence; softmax_scale > 0 or None (1/sqrt(D)); window None or
+    (left, right) with ints >= 0 (or None = unlimited on that side); softcap None or > 0.
+    Writes into `out` ([T, Hq, D], q's dtype, stride(-1) == 1; allocated when None), returns it.
+    """
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     batch = cu_seqlens.shape[0] - 1
@@ -293,12 +370,30 @@ def _flash_attn_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scal
     return _launch(
         q, k, v, out, cu_seqlens, cu_seqlens, cu_seqlens, cu_seqlens, padded=False,
         batch=batch, max_rows=int(max_seqlen), causal=causal, scale=softmax_scale,
+        window=window, softcap=softcap,
     )
 
 
-def _flash_attn_padded_fwd(q, k, v, key_padding_mask, causal, softmax_scale, out=None):
-    """Unchecked launcher for the padded layout: q [B, L, Hq, D], k/v [B, L, Hkv, D],
-    key_padding_mask bool [B, L]. The per-row key range is found on the device (no sync)."""
+def flash_attn_padded_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    *,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Unchecked launcher of flash_attn_padded (no validation, no host sync: the per-row key
+    range is found on the device).
+
+    The caller guarantees what flash_attn_padded checks: q [B, L, Hq, D], k/v [B, L, Hkv, D]
+    (one dtype, Hq % Hkv == 0, D supported, stride(-1) == 1), key_padding_mask bool [B, L] on
+    the same device; softmax_scale, window and softcap as flash_attn_varlen_fwd. Writes into
+    `out` ([B, L, Hq, D], q's dtype, stride(-1) == 1; allocated when None), returns it.
+    """
     B, L = q.shape[0], q.shape[1]
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -309,8 +404,13 @@ def _flash_attn_padded_fwd(q, k, v, key_padding_mask, causal, softmax_scale, out
     k_hi = torch.where(key_padding_mask, pos + 1, 0).amax(1).to(torch.int32)  # 0 if none
     return _launch(
         q, k, v, out, k_lo, k_lo, k_hi, key_padding_mask.view(torch.uint8), padded=True,
-        batch=B, max_rows=L, causal=causal, scale=softmax_scale,
+        batch=B, max_rows=L, causal=causal, scale=softmax_scale, window=window, softcap=softcap,
     )
+
+
+# TODO(alias): the old private names, until l2v_models/ uses the public ones.
+_flash_attn_varlen_fwd = flash_attn_varlen_fwd
+_flash_attn_padded_fwd = flash_attn_padded_fwd
 
 
 def _check_qkv(op: str, q, k, v, ndim: int, layout: str) -> None:
@@ -348,6 +448,27 @@ def _check_scale(op: str, softmax_scale) -> None:
                          f"got {softmax_scale!r}")
 
 
+def _check_window_softcap(op: str, window, softcap) -> None:
+    if window is not None:
+        ok = isinstance(window, (tuple, list)) and len(window) == 2 and all(
+            side is None
+            or (isinstance(side, numbers.Integral) and not isinstance(side, bool) and side >= 0)
+            for side in window
+        )
+        if not ok:
+            raise ValueError(
+                f"{op}: window must be None or (left, right) with ints >= 0 (None on a side = "
+                f"unlimited), got {window!r}; a sliding window of W tokens without causality "
+                "(Gemma-3 bidirectional) is (W - 1, W - 1)"
+            )
+    if softcap is not None and not (
+        isinstance(softcap, numbers.Real) and not isinstance(softcap, bool)
+        and math.isfinite(softcap) and softcap > 0
+    ):
+        raise ValueError(f"{op}: softcap must be None or a positive finite number, got "
+                         f"{softcap!r}")
+
+
 def flash_attn_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -357,6 +478,8 @@ def flash_attn_varlen(
     *,
     causal: bool = False,
     softmax_scale: float | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Packed attention: q [T, Hq, D], k/v [T, Hkv, D] (Hq % Hkv == 0; D in 64/128/256;
     fp16/bf16, fp32 for testing; any token/head strides with a contiguous last dim, e.g. column
@@ -364,11 +487,20 @@ def flash_attn_varlen(
     sequence. Each token attends to every token of its own sequence (causal: only to earlier
     ones and itself). Returns [T, Hq, D] in q's dtype; softmax_scale (> 0) defaults to
     1/sqrt(D). T = 0 returns an empty tensor.
+
+    window=(left, right): local attention, query i of a text attends to key j of the same text
+    only when i - left <= j <= i + right (ints >= 0; None on a side = unlimited; combined with
+    causal when causal=True). Key blocks outside every row's window are skipped, so a text of
+    length T costs O(T * (left + right)). Gemma-3 made bidirectional (transformers'
+    use_bidirectional_attention=True) allows |i - j| < sliding_window: window=(W - 1, W - 1).
+    softcap (> 0, Gemma-2): scores s = (q . k) * softmax_scale become softcap * tanh(s / softcap)
+    before the mask and the softmax (transformers' Gemma2 order).
     Same definition as l2v_kernels.reference.attention_varlen."""
     op = "flash_attn_varlen"
     _check_qkv(op, q, k, v, 3, "[T, H, D]")
     check_cu_seqlens(op, cu_seqlens, q.shape[0], q.device)
     _check_scale(op, softmax_scale)
+    _check_window_softcap(op, window, softcap)
     integral = isinstance(max_seqlen, numbers.Integral) and not isinstance(max_seqlen, bool)
     if not integral or max_seqlen < 0:
         raise ValueError(f"{op}: max_seqlen must be a non-negative int, got {max_seqlen!r}")
@@ -380,7 +512,8 @@ def flash_attn_varlen(
             raise ValueError(
                 f"{op}: max_seqlen={max_seqlen} is less than the longest sequence ({longest})"
             )
-    return _flash_attn_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+    return flash_attn_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale,
+                                 window=window, softcap=softcap)
 
 
 def flash_attn_padded(
@@ -391,16 +524,21 @@ def flash_attn_padded(
     *,
     causal: bool = False,
     softmax_scale: float | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Padded attention: q [B, L, Hq, D], k/v [B, L, Hkv, D], key_padding_mask bool [B, L]
     (True = real token; any pattern: left/right padding, holes). Padded keys are ignored,
-    outputs at padded query positions are 0, a row with no real key gives 0. Causal is by
-    position in the padded row. Returns [B, L, Hq, D] in q's dtype; softmax_scale (> 0)
-    defaults to 1/sqrt(D). Same definition as l2v_kernels.reference.attention_padded."""
+    outputs at padded query positions are 0, a row with no real key gives 0. Causal and window
+    (as flash_attn_varlen) are by position in the padded row; softcap as flash_attn_varlen.
+    Returns [B, L, Hq, D] in q's dtype; softmax_scale (> 0) defaults to 1/sqrt(D). Same
+    definition as l2v_kernels.reference.attention_padded."""
     op = "flash_attn_padded"
     _check_qkv(op, q, k, v, 4, "[B, L, H, D]")
     check_tensor(op, "key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,),
                  shape=tuple(q.shape[:2]))
     check_triton_device(op, q, key_padding_mask)
     _check_scale(op, softmax_scale)
-    return _flash_attn_padded_fwd(q, k, v, key_padding_mask, causal, softmax_scale)
+    _check_window_softcap(op, window, softcap)
+    return flash_attn_padded_fwd(q, k, v, key_padding_mask, causal, softmax_scale,
+                                 window=window, softcap=softcap)

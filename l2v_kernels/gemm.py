@@ -262,13 +262,34 @@ def gemm_residual(
     return torch.ops.l2v.gemm_residual(x, w, residual, bias)
 
 
-# Unchecked: the caller validated once (CUDA, float16/bfloat16, one dtype and device, contiguous
-# last dims, 16-byte aligned: what gemm_residual(impl="auto") checks on every call) and calls
-# this per layer without Python checks: `_gemm_residual_fwd(x, w, residual, bias)` (residual and
-# bias may be None). The extension's cuBLASLt op when it is loaded, else the cuBLAS torch path.
-_gemm_residual_fwd = (
+# The extension's cuBLASLt op when it is loaded, else the cuBLAS torch path.
+_gemm_residual_unchecked = (
     torch.ops.l2v.gemm_residual if _EXTENSION_ERROR is None else _gemm_residual_torch
 )
+
+
+def gemm_residual_fwd(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Unchecked launcher of gemm_residual (no validation, no host sync: CUDA-graph capturable).
+
+    The caller validated once what gemm_residual(impl="auto") checks on every call: CUDA,
+    float16/bfloat16, one dtype and device, x [M, K], w [N, K], residual [M, N] or None, bias [N]
+    or None, contiguous last dims, 16-byte aligned. Returns x @ w.T (+ bias) (+ residual), fp32
+    accumulate, one rounding: the extension's cuBLASLt op when it is loaded, else cuBLAS
+    (torch.addmm / F.linear). Both allocate their result: with `out` given the result is copied
+    into it (one extra pass over [M, N]; leave out=None on the hot path).
+    """
+    y = _gemm_residual_unchecked(x, w, residual, bias)
+    return y if out is None else out.copy_(y)
+
+
+# TODO(alias): the old private name, until l2v_models/ uses gemm_residual_fwd.
+_gemm_residual_fwd = gemm_residual_fwd
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,13 +443,24 @@ _gemm_swiglu_medium = _swiglu_autotuner(_LARGE_M_CONFIGS)
 _gemm_swiglu_large = _swiglu_autotuner(_LARGE_M_CONFIGS)
 
 
-def _gemm_swiglu_launch(x: torch.Tensor, w_gate_up: torch.Tensor, act: str) -> torch.Tensor:
-    """Unchecked: the caller validated once. x [M, K], w_gate_up [2I, K] (pack_gate_up), one
-    dtype, one device (CUDA, or CPU under TRITON_INTERPRET=1), contiguous last dims, act in
-    ACTIVATIONS. Launches the Triton kernel; returns the new [M, I] output."""
+def gemm_swiglu_fwd(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    act: str = "silu",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Unchecked launcher of the Triton gemm_swiglu kernel (no validation, no host sync:
+    CUDA-graph capturable after one warm-up call per M class has autotuned).
+
+    The caller validated once: x [M, K], w_gate_up [2I, K] (pack_gate_up), one dtype
+    (fp16/bf16/fp32), one device (CUDA, or CPU under TRITON_INTERPRET=1), contiguous last dims,
+    act in ACTIVATIONS; out [M, I] in x's dtype with stride(1) == 1 (allocated when None).
+    Writes act(x @ gate.T) * (x @ up.T) into out and returns it.
+    """
     m, k = x.shape
     i = w_gate_up.shape[0] // 2
-    out = x.new_empty((m, i))
+    if out is None:
+        out = x.new_empty((m, i))
     if m == 0 or i == 0:
         return out
     if k == 0:
@@ -437,9 +469,11 @@ def _gemm_swiglu_launch(x: torch.Tensor, w_gate_up: torch.Tensor, act: str) -> t
     consts = {"ACT": _ACT_CODES[act], "IEEE_FP32": x.dtype == torch.float32}
     wrap = getattr(torch.library, "wrap_triton", lambda kernel: kernel)  # torch < 2.6: plain
     if interpreting():
+        # Not wrapped: under the interpreter the op is an opaque custom_op, and torch 2.11's
+        # wrap_triton refuses the interpreter's kernel objects (it wants a JITFunction).
         cfg = _INTERPRETER_CONFIG
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(i, cfg["BLOCK_N"]),)
-        wrap(_gemm_swiglu_kernel)[grid](*args, **consts, **cfg, M_CLASS=0)
+        _gemm_swiglu_kernel[grid](*args, **consts, **cfg, M_CLASS=0)
         return out
     if m <= _SMALL_M:
         kernel, m_class = _gemm_swiglu_small, 0
@@ -455,8 +489,14 @@ def _gemm_swiglu_launch(x: torch.Tensor, w_gate_up: torch.Tensor, act: str) -> t
     return out
 
 
+# TODO(alias): the old private name, until l2v_models/ uses gemm_swiglu_fwd.
+_gemm_swiglu_launch = gemm_swiglu_fwd
+
+
 def _gemm_swiglu_impl(x: torch.Tensor, w_gate_up: torch.Tensor, act: str) -> torch.Tensor:
-    return _gemm_swiglu_launch(x, w_gate_up, act)
+    """The body of the registered op torch.ops.l2v.gemm_swiglu (its schema is inferred from this
+    signature, so it takes no `out`): a new [M, I] tensor."""
+    return gemm_swiglu_fwd(x, w_gate_up, act)
 
 
 def _fake_gemm_swiglu(x, w_gate_up, act):

@@ -173,22 +173,29 @@ def _launch_config(n_rows: int, D: int, normalize: bool, device: torch.device):
     return (n_rows, triton.cdiv(D, block_d)), block_t, block_d, 4
 
 
-def _masked_pool_fwd(
+def masked_pool_fwd(
     hidden: torch.Tensor,
     mask: torch.Tensor,
-    out: torch.Tensor,
+    out: torch.Tensor | None = None,
     mode: str = "mean",
     cu_seqlens: torch.Tensor | None = None,
     normalize: bool = False,
-) -> None:
-    """Unchecked launcher: writes fp32 out [B, D] (stride(1) == 1).
+) -> torch.Tensor:
+    """Unchecked launcher of masked_pool (no validation, no host sync: CUDA-graph capturable).
 
-    Padded: hidden [B, L, D], mask [B, L]. Packed: hidden [T, D], mask [T], cu_seqlens int32
-    [B+1]. hidden's last dim must be contiguous; mask: bool/int8/uint8, any strides.
+    The caller guarantees what masked_pool checks: padded hidden [B, L, D] with mask [B, L], or
+    packed hidden [T, D] with mask [T] and cu_seqlens int32 [B+1] (0 ... T, non-decreasing) on
+    the same device (CUDA, or CPU under TRITON_INTERPRET=1); hidden fp16/bf16/fp32 with a
+    contiguous last dim; mask bool/int8/uint8, any strides; mode one of "mean",
+    "weighted_mean", "last". Writes fp32 out [B, D] (stride(1) == 1; allocated when None) and
+    returns it.
     """
+    if out is None:
+        n_out = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else hidden.shape[0]
+        out = torch.empty((n_out, hidden.shape[-1]), dtype=torch.float32, device=hidden.device)
     n_rows, D = out.shape
     if n_rows == 0 or D == 0:
-        return
+        return out
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)  # same bytes; nonzero = True
     packed = cu_seqlens is not None
@@ -219,6 +226,11 @@ def _masked_pool_fwd(
         BLOCK_D=block_d,
         num_warps=num_warps,
     )
+    return out
+
+
+# TODO(alias): the old private name, until l2v_models/ uses masked_pool_fwd.
+_masked_pool_fwd = masked_pool_fwd
 
 
 def masked_pool(
@@ -267,5 +279,4 @@ def masked_pool(
     check_triton_device(op, hidden, mask, cu_seqlens)
 
     out = torch.empty((B, D), dtype=torch.float32, device=hidden.device)
-    _masked_pool_fwd(hidden, mask, out, mode, cu_seqlens=cu_seqlens, normalize=normalize)
-    return out
+    return masked_pool_fwd(hidden, mask, out, mode, cu_seqlens=cu_seqlens, normalize=normalize)

@@ -19,6 +19,29 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.double() if x.dtype == torch.float64 else x.float()
 
 
+def _window_allowed(n_q: int, n_k: int, window, device) -> torch.Tensor:
+    """bool [n_q, n_k]: key j is inside query i's window, i - left <= j <= i + right (a side that
+    is None is unlimited). Positions are indices in the text (varlen) or padded row (padded)."""
+    i = torch.arange(n_q, device=device)[:, None]
+    j = torch.arange(n_k, device=device)[None, :]
+    left, right = window
+    keep = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+    if left is not None:
+        keep &= j >= i - left
+    if right is not None:
+        keep &= j <= i + right
+    return keep
+
+
+def _scores(qs: torch.Tensor, ks: torch.Tensor, scale: float, softcap: float | None):
+    """(q . k) * scale, then softcap * tanh(s / softcap) when softcap is given (Gemma-2 order:
+    scale, then cap, then the mask)."""
+    scores = (qs @ ks.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    return scores
+
+
 def attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -26,11 +49,17 @@ def attention_varlen(
     cu_seqlens: torch.Tensor,
     causal: bool = False,
     softmax_scale: float | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Packed attention. q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int [B+1] -> [T, Hq, D].
 
     Every token attends to every token of its own sequence (only to earlier ones and itself when
     causal). GQA: query head h reads kv head h // (Hq // Hkv).
+    window=(left, right): query i of a text sees key j of the same text only when
+    i - left <= j <= i + right (combined with causal; None on a side = unlimited).
+    softcap: scores s = (q . k) * scale become softcap * tanh(s / softcap) before the mask and
+    the softmax.
     """
     T, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -40,14 +69,17 @@ def attention_varlen(
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end == start:
             continue
+        n = end - start
         qs = _wide(q[start:end]).transpose(0, 1)  # [Hq, n, D]
         ks = _wide(k[start:end]).transpose(0, 1).repeat_interleave(Hq // Hkv, dim=0)
         vs = _wide(v[start:end]).transpose(0, 1).repeat_interleave(Hq // Hkv, dim=0)
-        scores = (qs @ ks.transpose(1, 2)) * scale
+        scores = _scores(qs, ks, scale, softcap)
+        keep = torch.ones(n, n, dtype=torch.bool, device=q.device)
         if causal:
-            n = end - start
-            keep = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-            scores = scores.masked_fill(~keep, float("-inf"))
+            keep &= keep.tril()
+        if window is not None:
+            keep &= _window_allowed(n, n, window, q.device)
+        scores = scores.masked_fill(~keep, float("-inf"))
         out[start:end] = (scores.softmax(-1) @ vs).transpose(0, 1).to(q.dtype)
     return out
 
@@ -59,13 +91,16 @@ def attention_padded(
     key_padding_mask: torch.Tensor,
     causal: bool = False,
     softmax_scale: float | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Padded attention. q [B, L, Hq, D], k/v [B, L, Hkv, D], key_padding_mask bool [B, L]
     (True = real token) -> [B, L, Hq, D].
 
     Padded keys are ignored; outputs at padded query positions are 0; a query with no real key
-    (only possible with causal and leading padding) gives 0. Causal is by position in the padded
-    row: query i sees keys j <= i.
+    (causal with leading padding, or a window holding only padding) gives 0. Causal and window
+    are by position in the padded row: query i sees keys j <= i (causal) and
+    i - left <= j <= i + right (window). softcap as in attention_varlen.
     """
     B, L, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -73,10 +108,12 @@ def attention_padded(
     qs = _wide(q).transpose(1, 2)  # [B, Hq, L, D]
     ks = _wide(k).transpose(1, 2).repeat_interleave(Hq // Hkv, dim=1)
     vs = _wide(v).transpose(1, 2).repeat_interleave(Hq // Hkv, dim=1)
-    scores = (qs @ ks.transpose(-1, -2)) * scale  # [B, Hq, L, L]
+    scores = _scores(qs, ks, scale, softcap)  # [B, Hq, L, L]
     allowed = key_padding_mask[:, None, None, :].expand(B, 1, L, L)
     if causal:
         allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    if window is not None:
+        allowed = allowed & _window_allowed(L, L, window, q.device)
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = scores.softmax(-1).nan_to_num(0.0)  # rows with no allowed key -> 0
     out = (probs @ vs).transpose(1, 2)  # [B, L, Hq, D]
@@ -146,6 +183,26 @@ def rms_norm(
     return y if residual is None else (y, h)
 
 
+def norm_add_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight_a: torch.Tensor,
+    weight_b: torch.Tensor,
+    eps: float,
+    weight_offset: float = 0.0,
+):
+    """Gemma-2/3 sandwich step: h = residual + rmsnorm_a(x); y = rmsnorm_b(h) -> (y, h).
+
+    Rounding as Hugging Face's Gemma2/Gemma3 decoder layer: rmsnorm_a(x) is rounded to x's dtype
+    (the norm module's output), the add is done on those rounded values and rounded to x's dtype
+    (h, the residual stream), and rmsnorm_b normalizes that rounded h. Each norm is
+    rms_norm(., weight, eps, weight_offset=weight_offset) (1.0 for Gemma's (1 + w)).
+    """
+    a = rms_norm(x, weight_a, eps, weight_offset=weight_offset)
+    h = (_wide(residual) + _wide(a)).to(x.dtype)
+    return rms_norm(h, weight_b, eps, weight_offset=weight_offset), h
+
+
 def rope_cos_sin(
     inv_freq: torch.Tensor, max_position: int, attention_scaling: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +233,22 @@ def apply_rotary(
     xw = _wide(x)
     x1, x2 = xw[..., :half], xw[..., half:]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+def norm_rotary(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor,
+    weight_offset: float = 0.0,
+) -> torch.Tensor:
+    """Per-head RMSNorm over the head dim, then rotate-half RoPE (Gemma-3's q_norm / k_norm
+    before RoPE). x [T, H, D], weight [D]. The normalized head is rounded to x's dtype (as the
+    norm module returns it) before the rotation; returned in x's dtype."""
+    return apply_rotary(rms_norm(x, weight, eps, weight_offset=weight_offset), cos, sin,
+                        position_ids)
 
 
 def gated_act(x: torch.Tensor, act: str = "silu") -> torch.Tensor:

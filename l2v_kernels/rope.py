@@ -6,6 +6,12 @@ block of tokens for a block of heads; the grid's second axis walks the q heads, 
 so one launch covers both. cos/sin rows are gathered by position id (positions restart at 0 for
 each packed text). inplace=True writes back into q and k: the model's hot path, one read and one
 write of q and k.
+
+Gemma-3's per-head q/k RMSNorm (q_norm / k_norm over the head dim, with (1 + w)) is an option of
+the same kernel: each head is normalized, rounded to the activation dtype (as the norm module
+returns it), then rotated, still one read and one write of q and k. (rms_norm on the strided
+q/k slices of the fused QKV buffer cannot do this in place: [T, H, D] with a row stride that is
+not H * D has no [T * H, D] view with one row stride.)
 """
 
 from __future__ import annotations
@@ -32,15 +38,29 @@ def _rotate_heads(
     cos,
     sin,
     HALF,
+    norm_w_ptr,
+    eps,
+    weight_offset,
+    NORM: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
-    """Rotate x[tokens, heads, :] into out (tiles [BLOCK_T, BLOCK_H, BLOCK_HALF])."""
+    """Rotate x[tokens, heads, :] into out (tiles [BLOCK_T, BLOCK_H, BLOCK_HALF]); with NORM,
+    RMS-normalize each head first (weight norm_w [2 * HALF]) and round it to the dtype."""
     j = tl.arange(0, BLOCK_HALF)
     ok = (token_ok[:, None, None] & (heads < n_heads)[None, :, None]) & (j < HALF)[None, None, :]
     x1_ptrs = x_ptr + tokens64[:, None, None] * stride_xt + heads[None, :, None] * stride_xh
     x1_ptrs = x1_ptrs + j[None, None, :]
     x1 = tl.load(x1_ptrs, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(x1_ptrs + HALF, mask=ok, other=0.0).to(tl.float32)
+    if NORM:
+        mean_square = (tl.sum(x1 * x1, axis=2) + tl.sum(x2 * x2, axis=2)) / (2 * HALF)
+        rstd = tl.rsqrt(mean_square + eps)[:, :, None]
+        w1 = tl.load(norm_w_ptr + j, mask=j < HALF, other=0.0).to(tl.float32) + weight_offset
+        w2 = tl.load(norm_w_ptr + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)
+        w2 = w2 + weight_offset
+        dt = out_ptr.dtype.element_ty
+        x1 = ((x1 * rstd) * w1[None, None, :]).to(dt).to(tl.float32)
+        x2 = ((x2 * rstd) * w2[None, None, :]).to(dt).to(tl.float32)
     c = cos[:, None, :]
     s = sin[:, None, :]
     o1 = x1 * c - x2 * s
@@ -74,6 +94,11 @@ def _rope_kernel(
     stride_koh,
     stride_cos,
     stride_sin,
+    q_norm_ptr,
+    k_norm_ptr,
+    eps,
+    weight_offset,
+    NORM: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
@@ -93,11 +118,13 @@ def _rope_kernel(
     if head_block < n_q_blocks:
         heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
         _rotate_heads(q_ptr, q_out_ptr, tokens64, token_ok, heads, Hq, stride_qt, stride_qh,
-                      stride_qot, stride_qoh, cos, sin, HALF, BLOCK_HALF)
+                      stride_qot, stride_qoh, cos, sin, HALF, q_norm_ptr, eps, weight_offset,
+                      NORM, BLOCK_HALF)
     else:
         heads = (head_block - n_q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
         _rotate_heads(k_ptr, k_out_ptr, tokens64, token_ok, heads, Hkv, stride_kt, stride_kh,
-                      stride_kot, stride_koh, cos, sin, HALF, BLOCK_HALF)
+                      stride_kot, stride_koh, cos, sin, HALF, k_norm_ptr, eps, weight_offset,
+                      NORM, BLOCK_HALF)
 
 
 def _launch_config(Hq: int, Hkv: int, half: int) -> tuple[int, int, int, int]:
@@ -108,21 +135,38 @@ def _launch_config(Hq: int, Hkv: int, half: int) -> tuple[int, int, int, int]:
     return block_t, block_h, block_half, 4
 
 
-def _apply_rotary_fwd(
+def apply_rotary_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     position_ids: torch.Tensor,
-    q_out: torch.Tensor,
-    k_out: torch.Tensor,
-) -> None:
-    """Unchecked launcher. q/q_out [T, Hq, D], k/k_out [T, Hkv, D] (stride(2) == 1, out may alias
-    the input), cos/sin fp32 [P, D/2] (stride(1) == 1), position_ids int [T] contiguous."""
+    q_out: torch.Tensor | None = None,
+    k_out: torch.Tensor | None = None,
+    *,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    norm_weight_offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unchecked launcher of apply_rotary (no validation, no host sync: CUDA-graph capturable).
+
+    The caller guarantees what apply_rotary checks: q/q_out [T, Hq, D], k/k_out [T, Hkv, D] of
+    one float dtype with stride(2) == 1 (token/head strides free; out may alias the input: pass
+    q, k for in place), D even, cos/sin fp32 [P, D/2] with stride(1) == 1, position_ids int32/64
+    [T] contiguous with values in [0, P), one device. q_out / k_out are allocated (contiguous)
+    when None. With q_norm_weight and k_norm_weight ([D] each, contiguous, both or neither),
+    each head is RMS-normalized first (Gemma-3 q_norm / k_norm). Returns (q_out, k_out).
+    """
     T, Hq, D = q.shape
     Hkv = k.shape[1]
+    if q_out is None:
+        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if k_out is None:
+        k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if T == 0:
-        return
+        return q_out, k_out
+    norm = q_norm_weight is not None
     half = D // 2
     block_t, block_h, block_half, num_warps = _launch_config(Hq, Hkv, half)
     grid = (triton.cdiv(T, block_t), triton.cdiv(Hq, block_h) + triton.cdiv(Hkv, block_h))
@@ -148,11 +192,21 @@ def _apply_rotary_fwd(
         k_out.stride(1),
         cos.stride(0),
         sin.stride(0),
+        q_norm_weight if norm else cos,
+        k_norm_weight if norm else cos,
+        float(norm_eps),
+        float(norm_weight_offset),
+        NORM=norm,
         BLOCK_T=block_t,
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
         num_warps=num_warps,
     )
+    return q_out, k_out
+
+
+# TODO(alias): the old private name, until l2v_models/ uses apply_rotary_fwd.
+_apply_rotary_fwd = apply_rotary_fwd
 
 
 def apply_rotary(
@@ -163,6 +217,10 @@ def apply_rotary(
     position_ids: torch.Tensor,
     *,
     inplace: bool = False,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    norm_weight_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half RoPE on packed q and k in one launch.
 
@@ -175,6 +233,12 @@ def apply_rotary(
     rounded once to q's dtype.
     Returns (q_out, k_out): new contiguous tensors, or q and k themselves when inplace=True.
     Matches l2v_kernels.reference.apply_rotary applied to q and to k.
+
+    Gemma-3 q_norm / k_norm: with q_norm_weight and k_norm_weight ([D] each, any float dtype;
+    both or neither), each head is first RMS-normalized over D,
+    x / sqrt(mean(x**2) + norm_eps) * (norm_weight_offset + w) with fp32 statistics
+    (norm_weight_offset=1.0 for Gemma's (1 + w)), rounded to q's dtype as the norm module returns
+    it, then rotated: l2v_kernels.reference.norm_rotary. Still one read and one write of q, k.
     """
     op = "apply_rotary"
     check_tensor(op, "q", q, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
@@ -197,7 +261,21 @@ def apply_rotary(
     check_tensor(
         op, "position_ids", position_ids, ndim=1, shape=(T,), dtypes=(torch.int32, torch.int64)
     )
-    check_triton_device(op, q, k, cos, sin, position_ids)
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError(f"{op}: pass both q_norm_weight and k_norm_weight, or neither")
+    if q_norm_weight is not None:
+        for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+            check_tensor(op, name, w, ndim=1, shape=(D,), dtypes=FLOAT_DTYPES, contiguous=True)
+        if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not (
+            norm_eps >= 0
+        ):
+            raise ValueError(f"{op}: norm_eps must be a float >= 0, got {norm_eps!r}")
+        if isinstance(norm_weight_offset, bool) or not isinstance(norm_weight_offset,
+                                                                  (int, float)):
+            raise TypeError(
+                f"{op}: norm_weight_offset must be a float, got {norm_weight_offset!r}"
+            )
+    check_triton_device(op, q, k, cos, sin, position_ids, q_norm_weight, k_norm_weight)
     if T > 0 and sync_allowed():
         lo, hi = int(position_ids.min()), int(position_ids.max())
         if lo < 0 or hi >= cos.shape[0]:
@@ -210,5 +288,8 @@ def apply_rotary(
     else:
         q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    _apply_rotary_fwd(q, k, cos, sin, position_ids.contiguous(), q_out, k_out)
-    return q_out, k_out
+    return apply_rotary_fwd(
+        q, k, cos, sin, position_ids.contiguous(), q_out, k_out,
+        q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
+        norm_weight_offset=norm_weight_offset,
+    )

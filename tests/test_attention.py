@@ -21,10 +21,10 @@ from helpers import REL_TOL, assert_close_rel, poison, rel_err
 
 from l2v_kernels import reference
 from l2v_kernels.attention import (
-    _flash_attn_padded_fwd,
-    _flash_attn_varlen_fwd,
     flash_attn_padded,
+    flash_attn_padded_fwd,
     flash_attn_varlen,
+    flash_attn_varlen_fwd,
 )
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,7 +125,7 @@ def test_varlen_launcher_writes_every_output_element():
     q, k, v, cu = _varlen_inputs(lengths, 9, 3, 64, torch.float16, seed=5)
     buf = poison(torch.empty(q.shape[0], 2, 9, 64, dtype=q.dtype, device=DEV))
     out = buf[:, 1]
-    ret = _flash_attn_varlen_fwd(q, k, v, cu, max(lengths), False, None, out=out)
+    ret = flash_attn_varlen_fwd(q, k, v, cu, max(lengths), False, None, out=out)
     assert ret.data_ptr() == out.data_ptr()
     assert torch.isnan(buf[:, 0]).all()  # nothing written outside `out`
     assert_close_rel(out, _ref_varlen(q, k, v, cu), REL_TOL[torch.float16])
@@ -214,7 +214,7 @@ def test_padded_strided_views_and_poisoned_out():
     mask[1, 20:] = False
     mask[2, 30] = False
     out = poison(torch.empty(b, l, hq, d, dtype=torch.float16, device=DEV))
-    _flash_attn_padded_fwd(q, k, v, mask, False, None, out=out)
+    flash_attn_padded_fwd(q, k, v, mask, False, None, out=out)
     assert (out[~mask] == 0).all()
     assert_close_rel(out, _ref_padded(q, k, v, mask), REL_TOL[torch.float16])
 
@@ -369,11 +369,11 @@ def test_gpu_cuda_graph_replay():
     q, k, v, cu = _varlen_inputs(lengths, 32, 8, 128, torch.bfloat16, seed=8)
     maxlen = 512
     out = torch.empty_like(q)
-    _flash_attn_varlen_fwd(q, k, v, cu, maxlen, False, None, out=out)  # compile + tune
+    flash_attn_varlen_fwd(q, k, v, cu, maxlen, False, None, out=out)  # compile + tune
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        _flash_attn_varlen_fwd(q, k, v, cu, maxlen, False, None, out=out)
+        flash_attn_varlen_fwd(q, k, v, cu, maxlen, False, None, out=out)
     q.copy_(_randn(*q.shape, dtype=q.dtype, seed=9))  # new inputs in the captured buffers
     out.fill_(float("nan"))
     graph.replay()
