@@ -1,11 +1,14 @@
 """Build script: compiles csrc/ into l2v_kernels._C when it can, else installs pure Python.
 
 The extension is built when torch is a CUDA build (torch.version.cuda) and a CUDA toolkit with
-nvcc is found (CUDA_HOME, CUDA_PATH or /usr/local/cuda); no GPU is needed to build it. Otherwise
-the package installs without it (the Python fallbacks are used) and ONE line says why.
+nvcc is found (CUDA_HOME, CUDA_PATH, /usr/local/cuda, else the nvcc on PATH); no GPU is needed to
+build it. Otherwise the package installs without it (the Python fallbacks are used) and ONE line
+says why.
 
 Environment:
   L2V_SKIP_CUDA_BUILD=1   skip the extension
+  L2V_REQUIRE_EXTENSION=1 a reason to skip the extension is an error instead (exit status 1):
+                          bench/gpu_check.sh sets it, so a GPU run never measures the fallbacks
   L2V_CUDA_ARCHS          target architectures, default "90a;80" ("90a" -> sm_90a; "80+PTX"
                           also embeds compute_80 PTX)
   MAX_JOBS                parallel compile jobs (read by torch's BuildExtension)
@@ -23,6 +26,7 @@ import glob
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -34,9 +38,16 @@ def _say(message: str) -> None:
 
 
 def _find_cuda_home() -> str | None:
+    """The toolkit folder (the one holding bin/nvcc): CUDA_HOME, CUDA_PATH, /usr/local/cuda, then
+    the nvcc found on PATH (its folder's parent, symbolic links resolved)."""
     for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if candidate and os.path.isfile(os.path.join(candidate, "bin", "nvcc")):
             return candidate
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            return home
     return None
 
 
@@ -101,8 +112,8 @@ def _extension_or_reason():
         return None, f"torch {torch.__version__} is not a CUDA build: installing pure Python"
     cuda_home = _find_cuda_home()
     if cuda_home is None:
-        return None, ("no CUDA toolkit found (set CUDA_HOME to a folder with bin/nvcc): "
-                      "installing pure Python")
+        return None, ("no CUDA toolkit found (CUDA_HOME, CUDA_PATH, /usr/local/cuda, nvcc on "
+                      "PATH; set CUDA_HOME to a folder with bin/nvcc): installing pure Python")
     nvcc_major = _nvcc_major(cuda_home)
     torch_major = torch.version.cuda.split(".")[0]
     if nvcc_major != torch_major:
@@ -147,6 +158,9 @@ def _extension_or_reason():
 def main() -> None:
     build, reason = _extension_or_reason()
     if build is None:
+        if os.environ.get("L2V_REQUIRE_EXTENSION", "0") == "1":
+            _say(f"L2V_REQUIRE_EXTENSION=1 and the extension cannot be built: {reason}")
+            raise SystemExit(1)
         _say(reason)
         setup()
         return

@@ -19,6 +19,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+if interpreting():
+    # Older Triton interpreters (<= 3.6) fail on loop bounds with numpy >= 2.4: see the module.
+    from l2v_kernels import _interp_compat
+
+    _interp_compat.install()
+
+
 def check_triton_device(op: str, *tensors: torch.Tensor) -> None:
     """Triton kernels need CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
     for t in tensors:
