@@ -1,0 +1,153 @@
+"""`l2v eval`: score a model on real human-labelled data, next to reference encoders.
+
+    l2v eval                                        # the default model vs TF-IDF and MiniLM
+    l2v eval --peft ADAPTER                         # a trained adapter vs the untrained default,
+                                                    # TF-IDF and MiniLM, one table
+    l2v eval --tasks lee --references none --output lee.json
+    l2v eval --list                                 # the tasks, their data and licences
+
+Imports argparse only; everything heavy is imported inside the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+REFERENCES = ("tfidf", "minilm", "default")
+DEFAULT_REFERENCES = "tfidf,minilm,default"
+DEFAULT_TASKS = "lee,wordnet,simlex,wordsim"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval",
+        help="score a model on human-labelled data, with reference rows",
+        description="Score an LLM2Vec model on real human-labelled data (the Lee news "
+        "similarity judgements, WordNet definition->example retrieval over held-out synsets, "
+        "SimLex-999, WordSim-353) next to reference encoders (TF-IDF, all-MiniLM-L6-v2, the "
+        "untrained default model). Prints a table of metrics with 95%% bootstrap intervals and "
+        "the model-minus-reference differences; --output writes JSON.",
+    )
+    p.add_argument("--model", "-m", default=None,
+                   help="base model: HF dir or hub id, LLM2Vec -mntp dir, .gguf file "
+                   "(default: the embedded SmolLM2)")  # fmt: skip
+    p.add_argument("--peft", default=None, help="LoRA adapter dir (e.g. from `l2v train`)")
+    p.add_argument("--name", default=None, help="the model's name in the table")
+    p.add_argument("--tasks", default=DEFAULT_TASKS,
+                   help=f"comma-separated tasks, or all (default: {DEFAULT_TASKS})")  # fmt: skip
+    p.add_argument("--references", default=DEFAULT_REFERENCES,
+                   help="comma-separated reference rows from tfidf, minilm, default (the "
+                   "untrained embedded SmolLM2), or none (default: all three; default is "
+                   "dropped when the model is the default)")  # fmt: skip
+    p.add_argument("--output", "-o", metavar="FILE.json", help="write the rows as JSON")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="quick run: only the first N items of each task (Lee: documents)")  # fmt: skip
+    p.add_argument("--instructions", action="store_true",
+                   help="give the l2v models each task's llm2vec-style instruction")  # fmt: skip
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples for the intervals (default: 1000)")  # fmt: skip
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the reference rows (MiniLM and the default model are cached "
+                   "under l2v's cache dir)")  # fmt: skip
+    p.add_argument("--pooling", default=None,
+                   choices=("mean", "weighted_mean", "eos_token", "last_token", "bos_token"),
+                   help="pooling mode of the model (default: llm2vec_config.json, else mean)")  # fmt: skip
+    p.add_argument("--max-length", type=int, default=None, help="token limit per text")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16, float16 or auto (default: bf16 on CUDA, fp32 on CPU)")  # fmt: skip
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
+                   help="kernels: triton (CUDA) or torch (default: auto)")  # fmt: skip
+    p.add_argument("--batch-tokens", type=int, default=None, metavar="N",
+                   help="real tokens per forward pass (default: 16384 on CUDA, 4096 on CPU)")  # fmt: skip
+    p.add_argument("--list", action="store_true", help="list the tasks, their data and licences")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def _split(value: str, allowed, what: str) -> list[str]:
+    from l2v_models.cli import UsageError
+
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if names == ["none"] and what == "reference":
+        return []
+    if names == ["all"] and what == "task":
+        return list(allowed)
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise UsageError(f"unknown {what} {','.join(unknown) or repr(value)}; choose from "
+                         f"{', '.join(allowed)}" + (" or none" if what == "reference" else
+                                                    " or all"))  # fmt: skip
+    return list(dict.fromkeys(names))
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from l2v_models.cli import UsageError, _check_gguf_support
+    from l2v_models.eval import encoders as enc
+    from l2v_models.eval import runner
+    from l2v_models.eval.tasks import TASKS, get_task
+    from l2v_models.eval.wordnet import DataMissing
+
+    if args.list:
+        for name, cls in TASKS.items():
+            print(f"{name}: {cls.description}\n    data: {cls.source}\n    licence: {cls.licence}")
+        return 0
+    task_names = _split(args.tasks, tuple(TASKS), "task")
+    ref_names = _split(args.references, REFERENCES, "reference")
+    for name, value in (("--limit", args.limit), ("--bootstrap", args.bootstrap)):
+        if value is not None and value < (2 if name == "--limit" else 1):
+            raise UsageError(f"{name} must be a positive integer (--limit at least 2), got {value}")
+    output = Path(args.output) if args.output else None
+    if output is not None and not output.parent.exists():
+        raise UsageError(f"output directory {output.parent} does not exist")
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    tasks = []
+    for name in task_names:  # data first: a missing install fails before any model loads
+        try:
+            tasks.append(get_task(name).load(limit=args.limit))
+        except DataMissing as e:
+            raise UsageError(f"task {name}: {e}") from None
+    common = dict(torch_dtype=args.dtype, device_map=args.device, backend=args.backend,
+                  batch_tokens=args.batch_tokens)  # fmt: skip
+    model = enc.L2VEncoder(
+        args.name or _model_name(args), args.model, args.peft, pooling_mode=args.pooling,
+        max_length=args.max_length, **common,
+    )  # fmt: skip
+    _check_gguf_support(args.model)
+    encoders = [model]
+    for name in ref_names:
+        if name == "tfidf":
+            encoders.append(enc.TfidfEncoder())
+        elif name == "minilm":
+            encoders.append(enc.MiniLMEncoder(device=args.device))
+        elif name == "default" and not model.is_default():
+            encoders.append(enc.L2VEncoder("default (untrained)", **common))
+    if len({e.name for e in encoders}) != len(encoders):
+        raise UsageError(f"--name {args.name!r} collides with a reference row's name")
+    from l2v_models.loading import cache_dir
+
+    cache = None if args.no_cache else cache_dir() / "eval"
+    try:
+        report = runner.evaluate(encoders, tasks, instructions=args.instructions,
+                                 n_resamples=args.bootstrap, cache=cache, log=log)  # fmt: skip
+    except DataMissing as e:
+        raise UsageError(str(e)) from None
+    print(runner.format_table(report))
+    if output is not None:
+        runner.write_json(report, output)
+        if log:
+            log(f"[eval] wrote {len(report.rows)} rows to {output}")
+    return 0
+
+
+def _model_name(args) -> str:
+    if args.peft:
+        return f"peft:{args.peft.rstrip('/').split('/')[-1]}"
+    if args.model and args.model.lower() != "smollm2":
+        return args.model.rstrip("/").split("/")[-1]
+    return "default (untrained)"

