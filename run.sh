@@ -13,6 +13,19 @@ VENV=${L2V_VENV:-.venv}
 PY=${PYTHON:-python3}
 
 setup() {
+  # `l2v eval`'s WordNet task reads Debian's wordnet-base data files (checked on every run: cheap).
+  if [ ! -f /usr/share/wordnet/data.noun ] && [ -z "${L2V_WORDNET_DIR:-}" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "[l2v] installing Debian's wordnet-base (WordNet 3.0 data for l2v eval)" >&2
+      { apt-get install -y -q --no-install-recommends wordnet-base >/dev/null 2>&1 ||
+        { apt-get update -q >/dev/null 2>&1 &&
+          apt-get install -y -q --no-install-recommends wordnet-base >/dev/null 2>&1; }; } ||
+        echo "[l2v] warning: apt-get install wordnet-base failed; l2v eval's wordnet task needs it" >&2
+    else
+      echo "[l2v] note: l2v eval's wordnet task needs /usr/share/wordnet: run" \
+        "'sudo apt-get install wordnet-base' (or set L2V_WORDNET_DIR)" >&2
+    fi
+  fi
   if [ ! -x "$VENV/bin/python" ]; then
     echo "[l2v] creating $VENV" >&2
     "$PY" -m venv "$VENV"
