@@ -47,12 +47,14 @@ def _varlen_inputs(lengths, hq, hkv, d, dtype, seed=0):
     return q, k, v, _cu(lengths)
 
 
-def _ref_varlen(q, k, v, cu, causal=False, scale=None):
-    return reference.attention_varlen(q.double(), k.double(), v.double(), cu, causal, scale)
+def _ref_varlen(q, k, v, cu, causal=False, scale=None, window=None, softcap=None):
+    return reference.attention_varlen(q.double(), k.double(), v.double(), cu, causal, scale,
+                                      window, softcap)
 
 
-def _ref_padded(q, k, v, mask, causal=False, scale=None):
-    return reference.attention_padded(q.double(), k.double(), v.double(), mask, causal, scale)
+def _ref_padded(q, k, v, mask, causal=False, scale=None, window=None, softcap=None):
+    return reference.attention_padded(q.double(), k.double(), v.double(), mask, causal, scale,
+                                      window, softcap)
 
 
 def _check_varlen(lengths, hq, hkv, d, dtype, causal, seed=0):
@@ -228,6 +230,132 @@ def test_padded_empty_input():
 
 
 # ------------------------------------------------------------------------------------------
+# local (sliding-window) attention and soft-capping
+# ------------------------------------------------------------------------------------------
+# The interpreter runs one tile config: BLOCK_M = BLOCK_N = 32 ((token, head) rows x keys).
+WINDOW_CASES = [
+    # dtype, lengths, hq, hkv, d, window, causal
+    (torch.float32, [1, 17, 97, 3, 40], 9, 3, 64, (5, 5), False),  # window << BLOCK_N
+    (torch.float16, [1, 17, 97, 3, 40], 9, 3, 64, (31, 31), False),  # BLOCK_N - 1: Gemma-3 W=32
+    (torch.float16, [70, 130], 4, 2, 64, (33, 0), True),  # left > BLOCK_N, causal
+    (torch.float32, [70, 130], 4, 2, 128, (40, 7), True),  # causal: right side irrelevant
+    (torch.float32, [23, 61], 4, 4, 64, (200, 200), False),  # wider than every text
+    (torch.float16, [1, 33, 64], 4, 1, 128, (0, 0), False),  # MQA, each token sees itself only
+    (torch.float32, [100, 9], 6, 2, 64, (None, 3), False),  # one side unlimited
+    (torch.float16, [100, 9], 6, 2, 64, (7, None), False),
+]
+
+
+@pytest.mark.parametrize("dtype,lengths,hq,hkv,d,window,causal", WINDOW_CASES)
+def test_varlen_window(dtype, lengths, hq, hkv, d, window, causal):
+    q, k, v, cu = _varlen_inputs(lengths, hq, hkv, d, dtype, seed=len(lengths) + hq)
+    out = poison(torch.empty_like(q))
+    flash_attn_varlen_fwd(q, k, v, cu, max(lengths), causal, None, window=window, out=out)
+    ref = _ref_varlen(q, k, v, cu, causal, window=window)
+    assert_close_rel(out, ref, REL_TOL[dtype], f"window {window} causal={causal}")
+    assert_close_rel(flash_attn_varlen(q, k, v, cu, max(lengths), causal=causal, window=window),
+                     ref, REL_TOL[dtype], "public")
+    if window[0] is not None and window[0] < max(lengths) - 1:
+        # The window changes the result: this test would catch a kernel that ignores it.
+        assert rel_err(_ref_varlen(q, k, v, cu, causal), ref) > 10 * REL_TOL[dtype]
+
+
+def _count_dots(monkeypatch):
+    """Count tl.dot calls of the interpreted kernels (two per key tile: q.k and p.v)."""
+    from triton.runtime import interpreter
+
+    calls = [0]
+    create_dot = interpreter.interpreter_builder.create_dot
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return create_dot(*args, **kwargs)
+
+    monkeypatch.setattr(interpreter.interpreter_builder, "create_dot", counting)
+    return calls
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="counts tiles in the Triton interpreter")
+@pytest.mark.parametrize("window", [(8, 8), (40, 40), (64, 0)])
+def test_window_skips_key_blocks(monkeypatch, window):
+    """A program walks only the key blocks its rows can see: at most ceil(span / BLOCK_N) + 1
+    tiles per query block (span = the keys some row of the block sees), not all of them."""
+    T, hq, hkv, block = 256, 2, 1, 32
+    q, k, v, cu = _varlen_inputs([T], hq, hkv, 64, torch.float32, seed=1)
+    calls = _count_dots(monkeypatch)
+    out = flash_attn_varlen(q, k, v, cu, T, window=window)
+    assert_close_rel(out, _ref_varlen(q, k, v, cu, window=window), REL_TOL[torch.float32])
+    tiles = calls[0] // 2
+    bound = 0
+    for start_m in range(0, T * hq, block):
+        t_first, t_last = start_m // hq, (start_m + block - 1) // hq
+        span = min(T, t_last + window[1] + 1) - max(0, t_first - window[0])
+        bound += -(-span // block) + 1
+    calls[0] = 0
+    flash_attn_varlen(q, k, v, cu, T)
+    full = calls[0] // 2
+    assert full == (T * hq // block) * (T // block)
+    assert tiles <= bound < full, (tiles, bound, full)
+
+
+@pytest.mark.parametrize(
+    "pattern,dtype,causal,window,softcap",
+    [
+        ("holes", torch.float32, False, (6, 6), None),
+        ("left", torch.float16, True, (10, 0), 5.0),
+        ("mixed", torch.float16, False, (3, 40), None),
+        ("right", torch.float32, False, (33, 33), 2.0),
+    ],
+)
+def test_padded_window_softcap(pattern, dtype, causal, window, softcap):
+    b, l, hq, hkv, d = 4, 45, 4, 2, 64
+    mask = _mask(b, l, pattern, seed=2)
+    q = _randn(b, l, hq, d, dtype=dtype, seed=3) * 2
+    k = _randn(b, l, hkv, d, dtype=dtype, seed=4)
+    v = _randn(b, l, hkv, d, dtype=dtype, seed=5)
+    out = poison(torch.empty_like(q))
+    flash_attn_padded_fwd(q, k, v, mask, causal, None, window=window, softcap=softcap, out=out)
+    assert (out[~mask] == 0).all()
+    ref = _ref_padded(q, k, v, mask, causal, window=window, softcap=softcap)
+    assert_close_rel(out, ref, REL_TOL[dtype], f"padded {pattern} {window} cap={softcap}")
+
+
+SOFTCAP_CASES = [
+    # dtype, lengths, hq, hkv, d, causal, softcap, window, scale
+    (torch.float32, [1, 17, 97, 3, 40], 9, 3, 64, False, 5.0, None, None),
+    (torch.float16, [1, 17, 97, 3, 40], 8, 2, 128, True, 2.0, None, None),
+    (torch.float32, [70, 45], 4, 1, 64, False, 1.5, (20, 20), 0.3),  # + window, custom scale
+    (torch.float16, [130], 4, 4, 256, False, 50.0, (31, 31), None),  # Gemma-2's 50, D 256
+]
+
+
+@pytest.mark.parametrize("dtype,lengths,hq,hkv,d,causal,softcap,window,scale", SOFTCAP_CASES)
+def test_varlen_softcap(dtype, lengths, hq, hkv, d, causal, softcap, window, scale):
+    q, k, v, cu = _varlen_inputs(lengths, hq, hkv, d, dtype, seed=d + hq)
+    q = (q.float() * 3).to(dtype)  # large scores, so the cap bends them
+    out = flash_attn_varlen(q, k, v, cu, max(lengths), causal=causal, softmax_scale=scale,
+                            window=window, softcap=softcap)
+    ref = _ref_varlen(q, k, v, cu, causal, scale, window, softcap)
+    assert_close_rel(out, ref, REL_TOL[dtype], f"softcap {softcap}")
+    if softcap < 10:  # the cap changes the result
+        assert rel_err(_ref_varlen(q, k, v, cu, causal, scale, window), ref) > 10 * REL_TOL[dtype]
+
+
+def test_window_and_softcap_validation():
+    a = _good()
+    for bad in ((1,), (1, 2, 3), (-1, 3), (2.0, 3), (True, 3), 5, "4,4"):
+        with pytest.raises(ValueError, match="window must be None or"):
+            flash_attn_varlen(**a, window=bad)
+    for bad in (0.0, -1.0, float("inf"), float("nan"), "30"):
+        with pytest.raises(ValueError, match="softcap must be None or a positive"):
+            flash_attn_varlen(**a, softcap=bad)
+    q = _randn(2, 6, 4, 64, dtype=torch.float16, seed=0)
+    mask = torch.ones(2, 6, dtype=torch.bool, device=DEV)
+    with pytest.raises(ValueError, match="window must be None or"):
+        flash_attn_padded(q, q[:, :, :2], q[:, :, :2], mask, window=(3, -3))
+
+
+# ------------------------------------------------------------------------------------------
 # validation
 # ------------------------------------------------------------------------------------------
 def _good():
@@ -381,3 +509,71 @@ def test_gpu_cuda_graph_replay():
     expect = flash_attn_varlen(q, k, v, cu, maxlen)
     assert torch.equal(out, expect)
     assert rel_err(out, _ref_varlen(q, k, v, cu)) < REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "lengths,window,causal",
+    [([2048, 700, 4096], (511, 511), False),  # Gemma-3 bidirectional, sliding_window 512
+     ([8192], (511, 511), False),
+     ([3000, 1000], (1023, 0), True),
+     ([300, 5, 2000], (100, 4000), False)],
+)
+def test_gpu_bf16_window(lengths, window, causal):
+    hq, hkv, d, dt = 8, 2, 256, torch.bfloat16  # Gemma-3-like heads
+    q, k, v, cu = _varlen_inputs(lengths, hq, hkv, d, dt, seed=sum(lengths))
+    out = flash_attn_varlen(q, k, v, cu, max(lengths), causal=causal, window=window)
+    ref = _ref_varlen(q, k, v, cu, causal, window=window)
+    err = rel_err(out, ref)
+    assert err < REL_TOL[dt], err
+    if len(lengths) == 1 and not causal:
+        # SDPA with the equivalent boolean band mask, against the same truth.
+        L = lengths[0]
+        i = torch.arange(L, device=DEV)
+        band = (i[None, :] >= i[:, None] - window[0]) & (i[None, :] <= i[:, None] + window[1])
+        from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+        qt, kt, vt = (x.view(1, L, -1, d).transpose(1, 2) for x in (q, k, v))
+        kt, vt = kt.repeat_interleave(hq // hkv, 1), vt.repeat_interleave(hq // hkv, 1)
+        base = sdpa(qt, kt, vt, attn_mask=band).transpose(1, 2).reshape(L, hq, d)
+        assert err <= 2 * rel_err(base, ref) + 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (False, (2047, 2047))])
+def test_gpu_bf16_softcap(causal, window):
+    lengths = _lognormal_lengths(200, seed=11)
+    hq, hkv, d, dt = 16, 8, 256, torch.bfloat16  # Gemma-2-9B heads, softcap 50
+    q, k, v, cu = _varlen_inputs(lengths, hq, hkv, d, dt, seed=12)
+    q = (q.float() * 4).to(dt)
+    scale = 256 ** -0.5
+    out = flash_attn_varlen(q, k, v, cu, max(lengths), causal=causal, softmax_scale=scale,
+                            softcap=50.0, window=window)
+    ref = _ref_varlen(q, k, v, cu, causal, scale, window, 50.0)
+    assert rel_err(out, ref) < REL_TOL[dt]
+
+
+@pytest.mark.gpu
+def test_gpu_window_softcap_cuda_graph_and_padded():
+    lengths = [1500, 37, 600]
+    q, k, v, cu = _varlen_inputs(lengths, 8, 4, 128, torch.bfloat16, seed=13)
+    kw = dict(window=(127, 127), softcap=30.0)
+    out = torch.empty_like(q)
+    flash_attn_varlen_fwd(q, k, v, cu, 1500, False, None, out=out, **kw)  # compile + tune
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        flash_attn_varlen_fwd(q, k, v, cu, 1500, False, None, out=out, **kw)
+    q.copy_(_randn(*q.shape, dtype=q.dtype, seed=14))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = _ref_varlen(q, k, v, cu, window=kw["window"], softcap=kw["softcap"])
+    assert rel_err(out, ref) < REL_TOL[torch.bfloat16]
+    # The padded layout (right-padded rows of the same texts) gives the same rows.
+    b, l = len(lengths), max(lengths)
+    mask = torch.arange(l, device=DEV)[None, :] < torch.tensor(lengths, device=DEV)[:, None]
+    qp, kp, vp = (x.new_zeros(b, l, *x.shape[1:]) for x in (q, k, v))
+    qp[mask], kp[mask], vp[mask] = q, k, v
+    outp = flash_attn_padded(qp, kp, vp, mask, **kw)
+    assert rel_err(outp[mask], ref) < REL_TOL[torch.bfloat16]
