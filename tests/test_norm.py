@@ -1,4 +1,5 @@
-"""rms_norm (fused residual add + RMSNorm) against reference.rms_norm.
+"""rms_norm (fused residual add + RMSNorm) against reference.rms_norm, and norm_add_norm (the
+Gemma-2/3 post-norm step) against reference.norm_add_norm.
 
 CPU: Triton interpreter, fp16/fp32, awkward shapes. GPU: bf16 at model sizes.
 """
@@ -12,7 +13,7 @@ import torch
 from helpers import REL_TOL, poison, rel_err
 
 from l2v_kernels import reference
-from l2v_kernels.norm import MAX_HIDDEN, rms_norm, rms_norm_fwd
+from l2v_kernels.norm import MAX_HIDDEN, norm_add_norm, norm_add_norm_fwd, rms_norm, rms_norm_fwd
 
 EPS = 1e-6
 
@@ -143,6 +144,83 @@ def test_validation_errors(monkeypatch):
     raises(ValueError, "need CUDA tensors", x, w, EPS)
 
 
+# ------------------------------------------------------------------------------------------
+# norm_add_norm: h = residual + rmsnorm_a(x); y = rmsnorm_b(h)
+# ------------------------------------------------------------------------------------------
+def sandwich_inputs(T, D, dtype, seed, device="cpu", weight_dtype=torch.float32):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = (torch.randn(T, D, generator=g, device=device) * 4).to(dtype)  # an o_proj / MLP output
+    residual = torch.randn(T, D, generator=g, device=device).to(dtype)
+    # Gemma stores w with the 1 taken out: small values around 0.
+    w_a = (torch.randn(D, generator=g, device=device) * 0.3).to(weight_dtype)
+    w_b = (torch.randn(D, generator=g, device=device) * 0.3).to(weight_dtype)
+    return x, residual, w_a, w_b
+
+
+def check_sandwich(x, residual, w_a, w_b, weight_offset=1.0):
+    dtype = x.dtype
+    with poisoned_allocations():
+        y, h = norm_add_norm(x, residual, w_a, w_b, EPS, weight_offset=weight_offset)
+    assert y.shape == h.shape == x.shape and y.dtype == h.dtype == dtype
+    assert y.is_contiguous() and h.is_contiguous()
+    # h is the model's rounded sum of the rounded post-norm output and the residual, bit for bit
+    # (the post-norm output taken from rms_norm, the same kernel's statistics).
+    a = rms_norm(x, w_a, EPS, weight_offset=weight_offset)
+    assert torch.equal(h, (a.float() + residual.float()).to(dtype))
+    ref_y, ref_h = reference.norm_add_norm(x, residual, w_a, w_b, EPS, weight_offset)
+    # Against the reference's h only up to the dtype's bound: a post-norm output one ulp apart
+    # (another fp32 summation order) moves h by an ulp.
+    assert rel_err(h, ref_h) < REL_TOL[dtype] / 10, rel_err(h, ref_h)
+    # y normalizes the rounded h: against the fp64 truth of that h.
+    truth = reference.rms_norm(h.double(), w_b.double(), EPS, None, weight_offset)
+    base = reference.rms_norm(h, w_b, EPS, None, weight_offset)
+    assert_accurate(y, truth, base, dtype, "y")
+    assert_accurate(y, ref_y.double(), ref_y, dtype, "y vs reference")
+    # Both norms matter: swapping the weights would be caught.
+    swapped = reference.norm_add_norm(x, residual, w_b, w_a, EPS, weight_offset)[0]
+    assert rel_err(swapped, ref_y) > 10 * REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("T, D", [(1, 64), (17, 96), (37, 640), (3, 2304)])
+def test_norm_add_norm_matches_reference(dtype, T, D):
+    check_sandwich(*sandwich_inputs(T, D, dtype, seed=T + D))
+
+
+def test_norm_add_norm_offsets_strides_and_3d():
+    x, residual, w_a, w_b = sandwich_inputs(20, 96, torch.float16, seed=5,
+                                            weight_dtype=torch.float16)
+    check_sandwich(x, residual, (w_a.float() + 1).half(), (w_b.float() + 1).half(), 0.0)
+    check_sandwich(x.view(4, 5, 96), residual.view(4, 5, 96), w_a, w_b)
+    wide = torch.randn(20, 300, generator=torch.Generator().manual_seed(6)).half()
+    check_sandwich(wide[:, 8:104], wide[:, 200:296], w_a, w_b)  # strided rows
+
+
+def test_norm_add_norm_launcher_in_place():
+    """The unchecked launcher may write h over the residual and y over x."""
+    x, residual, w_a, w_b = sandwich_inputs(19, 640, torch.float16, seed=7)
+    y_ref, h_ref = norm_add_norm(x, residual, w_a, w_b, EPS, weight_offset=1.0)
+    y, h = norm_add_norm_fwd(x, residual, w_a, w_b, EPS, x, residual, weight_offset=1.0)
+    assert y.data_ptr() == x.data_ptr() and h.data_ptr() == residual.data_ptr()
+    assert torch.equal(x, y_ref) and torch.equal(residual, h_ref)
+
+
+def test_norm_add_norm_validation_and_empty():
+    x, residual, w_a, w_b = sandwich_inputs(4, 64, torch.float32, seed=8)
+    with pytest.raises(ValueError, match="weight_b has shape"):
+        norm_add_norm(x, residual, w_a, w_b[:32], EPS)
+    with pytest.raises(ValueError, match="weight_a must be 1-D"):
+        norm_add_norm(x, residual, w_a[None], w_b, EPS)
+    with pytest.raises(ValueError, match="residual has dtype"):
+        norm_add_norm(x, residual.half(), w_a, w_b, EPS)
+    with pytest.raises(ValueError, match="residual has shape"):
+        norm_add_norm(x, residual[:3], w_a, w_b, EPS)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        norm_add_norm(x, residual, w_a, w_b, -1.0)
+    y, h = norm_add_norm(x[:0], residual[:0], w_a, w_b, EPS)
+    assert y.shape == h.shape == (0, 64)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T, D", [(16384, 4096), (4099, 576)])
 def test_gpu_bf16(T, D):
@@ -152,3 +230,10 @@ def test_gpu_bf16(T, D):
     weight = (torch.rand(D, generator=g, device="cuda") + 0.5).bfloat16()
     run_and_check(x, weight, residual, 0.0)
     run_and_check(x, weight, None, 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, D", [(16384, 2304), (4099, 640), (2048, 3584)])
+def test_gpu_bf16_norm_add_norm(T, D):
+    """Gemma-2-2B (2304), Gemma-3-270M (640), Gemma-2-9B (3584) widths in bf16."""
+    check_sandwich(*sandwich_inputs(T, D, torch.bfloat16, seed=T, device="cuda"))
