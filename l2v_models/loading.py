@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from l2v_models.config import ModelConfig
-from l2v_models.llama import Transformer, resolve_backend
+from l2v_models.architectures import GGUF_TOP, spec_for_gguf
+from l2v_models.model import Transformer, layer_shapes, resolve_backend
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,109 @@ _HUB_BIN = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index
             "adapter_model.bin"]  # fmt: skip
 
 
+class CheckpointError(ValueError):
+    """A model file l2v cannot read (truncated, corrupt, unsafe, not the expected format). The
+    message names the file and says what to do; the CLI prints it as one line."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def _reason(e: BaseException) -> str:
+    """An exception's message for embedding in ours: ANSI escapes removed, first line only."""
+    text = _ANSI.sub("", str(e)).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _load_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`; CheckpointError naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_bytes())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(
+            f"{path}: {what} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+            "the file is damaged or truncated: download it again or fix it"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(
+            f"{path}: {what} is not UTF-8 text (byte {e.start}); the file is damaged: download "
+            "it again"
+        ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"{path}: {what} must hold a JSON object, got a {type(data).__name__}; download the "
+            "file again or fix it"
+        )
+    return data
+
+
+def _safe_open(path: Path):
+    """safetensors' lazy (mmapped) reader of one file; CheckpointError naming a bad file."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError (no public base class), OSError
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({_reason(e)}); it is probably truncated "
+            "or corrupt (an interrupted download or copy): download or copy it again"
+        ) from None
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one (small) safetensors file; CheckpointError naming a bad file."""
+    handle = _safe_open(path)
+    try:
+        return {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: cannot read its tensors ({_reason(e)}); the file is corrupt: download or "
+            "copy it again"
+        ) from None
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A torch.save'd state dict of tensors only (weights_only=True: l2v never unpickles code).
+
+    CheckpointError naming the file when it holds anything else (a pickle payload: refused, with
+    advice to convert to safetensors) or is truncated / corrupt."""
+    import pickle
+
+    try:
+        try:  # mmap keeps host memory at the page cache, not a second copy
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be mmapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's text advises weights_only=False: not ours
+        # torch's weights-only unpickler names the Python object it refused ("GLOBAL x.y");
+        # any other unpickling error is a damaged file.
+        found = re.search(r"GLOBAL ([\w.]+)", _ANSI.sub("", str(e)))
+        if found is None:
+            raise CheckpointError(
+                f"{path} is not a readable PyTorch checkpoint (its pickle stream is invalid); it "
+                "is probably truncated or corrupt: download or copy it again (or use safetensors "
+                "weights)"
+            ) from None
+        raise CheckpointError(
+            f"{path}: refused: this .bin file holds Python objects other than tensors (it "
+            f"references {found.group(1)}), and unpickling them could run code, so l2v loads "
+            "tensors only. Use the model's "
+            "safetensors weights instead, or convert this file to safetensors where you trust "
+            "it (transformers: save_pretrained(dir, safe_serialization=True))"
+        ) from None
+    except Exception as e:  # truncated zip, unexpected EOF, garbage
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({_reason(e)}); it is probably "
+            "truncated or corrupt: download or copy it again (or use safetensors weights)"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"{path}: expected a state dict (names -> tensors), got a {type(state).__name__}; "
+            "save the weights with model.save_pretrained(dir)"
+        )
+    return state
+
+
 @dataclass
 class Loaded:
     """What load_model returns; the encoder needs all of it."""
@@ -67,50 +171,30 @@ class Loaded:
 
 # ---------------------------------------------------------------------------- key map
 def hf_key_map(config: ModelConfig) -> dict[str, tuple[str, str | None]]:
-    """Hugging Face *Model* weight name -> (our name, part of the fused weight or None).
+    """Hugging Face *Model* weight name -> (our name, part of the fused weight or None), from the
+    family's spec (l2v_models.architectures).
 
-    HF names are those of LlamaModel / MistralModel / Qwen2Model (a *ForCausalLM checkpoint's
-    `model.` prefix is stripped; lm_head is not used). Parts: q/k/v of wqkv (and bqkv), gate/up of
-    w_gate_up."""
+    HF names are those of LlamaModel / GemmaModel / ... (a *ForCausalLM checkpoint's `model.`
+    prefix is stripped; lm_head is not used). Parts: q/k/v of wqkv (and bqkv), gate/up of
+    w_gate_up. Layer by layer, so fused weights complete early while streaming."""
     keys: dict[str, tuple[str, str | None]] = {"embed_tokens.weight": ("embed", None)}
     for i in range(config.num_layers):
-        hf, ours = f"layers.{i}.", f"layers.{i}."
-        keys[hf + "input_layernorm.weight"] = (ours + "attn_norm", None)
-        for part in "qkv":
-            keys[hf + f"self_attn.{part}_proj.weight"] = (ours + "wqkv", part)
-            if config.qkv_bias:
-                keys[hf + f"self_attn.{part}_proj.bias"] = (ours + "bqkv", part)
-        keys[hf + "self_attn.o_proj.weight"] = (ours + "wo", None)
-        keys[hf + "post_attention_layernorm.weight"] = (ours + "mlp_norm", None)
-        keys[hf + "mlp.gate_proj.weight"] = (ours + "w_gate_up", "gate")
-        keys[hf + "mlp.up_proj.weight"] = (ours + "w_gate_up", "up")
-        keys[hf + "mlp.down_proj.weight"] = (ours + "w_down", None)
+        for hf, (ours, part) in config.spec.layer_keys.items():
+            keys[f"layers.{i}.{hf}"] = (f"layers.{i}.{ours}", part)
     keys["norm.weight"] = ("norm", None)
     return keys
 
 
 def hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Expected shape of every HF weight in hf_key_map."""
+    """Expected shape of every HF weight in hf_key_map (its part of our fused weight)."""
     c = config
-    proj = {"q": c.q_size, "k": c.kv_size, "v": c.kv_size}
+    rows = {"q": c.q_size, "k": c.kv_size, "v": c.kv_size, "gate": c.intermediate_size,
+            "up": c.intermediate_size}  # fmt: skip
+    ours = layer_shapes(config) | {"embed": (c.vocab_size, c.hidden_size), "norm": (c.hidden_size,)}
     shapes = {}
-    for name in hf_key_map(config):
-        leaf = name.rsplit(".", 2)[-2] if name.endswith((".weight", ".bias")) else name
-        if name == "embed_tokens.weight":
-            shapes[name] = (c.vocab_size, c.hidden_size)
-        elif "norm" in leaf:
-            shapes[name] = (c.hidden_size,)
-        elif leaf in ("q_proj", "k_proj", "v_proj"):
-            rows = proj[leaf[0]]
-            shapes[name] = (rows,) if name.endswith(".bias") else (rows, c.hidden_size)
-        elif leaf == "o_proj":
-            shapes[name] = (c.hidden_size, c.q_size)
-        elif leaf in ("gate_proj", "up_proj"):
-            shapes[name] = (c.intermediate_size, c.hidden_size)
-        elif leaf == "down_proj":
-            shapes[name] = (c.hidden_size, c.intermediate_size)
-        else:  # pragma: no cover - hf_key_map and this table are written together
-            raise AssertionError(name)
+    for hf, (name, part) in hf_key_map(config).items():
+        shape = ours[name.rsplit(".", 1)[-1]]
+        shapes[hf] = shape if part is None else (rows[part], *shape[1:])
     return shapes
 
 
@@ -121,14 +205,11 @@ def _canonical(key: str) -> str | None:
     return key[len("model.") :] if key.startswith("model.") else key
 
 
-def _fuse(ours: str, parts: dict[str, torch.Tensor], backend: str) -> torch.Tensor:
-    if ours.endswith("w_gate_up"):
-        if backend == "triton":
-            from l2v_kernels.gemm import pack_gate_up
-
-            return pack_gate_up(parts["gate"], parts["up"])
-        return torch.cat([parts["gate"], parts["up"]], dim=0)
-    return torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+def _fuse(ours: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """q, k, v rows -> wqkv / bqkv; gate, up rows -> w_gate_up (l2v_kernels.gemm.pack_gate_up's
+    layout, the same for both backends)."""
+    order = ("gate", "up") if ours.endswith("w_gate_up") else ("q", "k", "v")
+    return torch.cat([parts[p] for p in order], dim=0)
 
 
 def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
@@ -151,12 +232,7 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
             out[hf] = t.narrow(0, start, size)
         else:
             if name not in unpacked:
-                if model.backend == "triton":
-                    from l2v_kernels.gemm import unpack_gate_up
-
-                    unpacked[name] = unpack_gate_up(t)
-                else:
-                    unpacked[name] = tuple(t.chunk(2, dim=0))
+                unpacked[name] = tuple(t.chunk(2, dim=0))  # [gate; up] rows
             out[hf] = unpacked[name][0 if part == "gate" else 1]
     return out
 
@@ -188,31 +264,34 @@ class _DictSource(_Source):
 
 class _SafetensorsSource(_Source):
     def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
-        self.index: dict[str, tuple[Any, str]] = {}
+        self.where = str(files[0].parent) if files else "checkpoint"
+        self.index: dict[str, tuple[Any, str, Path]] = {}
         for f in files:
-            handle = safe_open(str(f), framework="pt", device="cpu")  # mmap; reads on get
+            handle = _safe_open(f)  # mmap; reads on get
             for key in handle.keys():
                 if (c := _canonical(key)) is not None:
-                    self.index[c] = (handle, key)
+                    self.index[c] = (handle, key, f)
 
     def keys(self):
         return self.index.keys()
 
     def get(self, name):
-        handle, key = self.index[name]
-        return handle.get_tensor(key)
+        handle, key, path = self.index[name]
+        try:
+            return handle.get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(
+                f"{path}: cannot read tensor {key!r} ({_reason(e)}); the file is corrupt: "
+                "download or copy it again"
+            ) from None
 
 
 class _BinSource(_Source):
     def __init__(self, files: list[Path]):
+        self.where = str(files[0].parent) if files else "checkpoint"
         self.index: dict[str, tuple[dict, str]] = {}
         for f in files:
-            try:  # mmap keeps host memory at the page cache, not a second copy
-                shard = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) format cannot be mmapped
-                shard = torch.load(f, map_location="cpu", weights_only=True)
+            shard = _load_bin(f)
             for key in shard:
                 if (c := _canonical(key)) is not None:
                     self.index[c] = (shard, key)
@@ -233,33 +312,20 @@ class _GGUFSource(_Source):
     merges), which takes seconds. llama.cpp stores Llama's q/k rows permuted for its interleaved
     RoPE; they are permuted back here."""
 
-    _LAYER = {
-        "attn_norm.weight": "input_layernorm.weight",
-        "attn_q.weight": "self_attn.q_proj.weight",
-        "attn_k.weight": "self_attn.k_proj.weight",
-        "attn_v.weight": "self_attn.v_proj.weight",
-        "attn_q.bias": "self_attn.q_proj.bias",
-        "attn_k.bias": "self_attn.k_proj.bias",
-        "attn_v.bias": "self_attn.v_proj.bias",
-        "attn_output.weight": "self_attn.o_proj.weight",
-        "ffn_norm.weight": "post_attention_layernorm.weight",
-        "ffn_gate.weight": "mlp.gate_proj.weight",
-        "ffn_up.weight": "mlp.up_proj.weight",
-        "ffn_down.weight": "mlp.down_proj.weight",
-    }
-    _TOP = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
-            "output.weight": "lm_head.weight"}  # fmt: skip
-
     def __init__(self, path: Path, config: ModelConfig):
         import mmap
 
         self.config = config
+        self.where = str(path)
         with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise CheckpointError(f"{path} is empty: download or copy the GGUF file again")
             self.buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         arch, tensors = _read_gguf_index(self.buffer, path)
-        if arch not in ("llama", "qwen2"):
-            raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama, qwen2)")
-        self.permuted = arch == "llama"
+        try:
+            self.spec = spec_for_gguf(arch)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         self.index: dict[str, tuple[int, tuple[int, ...], int, int]] = {}
         for gguf_name, info in tensors.items():
             name = self._hf_name(gguf_name)
@@ -269,11 +335,11 @@ class _GGUFSource(_Source):
                 self.index[name] = info
 
     def _hf_name(self, name: str) -> str | None:
-        if name in self._TOP:
-            return self._TOP[name]
+        if name in GGUF_TOP:
+            return GGUF_TOP[name]
         m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
-        if m and m.group(2) in self._LAYER:
-            return f"layers.{m.group(1)}.{self._LAYER[m.group(2)]}"
+        if m and m.group(2) in self.spec.gguf_layer_keys:
+            return f"layers.{m.group(1)}.{self.spec.gguf_layer_keys[m.group(2)]}"
         return None
 
     def keys(self):
@@ -293,7 +359,9 @@ class _GGUFSource(_Source):
         if np.shares_memory(values, raw):  # F32 tensors come back as views of the read-only map
             values = values.copy()
         w = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
-        if self.permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
+        if self.spec.gguf_norm_plus_one and name.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp stores Gemma's (1 + w); HF and l2v keep w
+        if self.spec.gguf_permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = self.config.num_heads if "q_proj" in name else self.config.num_kv_heads
             # llama.cpp rows are (head, pair index i, j in {0,1}); HF rows are (head, j, i).
             half = self.config.head_dim // 2
@@ -302,6 +370,21 @@ class _GGUFSource(_Source):
 
 
 def _read_gguf_index(
+    buf, path, meta_out: dict | None = None
+) -> tuple[str, dict[str, tuple[int, tuple[int, ...], int, int]]]:
+    """_parse_gguf_index; CheckpointError naming the file when its header is cut short."""
+    import struct
+
+    try:
+        return _parse_gguf_index(buf, path, meta_out)
+    except (struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
+        raise CheckpointError(
+            f"{path}: the GGUF header is truncated or corrupt ({_reason(e)}); download or copy "
+            "the file again"
+        ) from None
+
+
+def _parse_gguf_index(
     buf, path, meta_out: dict | None = None
 ) -> tuple[str, dict[str, tuple[int, tuple[int, ...], int, int]]]:
     """(architecture, {tensor name: (ggml type, dims, absolute byte offset, byte count)}) from a
@@ -343,10 +426,15 @@ def _read_gguf_index(
                 for _ in range(count):
                     value(etype)
             return None
-        raise ValueError(f"{path}: corrupt GGUF metadata (value type {vtype})")
+        raise CheckpointError(
+            f"{path}: corrupt GGUF metadata (value type {vtype}); download or copy it again"
+        )
 
     if bytes(buf[:4]) != b"GGUF":
-        raise ValueError(f"{path} is not a GGUF file")
+        raise CheckpointError(
+            f"{path} is not a GGUF file (it does not start with 'GGUF'); pass a .gguf model file "
+            "or a Hugging Face model directory"
+        )
     pos = 4
     version, n_tensors, n_kv = take("I"), take("Q"), take("Q")
     if version not in (2, 3):
@@ -368,8 +456,18 @@ def _read_gguf_index(
     data_start = (pos + alignment - 1) // alignment * alignment
     tensors = {}
     for name, qtype, dims, offset in infos:
+        if qtype not in GGML_QUANT_SIZES:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has an unknown GGML type {qtype}; the file is corrupt or "
+                "newer than the installed gguf package (pip install -U gguf)"
+            )
         block_size, type_size = GGML_QUANT_SIZES[qtype]
         n_bytes = math.prod(dims) // block_size * type_size
+        if data_start + offset + n_bytes > len(buf):
+            raise CheckpointError(
+                f"{path} is truncated: tensor {name!r} ends at byte {data_start + offset + n_bytes}"
+                f" but the file has {len(buf)} bytes; download or copy it again"
+            )
         tensors[name] = (qtype, dims, data_start + offset, n_bytes)
     return str(meta.get("general.architecture")), tensors
 
@@ -382,7 +480,11 @@ def _checkpoint_files(directory: Path) -> tuple[str, list[Path]]:
     ):
         index = directory / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _load_json(index, "the shard index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(
+                    f'{index} has no "weight_map" object; download the index file again'
+                )
             files = [directory / f for f in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -459,14 +561,12 @@ def read_lora_adapter(path) -> LoraAdapter:
     cfg_path = path / "adapter_config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"LoRA adapter {path}: adapter_config.json not found")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = _load_json(cfg_path, "the adapter config")
     _check_adapter_config(cfg, path)
     if (path / "adapter_model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        weights = load_file(str(path / "adapter_model.safetensors"))
+        weights = _load_safetensors(path / "adapter_model.safetensors")
     elif (path / "adapter_model.bin").is_file():
-        weights = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+        weights = _load_bin(path / "adapter_model.bin")
     else:
         raise FileNotFoundError(
             f"LoRA adapter {path}: no adapter_model.safetensors or adapter_model.bin"
@@ -529,7 +629,10 @@ def convert_weights(
             for what, keys in (("missing", missing), ("unexpected", unexpected))
             if keys
         ]
-        raise ValueError("checkpoint does not match its config: " + "; ".join(problems))
+        raise ValueError(
+            f"{getattr(source, 'where', 'checkpoint')}: the weights do not match config.json: "
+            + "; ".join(problems)
+        )
     for adapter in adapters:
         for name, (A, B, _) in adapter.deltas.items():
             if name not in shapes:
@@ -547,7 +650,8 @@ def convert_weights(
         t = source.get(hf)
         if tuple(t.shape) != shapes[hf]:
             raise ValueError(
-                f"{hf}: checkpoint shape {tuple(t.shape)} != {shapes[hf]} expected from the config"
+                f"{getattr(source, 'where', 'checkpoint')}: {hf}: checkpoint shape "
+                f"{tuple(t.shape)} != {shapes[hf]} expected from config.json"
             )
         merges = [a.deltas[hf] for a in adapters if hf in a.deltas]
         if merges:
@@ -564,7 +668,7 @@ def convert_weights(
         parts = pending.setdefault(ours, {})
         parts[part] = t
         if len(parts) == (2 if ours.endswith("w_gate_up") else 3):
-            state[ours] = _fuse(ours, pending.pop(ours), backend).contiguous()
+            state[ours] = _fuse(ours, pending.pop(ours)).contiguous()
     return state
 
 
@@ -692,7 +796,7 @@ def _resolve_dir(name_or_path: str, what: str, hint: str = "") -> Path:
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{what}: {path.name} not found in {path.parent}")
-    return json.loads(path.read_text())
+    return _load_json(path, path.name)
 
 
 def _llm2vec_name_or_path(base_arg: str, redirected: str | None) -> str:
@@ -700,16 +804,15 @@ def _llm2vec_name_or_path(base_arg: str, redirected: str | None) -> str:
     then, if the argument is a local dir with config.json, its `_name_or_path` field wins ("" when
     absent: PretrainedConfig's default)."""
     if os.path.isdir(base_arg) and os.path.exists(f"{base_arg}/config.json"):
-        with open(f"{base_arg}/config.json") as f:
-            return str(json.load(f).get("_name_or_path", ""))
+        config = _load_json(Path(base_arg) / "config.json", "config.json")
+        return str(config.get("_name_or_path", ""))
     return redirected if redirected is not None else base_arg
 
 
 def _read_llm2vec_config(config_addr: str | None) -> dict:
     """llm2vec 0.2.3 reads `{peft or base}/llm2vec_config.json` only when that path exists."""
     if config_addr is not None and os.path.exists(f"{config_addr}/llm2vec_config.json"):
-        with open(f"{config_addr}/llm2vec_config.json") as f:
-            return json.load(f)
+        return _load_json(Path(config_addr) / "llm2vec_config.json", "llm2vec_config.json")
     return {}
 
 
@@ -749,8 +852,11 @@ def _gguf_token_metadata(gguf: Path) -> dict:
     import mmap
 
     meta: dict = {}
-    with open(gguf, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        _read_gguf_index(buf, gguf, meta_out=meta)
+    with open(gguf, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise CheckpointError(f"{gguf} is empty: download or copy the GGUF file again")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            _read_gguf_index(buf, gguf, meta_out=meta)
     return meta
 
 
@@ -790,6 +896,7 @@ def _gguf_config_and_tokenizer(gguf: Path):
     import transformers
     from transformers import AutoConfig, AutoTokenizer
 
+    meta = _gguf_token_metadata(gguf)  # reads the header first: a damaged file is named here
     stat = gguf.stat()
     key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
     cached = cache_dir() / "gguf" / hashlib.sha256(key.encode()).hexdigest()[:20]
@@ -797,15 +904,22 @@ def _gguf_config_and_tokenizer(gguf: Path):
         try:
             hf_config = AutoConfig.from_pretrained(cached)
             tokenizer = AutoTokenizer.from_pretrained(cached)
-            _check_gguf_tokenizer(tokenizer, _gguf_token_metadata(gguf), gguf)
+            _check_gguf_tokenizer(tokenizer, meta, gguf)
             return hf_config, tokenizer
         except RuntimeError:
             raise
         except Exception as e:  # a damaged cache entry: rebuild it
             logger.debug("l2v: ignoring the cached GGUF config/tokenizer in %s (%s)", cached, e)
-    hf_config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    _check_gguf_tokenizer(tokenizer, _gguf_token_metadata(gguf), gguf)
+    try:
+        hf_config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:
+        raise CheckpointError(
+            f"{gguf}: transformers cannot read its config or tokenizer ({_reason(e)}); the file "
+            "is damaged or of an unsupported kind: download it again, or pass a Hugging Face "
+            "model directory"
+        ) from None
+    _check_gguf_tokenizer(tokenizer, meta, gguf)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cached.parent))
@@ -835,7 +949,7 @@ def load_model(
     peft_model_name_or_path: a second LoRA adapter (dir or hub id), merged after the -mntp one.
     dtype: torch.float32 / float16 / bfloat16 or their names (default bf16 on CUDA, fp32 on CPU).
     device: "cpu", "cuda", "cuda:N" (default CUDA when available).
-    backend: "auto", "triton" or "torch" (see l2v_models.llama.resolve_backend).
+    backend: "auto", "triton" or "torch" (see l2v_models.model.resolve_backend).
     base_weights_path: local copy of the base weights a -mntp adapter names (offline / gated).
     """
     from transformers import AutoConfig, AutoTokenizer
@@ -889,15 +1003,23 @@ def load_model(
                 )
             weights_dir = base_dir
         cfg_file = weights_dir / "config.json"
-        config = ModelConfig.from_hf_config(
-            _read_json(cfg_file if cfg_file.is_file() else base_dir / "config.json", "config")
-        )
+        cfg_file = cfg_file if cfg_file.is_file() else base_dir / "config.json"
+        try:
+            config = ModelConfig.from_hf_config(_read_json(cfg_file, "config"))
+        except CheckpointError:
+            raise
+        except ValueError as e:
+            raise ValueError(f"{cfg_file}: {e}") from None
         source = _open_checkpoint(weights_dir)
         try:
             hf_config = AutoConfig.from_pretrained(str(base_dir))
             tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
         except Exception as e:
-            raise OSError(f"could not load the config/tokenizer from {base_dir}: {e}") from e
+            raise OSError(
+                f"could not load the config/tokenizer from {base_dir} ({_reason(e)}); the "
+                "directory needs the model's config.json and tokenizer files (tokenizer.json or "
+                "tokenizer.model with tokenizer_config.json)"
+            ) from e
         name_or_path = _llm2vec_name_or_path(base_arg, redirected)
 
     if peft_model_name_or_path is not None:

@@ -24,6 +24,7 @@ from tiny import (
 from l2v_models.config import ModelConfig
 from l2v_models.hf_compat import build_hf_model, dtype_kwargs
 from l2v_models.loading import (
+    CheckpointError,
     from_hf_state_dict,
     hf_key_map,
     hf_shapes,
@@ -488,3 +489,140 @@ def test_all_targets_constant_matches_loader():
     from l2v_models.loading import LORA_TARGETS
 
     assert tuple(ALL_TARGETS) == LORA_TARGETS
+
+
+# ------------------------------------------------------------------ damaged / unsafe files
+def _no_raw_advice(message: str) -> None:
+    """Our own words: no ANSI escapes, never torch's weights_only=False advice."""
+    assert "\x1b" not in message
+    assert "weights_only" not in message
+
+
+def test_truncated_safetensors_names_the_file(tmp_path, base):
+    d = tmp_path / "cut"
+    shutil.copytree(base, d)
+    data = (d / "model.safetensors").read_bytes()
+    for size in (len(data) - 100, 20, 0):
+        (d / "model.safetensors").write_bytes(data[:size])
+        with pytest.raises(CheckpointError, match="model.safetensors is not a readable") as e:
+            load_model(d, **CPU32)
+        assert str(d / "model.safetensors") in str(e.value) and "again" in str(e.value)
+        _no_raw_advice(str(e.value))
+
+
+class _Payload:
+    """Unpickling this calls os.system: what weights_only=True must refuse."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_pickle_payload_in_bin_is_refused_with_advice(tmp_path, base, legacy):
+    d = tmp_path / "evil"
+    shutil.copytree(base, d, ignore=shutil.ignore_patterns("*.safetensors"))
+    state = {k: v for k, v in load_file(str(base / "model.safetensors")).items()}
+    state["payload"] = _Payload()
+    torch.save(state, d / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError, match="refused.*Python objects") as e:
+        load_model(d, **CPU32)
+    message = str(e.value)
+    assert str(d / "pytorch_model.bin") in message and "safetensors" in message
+    _no_raw_advice(message)
+
+
+def test_truncated_and_foreign_bin_files(tmp_path, base):
+    d = make_tiny_checkpoint(tmp_path, "llama", bin_format=True, subdir="bin")
+    data = (d / "pytorch_model.bin").read_bytes()
+    (d / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="pytorch_model.bin is not a readable PyTorch") as e:
+        load_model(d, **CPU32)
+    _no_raw_advice(str(e.value))
+    (d / "pytorch_model.bin").write_bytes(b"not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin is not a readable PyTorch"):
+        load_model(d, **CPU32)
+    torch.save(torch.ones(3), d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="expected a state dict"):
+        load_model(d, **CPU32)
+
+
+def test_damaged_adapter_files_are_named(tmp_path, base):
+    adapter = make_lora_adapter(tmp_path, base, target_modules=("q_proj",))
+    st = adapter / "adapter_model.safetensors"
+    weights = {k: v.clone() for k, v in load_file(str(st)).items()}  # not views of the mmap
+    st.write_bytes(st.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors is not a readable"):
+        load_model(base, adapter, **CPU32)
+    st.unlink()
+    torch.save({**weights, "x": _Payload()}, adapter / "adapter_model.bin")
+    with pytest.raises(CheckpointError, match="adapter_model.bin: refused") as e:
+        load_model(base, adapter, **CPU32)
+    _no_raw_advice(str(e.value))
+    (adapter / "adapter_config.json").write_text('{"r": 4,')
+    with pytest.raises(CheckpointError, match=r"adapter_config.json: .*not valid JSON"):
+        load_model(base, adapter, **CPU32)
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("config.json", '{"model_type": "llama",', r"config.json: .*not valid JSON \(.*line 1"),
+        ("config.json", "[1, 2]", "must hold a JSON object"),
+        ("config.json", b'{"model_type": "\xff"}', "not UTF-8"),
+        ("llm2vec_config.json", "{oops}", "llm2vec_config.json: .*not valid JSON"),
+        ("model.safetensors.index.json", "{}", 'no "weight_map"'),
+    ],
+)
+def test_damaged_json_files_are_named(tmp_path, base, name, content, message):
+    d = tmp_path / "json"
+    shutil.copytree(base, d)
+    path = d / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_model(d, **CPU32)
+    assert str(path) in str(e.value)
+
+
+def test_unsupported_config_names_the_file(tmp_path, base):
+    d = tmp_path / "gemma"
+    shutil.copytree(base, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match=r"config.json: unsupported architecture") as e:
+        load_model(d, **CPU32)
+    assert str(d / "config.json") in str(e.value)
+
+
+def test_damaged_gguf_files_are_named(tmp_path):
+    from l2v_models.loading import _gguf_token_metadata, _GGUFSource
+
+    config = ModelConfig.from_hf_config(tiny_config("llama"))
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(b"")
+    for reader in (_gguf_token_metadata, lambda p: _GGUFSource(p, config)):
+        with pytest.raises(CheckpointError, match="bad.gguf is empty"):
+            reader(path)
+    path.write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(CheckpointError, match="bad.gguf is not a GGUF file"):
+        _gguf_token_metadata(path)
+    # A header cut inside the metadata: version 3, 1 tensor, 2 key/values, then nothing.
+    path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (1).to_bytes(8, "little")
+                     + (2).to_bytes(8, "little") + (5).to_bytes(8, "little") + b"gen")  # fmt: skip
+    with pytest.raises(CheckpointError, match="bad.gguf: the GGUF header is truncated"):
+        _gguf_token_metadata(path)
+
+
+def test_truncated_gguf_data_is_named(tmp_path):
+    from l2v_models.loading import default_model_path
+
+    try:
+        source = default_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    cut = tmp_path / "cut.gguf"
+    with open(source, "rb") as f:  # the header and the first few MB of the 100 MB data section
+        cut.write_bytes(f.read(8 << 20))
+    with pytest.raises(CheckpointError, match=r"cut.gguf is truncated: tensor .* ends at byte"):
+        load_model(str(cut), **CPU32)
