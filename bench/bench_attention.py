@@ -20,9 +20,19 @@ the timed call (noted as kv_expanded). FLOPs = 4 * sum(len_i^2) * Hq * D over re
 Inputs are built lazily (on a group's first timed call), so collecting the cases allocates
 nothing. Cases run in tiers so a time budget loses the expensive baselines first: ours and SDPA
 for every group, then varlen_attn for every group, then FlexAttention (one compile per group).
---smoke (the default without CUDA): one tiny fp32 shape, our kernel in the Triton interpreter
-and SDPA's math backend, seconds. The padded layout's comparison is l2v_padded
-vs sdpa_efficient_mask (ours_speedup is always relative to "l2v", the varlen kernel).
+Local attention and soft-capping (Gemma-2/3), after the groups above:
+- "window512 B.. L..": Gemma-3-4B heads (Hq 8 / Hkv 4 / D 256), L in 2048, 4096, 8192 (32k tokens
+  per batch), window=(511, 511) (sliding_window 512 made bidirectional): "l2v" (window, key
+  blocks outside it skipped), "l2v_full" (our kernel without the window: what skipping saves),
+  "sdpa_efficient_band_mask" (SDPA, boolean [L, L] band mask), "flex_window_mask" (compiled
+  FlexAttention, document + window mask_mod: it skips blocks too). FLOPs count the attended
+  (query, key) pairs only, so every row's TFLOP/s is the same useful work.
+- "softcap50 mixed": Gemma-2-9B heads (16 / 8 / 256), the mixed batch, softcap=50: "l2v"
+  (capped), "l2v_no_softcap" (what the cap costs), "flex_softcap" (FlexAttention score_mod).
+--smoke (the default without CUDA): tiny fp32 shapes, our kernel in the Triton interpreter and
+SDPA's math backend (also with a window band mask and with softcap), seconds. The padded
+layout's comparison is l2v_padded vs sdpa_efficient_mask (ours_speedup is always relative to
+"l2v", the varlen kernel).
 """
 
 from __future__ import annotations
@@ -217,10 +227,143 @@ def _group_cases(name, lengths, hq, hkv, d, dtype, device, *, equal, smoke=False
     return out
 
 
+WINDOW_LENGTHS, WINDOW, WINDOW_TOKENS = (2048, 4096, 8192), 512, 32768
+GEMMA3_HEADS = (8, 4, 256)  # Gemma-3-4B: Hq, Hkv, head_dim
+GEMMA2_HEADS = (16, 8, 256)  # Gemma-2-9B
+SOFTCAP = 50.0
+
+
+def _window_pairs(lengths, left, right) -> int:
+    """Attended (query, key) pairs of a packed batch under window (left, right)."""
+    total = 0
+    for n in lengths:
+        i = torch.arange(n)
+        total += int((torch.clamp(i + right, max=n - 1) - torch.clamp(i - left, min=0) + 1).sum())
+    return total
+
+
+def _band_mask(L, left, right, device):
+    i = torch.arange(L, device=device)
+    return (i[None, :] >= i[:, None] - left) & (i[None, :] <= i[:, None] + right)
+
+
+def _flex_mod(x, window=None, softcap=None):
+    """Compiled FlexAttention on the packed tokens: document mask (+ window mask_mod), or a
+    softcap score_mod; block mask built once, outside the timed call."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    global _flex_compiled
+    if _flex_compiled is None:
+        _flex(x)  # sets up the compiled function and dynamo limits
+    q, k, v, lengths = x["q"], x["k"], x["v"], x["lengths"]
+    t = q.shape[0]
+    lens = torch.tensor(lengths, device=q.device)
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lens)
+    start = torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+    pos = torch.arange(t, device=q.device) - start
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = doc[q_idx] == doc[kv_idx]
+        if window is not None:
+            d = pos[q_idx] - pos[kv_idx]
+            keep = keep & (d <= window[0]) & (-d <= window[1])
+        return keep
+
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return softcap * torch.tanh(score / softcap)
+
+    block_mask = create_block_mask(mask_mod, None, None, t, t, device=q.device)
+    qf, kf, vf = (y.transpose(0, 1).unsqueeze(0).contiguous() for y in (q, k, v))
+    gqa = q.shape[1] != k.shape[1]
+    return lambda: _flex_compiled(qf, kf, vf, block_mask=block_mask, score_mod=score_mod,
+                                  enable_gqa=gqa)
+
+
+def _window_cases(L, b, hq, hkv, d, dtype, device, window, *, smoke=False) -> list[Case]:
+    from torch.nn.attention import SDPBackend
+
+    lengths = [L] * b
+    x = Lazy(lambda: _packed(lengths, hq, hkv, d, dtype, device, seed=L))
+    flops = 4.0 * _window_pairs(lengths, *window) * hq * d
+    params = {"B": b, "L": L, "tokens": b * L, "max_len": L, "Hq": hq, "Hkv": hkv, "D": d,
+              "dtype": str(dtype)[6:], "window": f"{window[0]},{window[1]}"}
+    group = f"attention window{window[0] + 1} B{b} L{L} Hq{hq} Hkv{hkv} D{d}"
+
+    def ours(_):
+        a = x()
+        return lambda: flash_attn_varlen_fwd(a["q"], a["k"], a["v"], a["cu"], a["max"], False,
+                                             None, window=window)
+
+    def ours_full(_):
+        a = x()
+        return lambda: flash_attn_varlen_fwd(a["q"], a["k"], a["v"], a["cu"], a["max"], False,
+                                             None)
+
+    def sdpa_band(backend):
+        def make(p):
+            a = x()
+            q, k, v = (a[n].view(b, L, -1, d).transpose(1, 2) for n in ("q", "k", "v"))
+            band = _band_mask(L, *window, q.device)
+            return _sdpa_masked(backend, q, k, v, band, note=p)
+        return make
+
+    out = [_case(group, "l2v", ours, flops, params)]
+    if smoke:
+        out.append(_case(group, "sdpa_math_band_mask", sdpa_band(SDPBackend.MATH), flops, params))
+        return out
+    out.append(_case(group, "l2v_full", ours_full, flops, params))
+    out.append(_case(group, "sdpa_efficient_band_mask", sdpa_band(SDPBackend.EFFICIENT_ATTENTION),
+                     flops, params))
+    out.append(_case(group, "flex_window_mask", lambda p: _flex_mod(x(), window=window), flops,
+                     params))
+    return out
+
+
+def _sdpa_masked(backend, q, k, v, mask2d, *, note: dict):
+    """SDPA on [B, H, L, D] with one [L, L] boolean mask shared by every row and head."""
+    from torch.nn.attention import sdpa_kernel
+
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = _expand(k, group, 1), _expand(v, group, 1)
+        note["kv_expanded"] = True
+
+    def fn():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask2d)
+
+    return fn
+
+
+def _softcap_cases(name, lengths, hq, hkv, d, dtype, device, softcap, *, smoke=False):
+    x = Lazy(lambda: _packed(lengths, hq, hkv, d, dtype, device, seed=7))
+    flops = 4.0 * sum(n * n for n in lengths) * hq * d
+    params = {"B": len(lengths), "L": "mixed", "tokens": sum(lengths), "max_len": max(lengths),
+              "Hq": hq, "Hkv": hkv, "D": d, "dtype": str(dtype)[6:], "softcap": softcap}
+    group = f"attention softcap{softcap:g} {name} Hq{hq} Hkv{hkv} D{d}"
+
+    def ours(cap):
+        def make(_):
+            a = x()
+            return lambda: flash_attn_varlen_fwd(a["q"], a["k"], a["v"], a["cu"], a["max"],
+                                                 False, None, softcap=cap)
+        return make
+
+    out = [_case(group, "l2v", ours(softcap), flops, params)]
+    if smoke:
+        return out
+    out.append(_case(group, "l2v_no_softcap", ours(None), flops, params))
+    out.append(_case(group, "flex_softcap", lambda p: _flex_mod(x(), softcap=softcap), flops,
+                     params))
+    return out
+
+
 # Run order (run_cases times cases in list order and stops at the time budget): every group's
 # cheap rows first (ours and SDPA), then varlen_attn, then FlexAttention, whose compile
 # (dynamic=False) costs 5-30 s per group. ours_speedup pairs rows by group, not by position.
-IMPL_TIER = {"varlen_attn": 1, "flex_doc_mask": 2}
+IMPL_TIER = {"varlen_attn": 1, "flex_doc_mask": 2, "flex_window_mask": 2, "flex_softcap": 2}
 
 
 def _by_tier(cases: list[Case]) -> list[Case]:
@@ -230,8 +373,13 @@ def _by_tier(cases: list[Case]) -> list[Case]:
 def cases(smoke: bool) -> list[Case]:
     if smoke:  # without CUDA: the Triton interpreter and SDPA's math backend
         device = "cuda" if on_gpu() else "cpu"
-        return _group_cases("smoke B2 L16", [16, 16], 4, 2, 64, torch.float32, device,
-                            equal=True, smoke=True)
+        return (
+            _group_cases("smoke B2 L16", [16, 16], 4, 2, 64, torch.float32, device,
+                         equal=True, smoke=True)
+            + _window_cases(40, 2, 4, 2, 64, torch.float32, device, (3, 3), smoke=True)
+            + _softcap_cases("smoke", [16, 9], 4, 2, 64, torch.float32, device, SOFTCAP,
+                             smoke=True)
+        )
     out = []
     for model in REAL_MODELS:
         cfg = MODEL_SHAPES[model]
@@ -242,6 +390,12 @@ def cases(smoke: bool) -> list[Case]:
         for b, L in EQUAL_SHAPES:
             out += _group_cases(f"B{b} L{L}", [L] * b, hq, hkv, d, torch.bfloat16, "cuda",
                                 equal=True)
+    for L in WINDOW_LENGTHS:
+        out += _window_cases(L, WINDOW_TOKENS // L, *GEMMA3_HEADS, torch.bfloat16, "cuda",
+                             (WINDOW - 1, WINDOW - 1))
+    lengths = mixed_lengths()
+    out += _softcap_cases(f"mixed B{len(lengths)} T{sum(lengths)}", lengths, *GEMMA2_HEADS,
+                          torch.bfloat16, "cuda", SOFTCAP)
     return _by_tier(out)
 
 

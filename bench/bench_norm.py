@@ -1,4 +1,6 @@
 """Fused residual add + RMSNorm: l2v Triton kernel vs plain torch, torch.compile and a copy.
+Also the Gemma-2/3 post-norm step norm_add_norm (h = residual + norm_a(x); y = norm_b(h)) vs
+the same in plain torch (Hugging Face's order), torch.compile, and two launches of our rms_norm.
 
 python -m bench.bench_norm [--smoke] [--out DIR]
 
@@ -18,7 +20,7 @@ if not torch.cuda.is_available():  # CPU smoke run: Triton kernels need the inte
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench.common import Case, compiled, copy_case, kernel_bench_main, on_gpu  # noqa: E402
-from l2v_kernels.norm import rms_norm_fwd  # noqa: E402
+from l2v_kernels.norm import norm_add_norm_fwd, rms_norm_fwd  # noqa: E402
 
 EPS = 1e-5
 
@@ -39,6 +41,54 @@ def torch_rms_norm(x, weight, eps, residual=None):
     y = (y * weight.float()).to(x.dtype)
     return y if residual is None else (y, x)
 
+
+
+def l2v_norm_add_norm(x, residual, w_a, w_b, eps):
+    return norm_add_norm_fwd(x, residual, w_a, w_b, eps, weight_offset=1.0)
+
+
+def l2v_two_rms_norms(x, residual, w_a, w_b, eps):
+    """The same step from two launches of our rms_norm (what the model would run unfused)."""
+    a = rms_norm_fwd(x, w_a, eps, weight_offset=1.0)
+    return rms_norm_fwd(a, w_b, eps, residual=residual, weight_offset=1.0)
+
+
+def torch_norm_add_norm(x, residual, w_a, w_b, eps):
+    """Plain PyTorch, Hugging Face's Gemma2 layer: (1 + w) norms in fp32, add in the dtype."""
+    def norm(t, w):
+        tf = t.float()
+        y = tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + eps)
+        return (y * (1.0 + w.float())).to(t.dtype)
+
+    h = residual + norm(x, w_a)
+    return norm(h, w_b), h
+
+
+def norm_add_norm_cases(shapes, dtype, device, smoke) -> list[Case]:
+    torch_compiled = None if smoke else compiled(torch_norm_add_norm)
+    out = []
+    g = torch.Generator(device=device).manual_seed(1)
+    for T, D in shapes:
+        x = (torch.randn(T, D, generator=g, device=device) * 4).to(dtype)
+        residual = torch.randn(T, D, generator=g, device=device).to(dtype)
+        w_a = (torch.randn(D, generator=g, device=device) * 0.3).to(dtype)
+        w_b = (torch.randn(D, generator=g, device=device) * 0.3).to(dtype)
+        # x, residual read; y, h written (+ two weights)
+        nbytes = 4 * x.numel() * x.element_size() + 2 * D * w_a.element_size()
+        group = f"norm_add_norm T{T} D{D}"
+        params = {"T": T, "D": D, "residual": "norm_add_norm", "dtype": str(dtype)[6:]}
+        args = (x, residual, w_a, w_b, EPS)
+        out.append(Case(group, "l2v", lambda a=args: l2v_norm_add_norm(*a), bytes=nbytes,
+                        params=params))
+        out.append(Case(group, "l2v_2x_rms_norm", lambda a=args: l2v_two_rms_norms(*a),
+                        bytes=nbytes, params=params))
+        out.append(Case(group, "torch", lambda a=args: torch_norm_add_norm(*a), bytes=nbytes,
+                        params=params))
+        if torch_compiled is not None:
+            out.append(Case(group, "torch.compile", lambda a=args: torch_compiled(*a),
+                            bytes=nbytes, params=params))
+        out.append(copy_case(group, nbytes, params, device))
+    return out
 
 
 def cases(smoke: bool) -> list[Case]:
@@ -71,8 +121,10 @@ def cases(smoke: bool) -> list[Case]:
                                 lambda x=x, r=r, w=weight: torch_compiled(x, w, EPS, r),
                                 bytes=nbytes, params=params))
             out.append(copy_case(group, nbytes, params, device))
-    return out
+    # Gemma-2/3 widths: Gemma-3-270M 640, Gemma-2-2B 2304, Gemma-2-9B 3584.
+    sandwich = [(7, 64)] if smoke else [(T, D) for D in (640, 2304, 3584) for T in (2048, 16384)]
+    return out + norm_add_norm_cases(sandwich, dtype, device, smoke)
 
 
 if __name__ == "__main__":
-    kernel_bench_main("norm", cases, title="Fused add + RMSNorm")
+    kernel_bench_main("norm", cases, title="Fused add + RMSNorm; Gemma norm -> add -> norm")
