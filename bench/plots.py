@@ -297,30 +297,32 @@ def _steps_table(steps_path: Path | None) -> str:
     return common.markdown_table(rows, ["step", "status", "seconds"])
 
 
-def _tests_section(out_dir: Path) -> list[str]:
-    log = out_dir / "pytest_gpu.txt"
-    if not log.exists():
-        return []
-    text = log.read_text(errors="replace").splitlines()
-    interesting = [ln for ln in text if ln.startswith(("FAILED", "ERROR"))][:30]
-    summary = next(
+def _pytest_summary(lines: list[str]) -> str:
+    return next(
         (
             ln
-            for ln in reversed(text)
+            for ln in reversed(lines)
             if " in " in ln
-            and (
-                "passed" in ln
-                or "failed" in ln
-                or "error" in ln
-                or "skipped" in ln
-                or "no tests" in ln
-            )
+            and any(w in ln for w in ("passed", "failed", "error", "skipped", "no tests"))
         ),
-        "(no pytest summary)",
+        "(no pytest summary: cut by its time limit?)",
     )
-    return ["## GPU tests (pytest -m gpu tests)", "", "`" + summary.strip("= ") + "`", ""] + (
-        ["```", *interesting, "```", ""] if interesting else []
-    )
+
+
+def _tests_section(out_dir: Path) -> list[str]:
+    """One block per pytest output of bench/gpu_check.sh (pytest_<step>.txt, in step order;
+    pytest_gpu.txt of older runs too): its summary line and its FAILED / ERROR lines."""
+    order = {"pytest_model": 0, "pytest_tests": 1, "pytest_tests-compile": 2}
+    logs = sorted(out_dir.glob("pytest_*.txt"), key=lambda p: (order.get(p.stem, 9), p.stem))
+    md = []
+    for log in logs:
+        text = log.read_text(errors="replace").splitlines()
+        interesting = [ln for ln in text if ln.startswith(("FAILED", "ERROR"))][:30]
+        step = log.stem.removeprefix("pytest_")
+        md += [f"## GPU tests: {step}", "", "`" + _pytest_summary(text).strip("= ") + "`", ""]
+        if interesting:
+            md += ["```", *interesting, "```", ""]
+    return md
 
 
 def summarize(
