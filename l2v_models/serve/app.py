@@ -1,0 +1,477 @@
+"""The FastAPI app: OpenAI /v1/embeddings, TEI /embed, /health, /v1/models, /metrics.
+
+    app = create_app(encoder, ServeSettings(max_batch_tokens=4096, api_key=None))
+    uvicorn.run(app, host="127.0.0.1", port=8000)             # what `l2v serve` does
+
+encoder: an l2v_models.encoder.LLM2Vec (from_pretrained, or from_model for token-id-only
+serving). The app owns a Batcher (one model worker thread), a small pool of tokenizer threads
+(each with its own copy of the tokenizer: Hugging Face tokenizers are not safe to share across
+threads when truncation is set), and a ServerMetrics registry.
+
+A request, in order: API key (401) -> ready? (503 while the warm-up runs) -> admission (429 at
+once when --max-concurrent-requests are in flight) -> body, at most --payload-limit bytes (413)
+-> JSON and fields (422; 413 over --max-client-batch-size; 400 for dimensions) -> tokenized in a
+tokenizer thread by llm2vec's text rules (the encoder's prepare_texts, max_length =
+--max-input-tokens) -> inputs over the limit are truncated (header X-Truncated-Inputs: how many)
+or, with "truncate": false, refused (413 naming the input) -> queued for the model worker ->
+rows back in input order, L2-normalized unless "normalize": false. A client that disconnects
+while queued has its texts dropped (answered 499 for the log). No stack trace ever reaches a
+client: unexpected errors are logged and answered 500 with a one-line message.
+
+/health is 200 only once the warm-up pass ran (503 before, and if the warm-up failed). Shutdown
+(uvicorn on SIGTERM / Ctrl-C) stops accepting connections, lets every admitted request finish,
+then stops the worker.
+
+llm2vec's own text rules apply as in `encode`: a text over doc_max_length tokens is cut by
+words first (that is part of the model's contract, not the server's truncation); the token
+limit then applies to the whole sequence (instruction, chat template and special tokens
+included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import contextlib
+import copy
+import hmac
+import json
+import logging
+import queue
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
+
+from l2v_models import tokenization as tk
+from l2v_models.packing import TokenizedTexts
+from l2v_models.serve.batcher import Batcher, RequestDropped, ShuttingDown
+from l2v_models.serve.metrics import ServerMetrics
+from l2v_models.serve.schemas import ApiError, EmbedRequest, parse_json, parse_openai, parse_tei
+
+logger = logging.getLogger("l2v.serve")
+
+# Bodies over the payload limit are read to the end (so the client sees the 413 instead of a
+# reset connection) unless they run past this many times the limit.
+_DRAIN_FACTOR = 8
+_BIG_RESPONSE_FLOATS = 65536  # responses with more floats are encoded off the event loop
+
+
+@dataclass
+class ServeSettings:
+    """The server's limits and behaviour (the `l2v serve` options).
+
+    max_batch_tokens: real tokens per forward pass (None: the engine's budget, 16384 on CUDA,
+    4096 on CPU). max_batch_texts: texts per pass (None: no limit). max_wait_ms: how long the
+    idle worker waits for more work before a pass. max_concurrent_requests: admitted requests
+    in flight; more get 429. max_client_batch_size: inputs per request (413 above).
+    max_input_tokens: tokens per input (None: the encoder's max_length); longer inputs are
+    truncated, or 413 with "truncate": false. payload_limit: request body bytes (413 above).
+    default_instruction: the instruction for text inputs of requests that give none. api_key:
+    required as "Authorization: Bearer KEY" on /v1/* and /embed (None: no key). served_model_name:
+    the name in responses and /v1/models. tokenizer_threads: threads tokenizing requests.
+    """
+
+    max_batch_tokens: int | None = None
+    max_batch_texts: int | None = None
+    max_wait_ms: float = 2.0
+    max_concurrent_requests: int = 512
+    max_client_batch_size: int = 128
+    max_input_tokens: int | None = None
+    payload_limit: int = 2_000_000
+    default_instruction: str | None = None
+    api_key: str | None = None
+    served_model_name: str = "l2v"
+    tokenizer_threads: int = 2
+
+    def check(self) -> None:
+        """ValueError naming the first invalid setting."""
+        for name in ("max_concurrent_requests", "max_client_batch_size", "payload_limit",
+                     "tokenizer_threads"):  # fmt: skip
+            _check_int(name, getattr(self, name))
+        for name in ("max_batch_tokens", "max_batch_texts", "max_input_tokens"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name))
+        if not isinstance(self.max_wait_ms, (int, float)) or self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be a number >= 0, got {self.max_wait_ms!r}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty (pass None for no key)")
+
+
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+class ServerState:
+    """Everything one app owns: encoder, settings, batcher, tokenizer pool, metrics."""
+
+    def __init__(self, encoder, settings: ServeSettings, on_fatal=None):
+        settings.check()
+        self.encoder = encoder
+        self.settings = settings
+        self.engine = encoder.engine
+        self.metrics = ServerMetrics()
+        self.max_input_tokens = settings.max_input_tokens or int(encoder.max_length)
+        self.max_batch_tokens = settings.max_batch_tokens or self.engine.token_budget
+        self.has_tokenizer = encoder.tokenizer is not None
+        self.batcher = Batcher(
+            self.engine,
+            mode=encoder.engine_pool_mode,
+            max_batch_tokens=self.max_batch_tokens,
+            max_batch_texts=settings.max_batch_texts,
+            max_wait_s=settings.max_wait_ms / 1000.0,
+            metrics=self.metrics,
+        )
+        self.on_fatal = on_fatal
+        self.ready = False
+        self.error: str | None = None
+        self.in_flight = 0
+        self.started = int(time.time())
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._encoders: queue.SimpleQueue = queue.SimpleQueue()
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self) -> None:
+        n = self.settings.tokenizer_threads
+        # One encoder view per tokenizer thread: same engine, own tokenizer, own max_length.
+        for _ in range(n):
+            enc = copy.copy(self.encoder)
+            if self.has_tokenizer:
+                enc.tokenizer = copy.deepcopy(self.encoder.tokenizer)
+            enc.max_length = self.max_input_tokens
+            self._encoders.put(enc)
+        self._pool = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="l2v-tokenizer")
+        self.batcher.start()
+
+    async def warm_up(self) -> None:
+        """One pass through the whole path (tokenizer, worker, model); on CUDA also a pass of
+        a full token budget, so a budget that does not fit in memory fails now."""
+        try:
+            if self.has_tokenizer:
+                texts, _ = await self.tokenize(["l2v warm-up", ["Represent this text", "warm-up"]])
+            else:
+                texts = TokenizedTexts.whole([[1, 2, 3], [3, 2]])
+            await asyncio.wrap_future(self.batcher.submit(texts).future)
+            if self.engine.device.type == "cuda":
+                n = min(self.max_input_tokens, self.max_batch_tokens)
+                count = max(1, self.max_batch_tokens // n)
+                rng = np.random.default_rng(0)
+                ids = rng.integers(3, self.engine.vocab_size, size=(count, n)).tolist()
+                await asyncio.wrap_future(
+                    self.batcher.submit(TokenizedTexts.whole(ids)).future
+                )
+            self.ready = True
+            logger.info("l2v serve: ready (warm-up done)")
+        except Exception as e:
+            self.error = f"warm-up failed: {type(e).__name__}: {_first_line(e)}"
+            logger.exception("l2v serve: %s", self.error)
+            if self.on_fatal is not None:
+                self.on_fatal(self.error)
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        self.ready = False
+        if not self.batcher.stop(timeout):
+            logger.error("l2v serve: the model worker did not stop within %s s", timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ tokenization
+    async def tokenize(self, items: list) -> tuple[TokenizedTexts, list[tuple[int, int]]]:
+        """Texts -> (TokenizedTexts, [(index, full token count)] of inputs over the limit),
+        in a tokenizer thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._tokenize, items)
+
+    def _tokenize(self, items: list):
+        enc = self._encoders.get()
+        try:
+            texts = enc.prepare_texts(items)
+            limit = self.max_input_tokens
+            over = []
+            for i in np.flatnonzero(texts.lengths >= limit).tolist():
+                n = _full_length(enc, items[i])
+                if n > limit:
+                    over.append((i, n))
+            return texts, over
+        finally:
+            self._encoders.put(enc)
+
+    def token_inputs(self, items: list) -> tuple[TokenizedTexts, list[tuple[int, int]]]:
+        """Token-id inputs -> (TokenizedTexts pooling every token, inputs over the limit),
+        cut at the limit."""
+        limit = self.max_input_tokens
+        over = [(i, len(ids)) for i, ids in enumerate(items) if len(ids) > limit]
+        if over:
+            items = [ids[:limit] for ids in items]
+        return TokenizedTexts.whole(items), over
+
+    # ------------------------------------------------------------------ requests
+    def check_auth(self, request: Request) -> None:
+        key = self.settings.api_key
+        if key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if not header:
+            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), key.encode()
+        ):
+            raise ApiError(401, "invalid API key")
+
+    def check_ready(self) -> None:
+        if self.error is not None:
+            raise ApiError(503, f"the server is not healthy: {self.error}")
+        if not self.ready:
+            raise ApiError(503, "the model is warming up; retry when GET /health answers 200")
+        if not self.batcher.alive:
+            raise ApiError(503, "the model worker has stopped (the server is shutting down)")
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.settings.payload_limit
+        declared = request.headers.get("content-length")
+        declared_n = int(declared) if declared and declared.isdigit() else None
+        too_big = declared_n is not None and declared_n > limit
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    too_big = True
+                if too_big:
+                    if size > _DRAIN_FACTOR * limit:
+                        break
+                    continue
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ApiError(499, "client closed the request while sending it") from None
+        if too_big:
+            n = declared_n if declared_n is not None else size
+            raise ApiError(
+                413, f"request body of {n} bytes is over this server's limit of {limit} bytes "
+                "(--payload-limit): send fewer or shorter inputs per request",
+            )  # fmt: skip
+        return b"".join(chunks)
+
+    async def wait_rows(self, request: Request, job) -> np.ndarray:
+        """The job's rows; if the client disconnects first, its queued texts are dropped and
+        ApiError 499 is raised."""
+        result = asyncio.wrap_future(job.future)
+        gone = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if result in done:
+            return result.result()
+        dropped = self.batcher.cancel(job)
+        logger.info("l2v serve: client went away; dropped %d queued texts", dropped)
+        raise ApiError(499, "client closed the request")
+
+    async def embed(self, request: Request, endpoint: str) -> Response:
+        t0 = time.perf_counter()
+        admitted = False
+        status = 500
+        try:
+            self.check_auth(request)
+            self.check_ready()
+            if self.in_flight >= self.settings.max_concurrent_requests:
+                raise ApiError(
+                    429, f"the server is at its limit of {self.settings.max_concurrent_requests} "
+                    "concurrent requests (--max-concurrent-requests); retry shortly",
+                )  # fmt: skip
+            self.in_flight += 1
+            admitted = True
+            self.metrics.in_flight.set(self.in_flight)
+            obj = parse_json(await self.read_body(request))
+            req = self.parse(obj, endpoint)
+            t1 = time.perf_counter()
+            if req.tokens:
+                texts, over = self.token_inputs(req.items)
+            else:
+                texts, over = await self.tokenize(req.items)
+            self.metrics.tokenization_seconds.observe(time.perf_counter() - t1)
+            name = "input" if endpoint == "openai" else "inputs"
+            if over and not req.truncate:
+                i, n = over[0]
+                raise ApiError(
+                    413, f"{name}[{i}] has {n} tokens, over this server's limit of "
+                    f"{self.max_input_tokens} (--max-input-tokens); shorten it or send "
+                    '"truncate": true', f"{name}[{i}]",
+                )  # fmt: skip
+            if over:
+                self.metrics.truncated_inputs.inc(len(over))
+            try:
+                job = self.batcher.submit(texts)
+            except ShuttingDown:
+                raise ApiError(503, "the server is shutting down") from None
+            try:
+                rows = await self.wait_rows(request, job)
+            except (RequestDropped, ShuttingDown) as e:
+                raise ApiError(503, f"the request was not run: {e}") from None
+            except ApiError:
+                raise
+            except Exception as e:
+                logger.error("l2v serve: inference failed: %s: %s", type(e).__name__, e)
+                raise ApiError(
+                    500, f"inference failed ({type(e).__name__}: {_first_line(e)}); see the "
+                    "server log",
+                ) from None  # fmt: skip
+            response = await self.render(req, rows, texts, endpoint)
+            if over:
+                response.headers["X-Truncated-Inputs"] = str(len(over))
+            status = 200
+            return response
+        except ApiError as e:
+            status = e.status
+            return error_response(e, endpoint)
+        except Exception as e:  # never a stack trace to the client
+            logger.exception("l2v serve: unexpected error")
+            status = 500
+            return error_response(
+                ApiError(500, f"internal server error ({type(e).__name__}); see the server log"),
+                endpoint,
+            )
+        finally:
+            if admitted:
+                self.in_flight -= 1
+                self.metrics.in_flight.set(self.in_flight)
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - t0)
+
+    def parse(self, obj: dict, endpoint: str) -> EmbedRequest:
+        common = dict(
+            vocab_size=self.engine.vocab_size,
+            max_inputs=self.settings.max_client_batch_size,
+            default_instruction=self.settings.default_instruction,
+            has_tokenizer=self.has_tokenizer,
+        )
+        if endpoint == "openai":
+            return parse_openai(obj, hidden_size=self.engine.hidden_size, **common)
+        return parse_tei(obj, **common)
+
+    async def render(self, req: EmbedRequest, rows: np.ndarray, texts, endpoint: str) -> Response:
+        if req.normalize:
+            norms = np.linalg.norm(rows, axis=1, keepdims=True)
+            rows = rows / np.maximum(norms, 1e-12)
+        rows = np.ascontiguousarray(rows, dtype="<f4")
+        n_tokens = int(texts.lengths.sum())
+
+        def encode() -> bytes:
+            if endpoint == "tei":
+                body = rows.tolist()
+            else:
+                data = []
+                for i, row in enumerate(rows):
+                    emb = (base64.b64encode(row.tobytes()).decode("ascii")
+                           if req.encoding_format == "base64" else row.tolist())  # fmt: skip
+                    data.append({"object": "embedding", "index": i, "embedding": emb})
+                body = {
+                    "object": "list",
+                    "data": data,
+                    "model": self.settings.served_model_name,
+                    "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+                }
+            return json.dumps(body, separators=(",", ":")).encode()
+
+        if rows.size > _BIG_RESPONSE_FLOATS:
+            content = await asyncio.get_running_loop().run_in_executor(None, encode)
+        else:
+            content = encode()
+        return Response(content=content, media_type="application/json")
+
+
+def error_response(e: ApiError, endpoint: str) -> JSONResponse:
+    body = e.tei_body() if endpoint == "tei" else e.openai_body()
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(body, status_code=e.status, headers=headers)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client has disconnected (the body was already read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _full_length(enc, item) -> int:
+    """The untruncated token count of one input by llm2vec's rules (what `prepare_texts` would
+    give without the max_length cut)."""
+    instruction, text = ("", item) if isinstance(item, str) else (item[0], item[1])
+    tok = enc.tokenizer
+    (text,), _ = tk.truncate_by_words(tok, [text], enc.max_length, enc.doc_max_length)
+    prepared = tk.prepare_for_tokenization(
+        tk.join_instruction(instruction, text), enc.name_or_path, enc.config_family,
+        enc.pooling_mode,
+    )  # fmt: skip
+    full, _ = tk.split_instruction(prepared)
+    return len(tok(full, truncation=False, return_attention_mask=False)["input_ids"])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def create_app(encoder, settings: ServeSettings | None = None, *, on_fatal=None) -> FastAPI:
+    """The ASGI app serving `encoder` (see the module docstring). on_fatal(message): called
+    when the warm-up fails (the CLI stops the server)."""
+    state = ServerState(encoder, settings or ServeSettings(), on_fatal=on_fatal)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.start()
+        warm = asyncio.create_task(state.warm_up())
+        try:
+            yield
+        finally:
+            if not warm.done():
+                warm.cancel()
+            await asyncio.get_running_loop().run_in_executor(None, state.close)
+            logger.info("l2v serve: stopped after %d forward passes", state.batcher.batches_run)
+
+    app = FastAPI(title="l2v serve", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)  # fmt: skip
+    app.state.l2v = state
+
+    @app.post("/v1/embeddings")
+    async def openai_embeddings(request: Request) -> Response:
+        return await state.embed(request, "openai")
+
+    @app.post("/embed")
+    async def tei_embed(request: Request) -> Response:
+        return await state.embed(request, "tei")
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.error is not None:
+            return JSONResponse({"status": "error", "error": state.error}, status_code=503)
+        if not state.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        if not state.batcher.alive:
+            return JSONResponse({"status": "stopping"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        try:
+            state.check_auth(request)
+        except ApiError as e:
+            return error_response(e, "openai")
+        return JSONResponse({
+            "object": "list",
+            "data": [{"id": state.settings.served_model_name, "object": "model",
+                      "created": state.started, "owned_by": "l2v"}],
+        })  # fmt: skip
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

@@ -1,0 +1,185 @@
+"""`l2v serve`: the subcommand (argparse only at import; FastAPI, uvicorn and torch load in func).
+
+    l2v serve                                    # the embedded SmolLM2 on http://127.0.0.1:8000
+    l2v serve --model DIR --peft ADAPTER --device cuda --port 8080 --api-key KEY
+    L2V_API_KEY=KEY l2v serve ...                # the key from the environment
+
+Errors a user can fix (bad option value, port in use, unknown model) end in one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `serve` subcommand to l2v's subparsers."""
+    p = subparsers.add_parser(
+        "serve",
+        help="OpenAI-compatible embedding server",
+        description="Serve an LLM2Vec model over HTTP: OpenAI POST /v1/embeddings (plus an "
+        "\"instruction\" field), text-embeddings-inference POST /embed, GET /health, "
+        "/v1/models and /metrics (Prometheus). Texts of concurrent requests share forward "
+        "passes (continuous token-budget batching); results equal `l2v encode`.",
+    )
+    model = p.add_argument_group("model (as in `l2v encode`)")
+    model.add_argument("--model", "-m", default=None,
+                       help="base model: HF dir or hub id, LLM2Vec -mntp dir, .gguf file "
+                       "(default: the embedded SmolLM2)")  # fmt: skip
+    model.add_argument("--peft", default=None, help="LoRA adapter dir or hub id")
+    model.add_argument("--pooling", default=None,
+                       choices=("mean", "weighted_mean", "eos_token", "last_token", "bos_token"),
+                       help="pooling mode (default: llm2vec_config.json, else mean)")  # fmt: skip
+    model.add_argument("--dtype", default=None,
+                       help="float32, bfloat16, float16 or auto (default: bf16 on CUDA, fp32 on "
+                       "CPU)")  # fmt: skip
+    model.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
+    model.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
+                       help="kernels: triton (CUDA) or torch (default: auto)")  # fmt: skip
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default=DEFAULT_HOST,
+                     help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
+    net.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    net.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on /v1/* and /embed (default: "
+                     "$L2V_API_KEY, else no key)")  # fmt: skip
+    net.add_argument("--served-model-name", default=None,
+                     help="model name in responses and /v1/models (default: --peft, else "
+                     "--model, else smollm2)")  # fmt: skip
+    lim = p.add_argument_group("batching and limits")
+    lim.add_argument("--max-batch-tokens", "--batch-tokens", type=int, default=None, metavar="N",
+                     help="real tokens per forward pass (default: 16384 on CUDA, 4096 on CPU)")
+    lim.add_argument("--max-batch-texts", type=int, default=None, metavar="N",
+                     help="texts per forward pass (default: no limit)")
+    lim.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",
+                     help="how long an idle model waits for more requests to batch (default 2)")
+    lim.add_argument("--max-concurrent-requests", type=int, default=512, metavar="N",
+                     help="requests in flight; more are answered 429 (default 512)")
+    lim.add_argument("--max-client-batch-size", type=int, default=128, metavar="N",
+                     help="inputs per request; more are answered 413 (default 128)")
+    lim.add_argument("--max-input-tokens", "--max-length", type=int, default=None, metavar="N",
+                     help="tokens per input (llm2vec's max_length); longer inputs are "
+                     "truncated, or 413 with \"truncate\": false (default: the model's, 512)")
+    lim.add_argument("--payload-limit", type=int, default=2_000_000, metavar="BYTES",
+                     help="request body size; larger is answered 413 (default 2000000)")
+    lim.add_argument("--default-instruction", default=None, metavar="TEXT",
+                     help="instruction for text inputs of requests that send none")
+    lim.add_argument("--tokenizer-threads", type=int, default=2, metavar="N",
+                     help="threads tokenizing requests (default 2)")
+    lim.add_argument("--shutdown-timeout", type=float, default=60.0, metavar="S",
+                     help="on SIGTERM / Ctrl-C, wait this long for in-flight requests "
+                     "(default 60)")  # fmt: skip
+    p.add_argument("--log-level", default="info",
+                   choices=("critical", "error", "warning", "info", "debug"))  # fmt: skip
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_serve(args) -> int:
+    import logging
+
+    settings_kwargs = dict(
+        max_batch_tokens=args.max_batch_tokens,
+        max_batch_texts=args.max_batch_texts,
+        max_wait_ms=args.max_wait_ms,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_client_batch_size=args.max_client_batch_size,
+        max_input_tokens=args.max_input_tokens,
+        payload_limit=args.payload_limit,
+        default_instruction=args.default_instruction or None,
+        api_key=args.api_key if args.api_key is not None else os.environ.get("L2V_API_KEY") or None,
+        served_model_name=args.served_model_name or args.peft or args.model or "smollm2",
+        tokenizer_threads=args.tokenizer_threads,
+    )
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.shutdown_timeout <= 0:
+        raise ValueError(f"--shutdown-timeout must be > 0, got {args.shutdown_timeout}")
+    try:
+        import uvicorn
+
+        from l2v_models.serve.app import ServeSettings, create_app
+    except ImportError as e:
+        raise ImportError(
+            f"l2v serve needs the serve extra ({e.name or e} is missing): pip install 'l2v[serve]'"
+        ) from None
+    settings = ServeSettings(**settings_kwargs)
+    settings.check()  # option errors before the (slow) model load
+    _check_gguf(args.model)
+    # Bind before loading the model: a taken port fails in a second, not after the load.
+    sock = _bind(args.host, args.port)
+    logging.getLogger("l2v").setLevel(args.log_level.upper())
+    if not logging.getLogger("l2v").handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logging.getLogger("l2v").addHandler(handler)
+    try:
+        from l2v_models.encoder import LLM2Vec
+
+        encoder = LLM2Vec.from_pretrained(
+            args.model,
+            peft_model_name_or_path=args.peft,
+            pooling_mode=args.pooling,
+            torch_dtype=args.dtype,
+            device_map=args.device,
+            backend=args.backend,
+        )
+        failure: list[str] = []
+        server = None
+
+        def on_fatal(message: str) -> None:
+            failure.append(message)
+            if server is not None:
+                server.should_exit = True
+
+        app = create_app(encoder, settings, on_fatal=on_fatal)
+        host, port = sock.getsockname()[:2]
+        print(
+            f"l2v serve: {settings.served_model_name} on {encoder.device} ({encoder.dtype}), "
+            f"http://{_url_host(host)}:{port} (POST /v1/embeddings, POST /embed, GET /health)",
+            flush=True,
+        )
+        config = uvicorn.Config(
+            app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout
+        )
+        server = uvicorn.Server(config)
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if failure:
+        raise RuntimeError(failure[0])
+    return 0
+
+
+def _check_gguf(model: str | None) -> None:
+    if model is not None and model.lower() != "smollm2" and not model.endswith(".gguf"):
+        return
+    from l2v_models.loading import gguf_support_error
+
+    problem = gguf_support_error("the default model" if model is None else f"the model {model}")
+    if problem is not None:
+        raise ValueError(f"{problem} (--model DIR)")
+
+
+def _bind(host: str, port: int):
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        reason = "is in use" if e.errno in (98, 48) else f"cannot be bound ({e.strerror})"
+        raise ValueError(f"{host}:{port} {reason}: pick another --port or --host") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,295 @@
+"""Request validation for the server: JSON bodies -> `EmbedRequest`, or `ApiError`.
+
+Validation is written out by hand (no pydantic models) so every message names the field and the
+index that is wrong, e.g. ``input[3]: empty string (every input needs at least one character)``
+or ``input[1][4]: token id 60000 is outside the vocabulary [0, 49152)``.
+
+Two request shapes:
+- OpenAI `POST /v1/embeddings`: {input, model, encoding_format, dimensions, user} plus l2v's
+  extension fields instruction, normalize, truncate.
+- text-embeddings-inference `POST /embed`: {inputs, normalize, truncate, truncation_direction,
+  prompt_name} plus instruction.
+
+`input` / `inputs`: a string, a list of strings, a list of token ids (one input) or a list of
+lists of token ids. Statuses: 422 for malformed JSON, wrong types, empty inputs and token ids
+outside the vocabulary; 413 for more inputs than the server allows; 400 for `dimensions`
+other than the model's width (LLM2Vec models are not Matryoshka-trained).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+
+class ApiError(Exception):
+    """An error answered to the client: HTTP status, a message, the offending field (or None)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    @property
+    def kind(self) -> str:
+        """OpenAI's error type for the status."""
+        return {
+            400: "invalid_request_error",
+            401: "authentication_error",
+            413: "invalid_request_error",
+            422: "invalid_request_error",
+            429: "rate_limit_error",
+            499: "client_closed_request",
+            503: "service_unavailable",
+        }.get(self.status, "server_error")
+
+    def openai_body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.status,
+            }
+        }
+
+    def tei_body(self) -> dict:
+        tei_type = {413: "Validation", 422: "Validation", 429: "Overloaded", 400: "Validation",
+                    401: "Unauthorized", 503: "Unhealthy"}.get(self.status, "Backend")  # fmt: skip
+        return {"error": self.message, "error_type": tei_type}
+
+
+@dataclass
+class EmbedRequest:
+    """A validated embedding request.
+
+    items: per input either a string, an [instruction, text] pair (text inputs), or a list of
+    token ids (token inputs; `tokens` is True). normalize: L2-normalize the rows.
+    truncate: cut inputs over the server's token limit (else 413). encoding_format: "float" or
+    "base64". model: the name the client asked for (None when not given).
+    """
+
+    items: list
+    tokens: bool
+    normalize: bool = True
+    truncate: bool = True
+    encoding_format: str = "float"
+    model: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def parse_json(body: bytes) -> dict:
+    """The request body as a JSON object, else ApiError 422 saying what is wrong."""
+    if not body:
+        raise ApiError(422, "empty request body: send a JSON object", None)
+    try:
+        obj = json.loads(body)
+    except UnicodeDecodeError:
+        raise ApiError(422, "request body is not UTF-8 text", None) from None
+    except json.JSONDecodeError as e:
+        raise ApiError(
+            422, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}", None
+        ) from None
+    if not isinstance(obj, dict):
+        raise ApiError(422, f"the request body must be a JSON object, got {_json_type(obj)}", None)
+    return obj
+
+
+def parse_openai(
+    obj: dict,
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    max_inputs: int,
+    default_instruction: str | None = None,
+    has_tokenizer: bool = True,
+) -> EmbedRequest:
+    """Validate an OpenAI /v1/embeddings body (see the module docstring)."""
+    _reject_unknown(obj, ("input", "model", "encoding_format", "dimensions", "user",
+                          "instruction", "normalize", "truncate"))  # fmt: skip
+    if "input" not in obj:
+        raise ApiError(422, 'missing field "input" (a string or a list of strings)', "input")
+    model = obj.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(422, f'"model" must be a string, got {_json_type(model)}', "model")
+    user = obj.get("user")
+    if user is not None and not isinstance(user, str):
+        raise ApiError(422, f'"user" must be a string, got {_json_type(user)}', "user")
+    fmt = obj.get("encoding_format")
+    if fmt is None:
+        fmt = "float"
+    if fmt not in ("float", "base64"):
+        raise ApiError(
+            422, f'"encoding_format" must be "float" or "base64", got {fmt!r:.40}',
+            "encoding_format",
+        )  # fmt: skip
+    dims = obj.get("dimensions")
+    if dims is not None:
+        if isinstance(dims, bool) or not isinstance(dims, int):
+            raise ApiError(
+                422, f'"dimensions" must be an integer, got {_json_type(dims)}', "dimensions"
+            )
+        if dims != hidden_size:
+            raise ApiError(
+                400,
+                f'"dimensions"={dims} is not supported: LLM2Vec models are not Matryoshka-'
+                f"trained, so their embeddings cannot be shortened; this model gives "
+                f"{hidden_size} dimensions (omit \"dimensions\")",
+                "dimensions",
+            )
+    req = _parse_inputs(
+        obj, "input", vocab_size=vocab_size, max_inputs=max_inputs,
+        default_instruction=default_instruction, has_tokenizer=has_tokenizer,
+    )  # fmt: skip
+    req.encoding_format = fmt
+    req.model = model
+    return req
+
+
+def parse_tei(
+    obj: dict,
+    *,
+    vocab_size: int,
+    max_inputs: int,
+    default_instruction: str | None = None,
+    has_tokenizer: bool = True,
+) -> EmbedRequest:
+    """Validate a text-embeddings-inference /embed body (see the module docstring)."""
+    _reject_unknown(obj, ("inputs", "normalize", "truncate", "truncation_direction",
+                          "prompt_name", "instruction"))  # fmt: skip
+    if "inputs" not in obj:
+        raise ApiError(422, 'missing field "inputs" (a string or a list of strings)', "inputs")
+    direction = obj.get("truncation_direction")
+    if direction is not None and direction not in ("Right", "right"):
+        raise ApiError(
+            422, f'"truncation_direction" must be "Right" (llm2vec truncates at the end), got '
+            f"{direction!r:.40}", "truncation_direction",
+        )  # fmt: skip
+    if obj.get("prompt_name") is not None:
+        raise ApiError(
+            422, '"prompt_name" is not supported: send the prompt as "instruction"', "prompt_name"
+        )
+    return _parse_inputs(
+        obj, "inputs", vocab_size=vocab_size, max_inputs=max_inputs,
+        default_instruction=default_instruction, has_tokenizer=has_tokenizer,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ helpers
+def _parse_inputs(
+    obj: dict, name: str, *, vocab_size: int, max_inputs: int, default_instruction, has_tokenizer
+) -> EmbedRequest:
+    normalize = _bool_field(obj, "normalize", True)
+    truncate = _bool_field(obj, "truncate", True)
+    instruction = obj.get("instruction")
+    if instruction is not None and not isinstance(instruction, str):
+        raise ApiError(
+            422, f'"instruction" must be a string, got {_json_type(instruction)}', "instruction"
+        )
+    value = obj[name]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ApiError(
+            422, f'"{name}" must be a string, a list of strings or a list of token-id lists, '
+            f"got {_json_type(value)}", name,
+        )  # fmt: skip
+    if not value:
+        raise ApiError(422, f'"{name}" is an empty list: send at least one input', name)
+    if _is_int(value[0]):
+        value = [value]  # one input given as token ids
+    if len(value) > max_inputs:
+        raise ApiError(
+            413, f'"{name}" has {len(value)} inputs but this server takes at most {max_inputs} '
+            "per request (--max-client-batch-size): split the request", name,
+        )  # fmt: skip
+    if isinstance(value[0], str):
+        for i, text in enumerate(value):
+            if not isinstance(text, str):
+                raise ApiError(
+                    422, f"{name}[{i}]: expected a string like {name}[0], got {_json_type(text)}",
+                    f"{name}[{i}]",
+                )  # fmt: skip
+            if not text:
+                raise ApiError(
+                    422, f"{name}[{i}]: empty string (every input needs at least one character)",
+                    f"{name}[{i}]",
+                )  # fmt: skip
+        if not has_tokenizer:
+            raise ApiError(
+                422, f"this server's model has no tokenizer: send \"{name}\" as token ids", name
+            )
+        if instruction is None:
+            instruction = default_instruction
+        items = [[instruction, t] if instruction else t for t in value]
+        return EmbedRequest(items, tokens=False, normalize=normalize, truncate=truncate)
+    if instruction:
+        raise ApiError(
+            422, '"instruction" applies to text inputs only; token-id inputs are embedded as '
+            "given (put the instruction's tokens in the ids)", "instruction",
+        )  # fmt: skip
+    items = []
+    for i, ids in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(ids, list):
+            raise ApiError(
+                422, f"{where}: expected a list of token ids like {name}[0], got "
+                f"{_json_type(ids)}", where,
+            )  # fmt: skip
+        if not ids:
+            raise ApiError(422, f"{where}: empty token-id list", where)
+        for j, t in enumerate(ids):
+            if not _is_int(t):
+                raise ApiError(
+                    422, f"{where}[{j}]: token ids must be integers, got {_json_type(t)}",
+                    f"{where}[{j}]",
+                )  # fmt: skip
+            if t < 0 or t >= vocab_size:
+                raise ApiError(
+                    422, f"{where}[{j}]: token id {t} is outside the vocabulary [0, "
+                    f"{vocab_size})", f"{where}[{j}]",
+                )  # fmt: skip
+        items.append(ids)
+    return EmbedRequest(items, tokens=True, normalize=normalize, truncate=truncate)
+
+
+def _bool_field(obj: dict, name: str, default: bool) -> bool:
+    value = obj.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(422, f'"{name}" must be true or false, got {_json_type(value)}', name)
+    return value
+
+
+def _reject_unknown(obj: dict, known: tuple[str, ...]) -> None:
+    unknown = sorted(k for k in obj if k not in known)
+    if unknown:
+        raise ApiError(
+            422, f"unknown field(s) {', '.join(repr(k) for k in unknown)}; accepted: "
+            f"{', '.join(known)}", unknown[0],
+        )  # fmt: skip
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _json_type(x) -> str:
+    if x is None:
+        return "null"
+    if isinstance(x, bool):
+        return "a boolean"
+    if isinstance(x, (int, float)):
+        return "a number"
+    if isinstance(x, str):
+        return "a string"
+    if isinstance(x, list):
+        return "a list"
+    if isinstance(x, dict):
+        return "an object"
+    return type(x).__name__
