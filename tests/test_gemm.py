@@ -434,6 +434,7 @@ def test_gpu_cuda_graph_capture():
 
 
 @pytest.mark.gpu
+@pytest.mark.compile_heavy
 def test_gpu_torch_compile():
     m = 77
     x, w, r, _ = _residual_inputs(m, HIDDEN, 1024, torch.bfloat16, "cuda", bias=False)
@@ -455,6 +456,7 @@ def test_gpu_torch_compile():
 
 
 @pytest.mark.gpu
+@pytest.mark.compile_heavy
 def test_gpu_opcheck():
     x, w, r, b = _residual_inputs(33, 264, 200, torch.bfloat16, "cuda")
     torch.library.opcheck(torch.ops.l2v.gemm_residual.default, (x, w, r, b))

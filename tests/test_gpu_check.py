@@ -333,3 +333,34 @@ def test_setup_require_extension_turns_a_skip_into_an_error(tmp_path):
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 1
     assert "L2V_REQUIRE_EXTENSION=1 and the extension cannot be built" in bad.stderr
+
+
+def _marks(fn) -> set[str]:
+    import ast
+
+    names = set()
+    for d in fn.decorator_list:
+        node = d.func if isinstance(d, ast.Call) else d
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) \
+                and node.value.attr == "mark":
+            names.add(node.attr)
+    return names
+
+
+def test_compile_heavy_gpu_tests_carry_the_marker():
+    """gpu_check.sh runs `gpu and compile_heavy` last: every GPU test that calls torch.compile or
+    torch.library.opcheck must carry the marker, and the marker is registered."""
+    import ast
+
+    assert "compile_heavy:" in (REPO / "pyproject.toml").read_text()
+    found = []
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef) or not fn.name.startswith("test"):
+                continue
+            body = ast.unparse(fn)
+            if "gpu" in _marks(fn) and ("torch.compile(" in body or "opcheck(" in body):
+                found.append(f"{path.name}::{fn.name}")
+                assert "compile_heavy" in _marks(fn), f"{path.name}::{fn.name}"
+    assert "test_gemm.py::test_gpu_torch_compile" in found
