@@ -162,8 +162,9 @@ def _attn_loop(
 @triton.autotune(
     configs=_configs(),
     # GROUP too: models with different GQA group sizes may run in one process, and the tuning
-    # results are kept on disk across processes.
-    key=["HEAD_DIM", "GROUP", "CAUSAL", "PADDED"],
+    # results are kept on disk across processes. WINDOW / SOFTCAP: a windowed program walks a
+    # few key blocks, not the whole text, so its best tile may differ.
+    key=["HEAD_DIM", "GROUP", "CAUSAL", "PADDED", "WINDOW", "SOFTCAP"],
     prune_configs_by={"early_config_prune": _prune_configs},
     **_AUTOTUNE_EXTRA,
 )
