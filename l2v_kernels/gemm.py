@@ -321,7 +321,7 @@ def _gemm_swiglu_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    M_CLASS: tl.constexpr,  # unused: the size class of M, a tuning key (see _gemm_swiglu_small)
+    M_CLASS: tl.constexpr,  # unused: the size class of M, a tuning key (see M_CLASS_BOUNDS)
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -391,14 +391,20 @@ _LARGE_M_CONFIGS = [
     _config(128, 64, 64, 8, 4),
     _config(64, 128, 64, 4, 4),
 ]
-# M <= 64 (queries, short texts): the weight stream dominates; narrow M tiles and narrower N
-# tiles put more programs on the 132 SMs.
+# M <= 128 (one query, a few short texts): the weight stream dominates; narrow M tiles and
+# narrower N tiles put more programs on the 132 SMs.
 _SMALL_M_CONFIGS = [
     _config(16, 32, 128, 4, 4),
     _config(16, 64, 128, 4, 4),
     _config(32, 64, 64, 4, 4),
     _config(64, 64, 64, 4, 4),
     _config(64, 128, 64, 4, 3),
+]
+# M <= 16: 16-row tiles only (the smallest wgmma M); more or fewer columns per program.
+_TINY_M_CONFIGS = [
+    _config(16, 32, 128, 4, 4),
+    _config(16, 64, 128, 4, 4),
+    _config(16, 128, 64, 4, 4),
 ]
 # fp32 (a testing dtype: "auto" sends it to cuBLAS) is not tuned: one small tile, chosen from
 # ptxas reports (sm90: 128 registers, no spills, 20 KiB shared memory). The tiles above spill
@@ -407,20 +413,28 @@ _FP32_CONFIG = _config(32, 64, 32, 4, 2)
 # The interpreter (CPU tests): one small config, no autotuning (it would benchmark each config).
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4}
 
-
-def _prune_swiglu_configs(configs, named_args, **kwargs):
-    """fp32 inputs: the one fp32 tile; otherwise every candidate."""
-    x = named_args.get("x_ptr")
-    return [_FP32_CONFIG] if getattr(x, "dtype", None) == torch.float32 else configs
-
-
 # M (the token count) changes with every batch, so it is not an autotuning key: each size class
-# of M has its own autotuner, tuned per (I, K, dtype) at the first call in that class. A class
-# choice guards only a range of M, so torch.compile with dynamic shapes does not recompile per M.
-# M_CLASS (0 small, 1 medium, 2 large) is in the key so that the medium and large classes, with
-# the same configs, keep separate tuning results on disk.
-_SMALL_M = 64
-_MEDIUM_M = 1024
+# of M has its own autotuner, tuned per (I, K, dtype) at the first call in that class (so the
+# query class is tuned at a query's M, not at M = 1). A class choice guards only a range of M,
+# so torch.compile with dynamic shapes does not recompile per M. M_CLASS is in the key so that
+# classes with the same candidates keep separate tuning results on disk.
+#   0 tiny    M <= 16      a text of a few tokens (tests, tiny batches)
+#   1 query   M <= 128     one query (BOS + instruction + 10-40 tokens): batch-1 latency
+#   2 medium  M <= 1024    a few texts: batch-8 latency
+#   3 large   M > 1024     packed throughput batches (the encoder's token budget)
+M_CLASS_BOUNDS = (16, 128, 1024)
+M_CLASS_NAMES = ("tiny", "query", "medium", "large")
+_CLASS_CONFIGS = (_TINY_M_CONFIGS, _SMALL_M_CONFIGS, _LARGE_M_CONFIGS, _LARGE_M_CONFIGS)
+# Weights of at most this many elements per half (I * K: test shapes, SmolLM2-135M's 1536 x 576)
+# are not autotuned: one fixed config per M class, as tuning them costs more compile and timing
+# than it can win. Model-sized weights (1.3B and up: 5504 x 2048, 14336 x 4096) are tuned.
+TUNE_MIN_WEIGHT = 1 << 23
+_FIXED_CONFIGS = (
+    _config(16, 64, 128, 4, 4),
+    _config(32, 64, 64, 4, 4),
+    _config(64, 128, 64, 4, 3),
+    _config(128, 128, 64, 8, 3),
+)
 _KEY = ["I", "K", "M_CLASS"]
 # Tuning results are kept on disk where this Triton can (3.2+): a new process does not benchmark
 # every config again on its first call.
@@ -430,17 +444,30 @@ _AUTOTUNE_EXTRA = (
 )
 
 
+def m_class(m: int) -> int:
+    """The size class of M (0 tiny, 1 query, 2 medium, 3 large; see M_CLASS_BOUNDS)."""
+    return sum(m > bound for bound in M_CLASS_BOUNDS)
+
+
 def _swiglu_autotuner(configs):
-    return triton.autotune(
-        configs=configs, key=_KEY,
-        prune_configs_by={"early_config_prune": _prune_swiglu_configs},
-        **_AUTOTUNE_EXTRA,
-    )(_gemm_swiglu_kernel)
+    # One config: Triton runs it without benchmarking (the fixed and fp32 paths).
+    extra = _AUTOTUNE_EXTRA if len(configs) > 1 else {}
+    return triton.autotune(configs=configs, key=_KEY, **extra)(_gemm_swiglu_kernel)
 
 
-_gemm_swiglu_small = _swiglu_autotuner(_SMALL_M_CONFIGS)
-_gemm_swiglu_medium = _swiglu_autotuner(_LARGE_M_CONFIGS)
-_gemm_swiglu_large = _swiglu_autotuner(_LARGE_M_CONFIGS)
+_TUNED = tuple(_swiglu_autotuner(c) for c in _CLASS_CONFIGS)
+_FIXED = tuple(_swiglu_autotuner([c]) for c in _FIXED_CONFIGS)
+_FP32 = _swiglu_autotuner([_FP32_CONFIG])
+
+
+def swiglu_config_choice(m: int, i: int, k: int, dtype: torch.dtype):
+    """(autotuner, M class, candidate configs) a [M, K] x [2I, K] call of this dtype runs."""
+    c = m_class(m)
+    if dtype == torch.float32:
+        return _FP32, c, [_FP32_CONFIG]
+    if i * k <= TUNE_MIN_WEIGHT:
+        return _FIXED[c], c, [_FIXED_CONFIGS[c]]
+    return _TUNED[c], c, _CLASS_CONFIGS[c]
 
 
 def gemm_swiglu_fwd(
@@ -475,17 +502,12 @@ def gemm_swiglu_fwd(
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(i, cfg["BLOCK_N"]),)
         _gemm_swiglu_kernel[grid](*args, **consts, **cfg, M_CLASS=0)
         return out
-    if m <= _SMALL_M:
-        kernel, m_class = _gemm_swiglu_small, 0
-    elif m <= _MEDIUM_M:
-        kernel, m_class = _gemm_swiglu_medium, 1
-    else:
-        kernel, m_class = _gemm_swiglu_large, 2
+    kernel, size_class, _ = swiglu_config_choice(m, i, k, x.dtype)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(i, meta["BLOCK_N"]),)
 
-    wrap(kernel)[grid](*args, **consts, M_CLASS=m_class)
+    wrap(kernel)[grid](*args, **consts, M_CLASS=size_class)
     return out
 
 
