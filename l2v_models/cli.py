@@ -25,7 +25,7 @@ from pathlib import Path
 # must import lightly (argparse only, heavy imports inside func).
 FEATURE_COMMANDS: tuple[str, ...] = (
     # "l2v_models.serve.cli",  # l2v serve
-    # "l2v_models.corpus.cli",  # l2v encode-corpus
+    "l2v_models.corpus.cli",  # l2v encode-corpus
     # "l2v_models.train.cli",  # l2v train
     "l2v_models.eval.cli",  # l2v eval
 )

@@ -1,0 +1,200 @@
+"""`l2v encode-corpus`: embed JSONL / Parquet files into Parquet on Ray Data.
+
+    l2v encode-corpus data/*.jsonl --output emb/                           # local Ray instance
+    l2v encode-corpus 's3://bucket/part-*.parquet' -o s3://bucket/emb --ray-address auto
+
+Imported while the `l2v` parser is built: argparse only here; Ray, pyarrow and torch are imported
+inside the command. Errors end in one `l2v: error: ...` line (set L2V_DEBUG=1 for tracebacks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "encode-corpus",
+        help="embed JSONL/Parquet files into Parquet on Ray (many GPUs, resumable)",
+        description="Embed every row of JSONL or Parquet files with an LLM2Vec model on Ray Data "
+        "(one model per worker; a worker per GPU by default). Writes OUTPUT/<stem>.parquet per "
+        "input file (columns id, embedding) and OUTPUT/_SUCCESS.json last. Rerunning the same "
+        "command skips complete outputs and redoes the rest.",
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="JSONL (.jsonl/.ndjson) or Parquet (.parquet/.pq) files or globs; local "
+        "paths or pyarrow URIs (s3://...)",
+    )
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--id-field", default="id", metavar="NAME", help="id field (default: id)")
+    p.add_argument(
+        "--text-field", default="text", metavar="NAME", help="text field (default: text)"
+    )
+    ins = p.add_mutually_exclusive_group()
+    ins.add_argument(
+        "--instruction-field",
+        default=None,
+        metavar="NAME",
+        help="per-row instruction field (a missing or null value: no instruction)",
+    )
+    ins.add_argument(
+        "--instruction", default=None, metavar="TEXT", help="one instruction for every row"
+    )
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="model workers (default: one per GPU of the cluster; 1 without GPUs)",
+    )
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        metavar="G",
+        help="GPUs per worker, 0 to 1 (default: 1 when the cluster has GPUs, else 0)",
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        metavar="C",
+        help="CPUs per worker (default: 1 with GPUs; else the cluster's CPUs shared "
+        "by the workers)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="join a running Ray cluster: 'auto' (this machine's) or HOST:6379 "
+        "(default: start a local Ray instance)",
+    )
+    p.add_argument(
+        "--batch-texts",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="rows per Ray batch (default: 1024)",
+    )
+    # The model options of `l2v encode`.
+    p.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="base model: HF dir or hub id, LLM2Vec -mntp dir, .gguf file (default: "
+        "the embedded SmolLM2); every worker must be able to read it",
+    )
+    p.add_argument("--peft", default=None, help="LoRA adapter dir or hub id (e.g. -supervised)")
+    p.add_argument(
+        "--pooling",
+        default=None,
+        choices=("mean", "weighted_mean", "eos_token", "last_token", "bos_token"),
+        help="pooling mode (default: llm2vec_config.json, else mean)",
+    )
+    p.add_argument("--max-length", type=int, default=None, help="token limit per text")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16, float16 or auto (default: bf16 on CUDA, fp32 on CPU)",
+    )
+    p.add_argument(
+        "--device", default=None, help="cpu or cuda (default: the worker's GPU, else cpu)"
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "triton", "torch"),
+        help="kernels: triton (CUDA) or torch (default: auto)",
+    )
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="real tokens per forward pass (default: 16384 on CUDA, 4096 on CPU)",
+    )
+    p.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_encode_corpus)
+    return p
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or os.sep in name[:1]
+
+
+def _check_model_paths(args, usage_error) -> None:
+    """A local model or adapter path that does not exist fails here, not in every worker."""
+    for option, value in (("--model", args.model), ("--peft", args.peft)):
+        if (
+            value is not None
+            and _looks_local(value)
+            and not os.path.exists(os.path.expanduser(value))
+        ):
+            raise usage_error(f"{option} {value}: no such file or directory")
+
+
+def cmd_encode_corpus(args) -> int:
+    from l2v_models.cli import UsageError, _check_gguf_support
+
+    try:
+        import pyarrow  # noqa: F401
+        import ray
+    except ImportError:
+        raise UsageError(
+            "l2v encode-corpus needs Ray Data and pyarrow: pip install 'l2v[ray]'"
+        ) from None
+    from ray.data.exceptions import UserCodeException
+
+    from l2v_models.corpus.inputs import CorpusInputError, Fields
+    from l2v_models.corpus.runner import describe_ray_error, encode_corpus
+
+    _check_model_paths(args, UsageError)
+    _check_gguf_support(args.model)
+    model_kwargs = dict(
+        pooling_mode=args.pooling,
+        max_length=args.max_length,
+        torch_dtype=args.dtype,
+        backend=args.backend,
+        max_tokens_per_batch=args.batch_tokens,
+    )
+    if args.device is not None:
+        model_kwargs["device_map"] = args.device
+    model_kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
+    fields = Fields(id=args.id_field, text=args.text_field, instruction=args.instruction_field)
+    try:
+        result = encode_corpus(
+            args.inputs,
+            args.output,
+            args.model,
+            peft=args.peft,
+            fields=fields,
+            instruction=args.instruction,
+            normalize=args.normalize,
+            num_workers=args.num_workers,
+            gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker,
+            batch_texts=args.batch_texts,
+            ray_address=args.ray_address,
+            progress=not args.quiet,
+            **model_kwargs,
+        )
+    except CorpusInputError as e:
+        raise UsageError(str(e)) from e
+    except (ray.exceptions.RayError, UserCodeException) as e:
+        raise UsageError(
+            f"a Ray worker failed: {describe_ray_error(e)} (complete outputs are kept: rerun "
+            "to resume)"
+        ) from e
+    skipped = f", {result.skipped_files} complete files skipped" if result.skipped_files else ""
+    print(
+        f"encoded {result.embedded_rows} rows in {result.embedded_files} files "
+        f"({result.rows_per_s:.1f} rows/s, {result.embed_seconds:.1f}s{skipped}) -> "
+        f"{args.output}: {result.rows} rows in {len(result.files)} files, dimension "
+        f"{result.dimension}, verified one row per input row; manifest {result.manifest}"
+    )
+    return 0
