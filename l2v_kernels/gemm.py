@@ -277,7 +277,7 @@ def gemm_residual_fwd(
 ) -> torch.Tensor:
     """Unchecked launcher of gemm_residual (no validation, no host sync: CUDA-graph capturable).
 
-    The caller validated once what gemm_residual(impl="auto") checks on every call: CUDA,
+    The caller guarantees (validated once) what gemm_residual(impl="auto") checks per call: CUDA,
     float16/bfloat16, one dtype and device, x [M, K], w [N, K], residual [M, N] or None, bias [N]
     or None, contiguous last dims, 16-byte aligned. Returns x @ w.T (+ bias) (+ residual), fp32
     accumulate, one rounding: the extension's cuBLASLt op when it is loaded, else cuBLAS
@@ -479,7 +479,7 @@ def gemm_swiglu_fwd(
     """Unchecked launcher of the Triton gemm_swiglu kernel (no validation, no host sync:
     CUDA-graph capturable after one warm-up call per M class has autotuned).
 
-    The caller validated once: x [M, K], w_gate_up [2I, K] (pack_gate_up), one dtype
+    The caller guarantees (validated once): x [M, K], w_gate_up [2I, K] (pack_gate_up), one dtype
     (fp16/bf16/fp32), one device (CUDA, or CPU under TRITON_INTERPRET=1), contiguous last dims,
     act in ACTIVATIONS; out [M, I] in x's dtype with stride(1) == 1 (allocated when None).
     Writes act(x @ gate.T) * (x @ up.T) into out and returns it.
