@@ -11,7 +11,7 @@ import importlib
 _EXPORTS = {
     "LLM2Vec": "encoder",
     "ModelConfig": "config",
-    "Transformer": "llama",
+    "Transformer": "model",
     "Loaded": "loading",
     "load_model": "loading",
 }

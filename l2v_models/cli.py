@@ -24,7 +24,7 @@ from pathlib import Path
 # adds its parser with set_defaults(func=...); it is imported while the parser is built, so it
 # must import lightly (argparse only, heavy imports inside func).
 FEATURE_COMMANDS: tuple[str, ...] = (
-    # "l2v_models.serve.cli",  # l2v serve
+    "l2v_models.serve.cli",  # l2v serve
     "l2v_models.corpus.cli",  # l2v encode-corpus
     # "l2v_models.train.cli",  # l2v train
     "l2v_models.eval.cli",  # l2v eval
@@ -251,7 +251,7 @@ def cmd_info(args) -> int:
         ext = f"unavailable ({type(e).__name__}: {e})"
     rows.append(("C++/CUDA extension", ext))
     try:
-        from l2v_models.llama import resolve_backend
+        from l2v_models.model import resolve_backend
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         rows.append(("backend (auto)", f"{resolve_backend('auto', device)} on {device}"))

@@ -1,9 +1,10 @@
 """Model configuration: a Hugging Face config.json -> the few numbers the l2v model needs.
 
 `ModelConfig.from_hf_config` accepts a config dict (config.json as written by transformers 4.x or
-5.x) or a transformers config object, and refuses, with an error naming the feature, anything the
-l2v model would compute differently from Hugging Face (other architectures, other RoPE scalings,
-MLP/attention biases where the family has none, other activations, ...).
+5.x) or a transformers config object. The family is looked up in the architecture registry
+(l2v_models.architectures) by `model_type`; its spec supplies the layer variant. Anything the l2v
+model would compute differently from Hugging Face (unknown families, RoPE scalings, biases where
+the family has none, other activations, ...) is refused with an error naming the feature.
 """
 
 from __future__ import annotations
@@ -14,22 +15,20 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
-# Families llm2vec supports that l2v does not implement yet: say so instead of "unknown".
-_LATER_ARCHS = {
-    "gemma": "Gemma",
-    "gemma2": "Gemma-2",
-    "gemma3": "Gemma-3",
-    "gemma3_text": "Gemma-3",
-}
-_SUPPORTED_ROPE_TYPES = ("default", "llama3")
+from l2v_models.architectures import REGISTRY, ArchSpec, spec_for_model_type
+
+SUPPORTED_ARCHS = tuple(REGISTRY)
+_SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# Hugging Face activation names l2v's gated MLP computes, by their kernel name.
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """What the l2v Transformer needs to know about a Llama / Mistral / Qwen2 checkpoint."""
+    """What the l2v Transformer needs to know about a checkpoint (any registered family)."""
 
-    arch: str  # "llama" | "mistral" | "qwen2" (the HF model_type)
+    arch: str  # the family: a key of l2v_models.architectures.REGISTRY
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -39,13 +38,26 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
-    # None for plain RoPE, else the llama3 parameters: factor, low_freq_factor, high_freq_factor,
-    # original_max_position_embeddings.
-    rope_scaling: dict[str, float] | None = None
+    # None for plain RoPE; else {"rope_type": "llama3", factor, low_freq_factor,
+    # high_freq_factor, original_max_position_embeddings} or {"rope_type": "linear", factor}.
+    rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 4096
     qkv_bias: bool = False  # Qwen2: q/k/v projections carry a bias (o_proj does not)
-    sliding_window: int | None = None  # sequences longer than this are refused
-    hidden_act: str = "silu"
+    # Mistral / Qwen2 sliding window: l2v attends over whole texts (as llm2vec's bidirectional
+    # models do within it), so texts longer than this are refused.
+    sliding_window: int | None = None
+    hidden_act: str = "silu"  # the gated MLP's activation: "silu" or "gelu_tanh"
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + w): 1.0 for Gemma
+    embed_scale: float | None = None  # embeddings times this, rounded to the dtype (Gemma)
+    sandwich_norms: bool = False  # Gemma-2/3: norms after attention and after the MLP too
+    qk_norm: bool = False  # Gemma-3: per-head RMSNorm of q and k before RoPE
+    attn_scale: float | None = None  # softmax scale; None = head_dim ** -0.5
+    attn_softcap: float | None = None  # Gemma-2: scores -> softcap * tanh(scores / softcap)
+    # Gemma-2/3 local layers attend to keys with |i - j| < local_window (bidirectionally).
+    local_window: int | None = None
+    layer_types: tuple[str, ...] = ()  # per layer "full" or "local"; () = all full
+    local_rope_theta: float | None = None  # Gemma-3: RoPE base of the local layers
+    causal: bool = False  # causal attention (llm2vec's Qwen2 encodes causally)
 
     @property
     def q_size(self) -> int:
@@ -59,6 +71,17 @@ class ModelConfig:
     def qkv_size(self) -> int:
         return self.q_size + 2 * self.kv_size
 
+    @property
+    def spec(self) -> ArchSpec:
+        return REGISTRY[self.arch]
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
+
+    def layer_is_local(self, i: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[i] == "local"
+
     @classmethod
     def from_hf_config(cls, cfg: Any) -> ModelConfig:
         """Build from a config.json dict or a transformers PretrainedConfig (4.4x or 5.x).
@@ -67,16 +90,7 @@ class ModelConfig:
         """
         d = _as_dict(cfg)
         arch = d.get("model_type")
-        if arch in _LATER_ARCHS:
-            raise ValueError(
-                f"{_LATER_ARCHS[arch]} models (model_type {arch!r}) are not supported by l2v yet: "
-                "Gemma support comes later. Supported: " + ", ".join(SUPPORTED_ARCHS)
-            )
-        if arch not in SUPPORTED_ARCHS:
-            raise ValueError(
-                f"unsupported architecture model_type={arch!r}; l2v supports "
-                + ", ".join(SUPPORTED_ARCHS)
-            )
+        spec = spec_for_model_type(arch)
 
         def need(key: str):
             if d.get(key) is None:
@@ -93,33 +107,16 @@ class ModelConfig:
             )
         if head_dim % 2 != 0:
             raise ValueError(f"head_dim={head_dim} must be even for rotary embeddings")
-
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"unsupported hidden_act={act!r} for {arch}: l2v implements 'silu'")
         if d.get("mlp_bias"):
             raise ValueError(f"unsupported config feature mlp_bias=True ({arch})")
-        if arch in ("llama", "mistral") and d.get("attention_bias"):
+        if not spec.qkv_bias and d.get("attention_bias"):
             raise ValueError(f"unsupported config feature attention_bias=True ({arch})")
         if d.get("partial_rotary_factor", 1.0) not in (None, 1.0):
             raise ValueError(
                 f"unsupported config feature partial_rotary_factor={d['partial_rotary_factor']}"
             )
-
-        rope_theta, rope_scaling = _rope(d)
-        max_pos = int(d.get("max_position_embeddings") or 4096)
-
-        sliding = None
-        if arch == "mistral":
-            sliding = d.get("sliding_window")
-        elif arch == "qwen2" and d.get("use_sliding_window"):
-            sliding = d.get("sliding_window")
-        layer_types = d.get("layer_types")
-        if layer_types and any(t != "full_attention" for t in layer_types) and sliding is None:
-            raise ValueError(f"unsupported layer_types {sorted(set(layer_types))} without a window")
-
-        return cls(
-            arch=arch,
+        fields = dict(
+            arch=spec.family,
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
             intermediate_size=int(need("intermediate_size")),
@@ -128,23 +125,34 @@ class ModelConfig:
             num_kv_heads=kv_heads,
             head_dim=head_dim,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            max_position_embeddings=max_pos,
-            qkv_bias=arch == "qwen2",
-            sliding_window=int(sliding) if sliding is not None else None,
-            hidden_act=act,
+            max_position_embeddings=int(d.get("max_position_embeddings") or 4096),
+            qkv_bias=spec.qkv_bias,
+            hidden_act=_activation(d, spec),
+            norm_offset=spec.norm_offset,
+            embed_scale=math.sqrt(hidden) if spec.embed_scale else None,
+            sandwich_norms=spec.sandwich_norms,
+            qk_norm=spec.qk_norm,
         )
+        if spec.family in ("gemma2", "gemma3"):
+            fields.update(_gemma_local_layers(d, spec.family))
+        else:
+            fields["rope_theta"], fields["rope_scaling"] = _rope(d)
+            fields["sliding_window"] = _whole_text_window(d, spec.family)
+        return cls(**fields)
 
-    def inv_freq(self, device: torch.device | str | None = None) -> torch.Tensor:
+    def inv_freq(self, device: torch.device | str | None = None, *, local: bool = False):
         """RoPE inverse frequencies, fp32 [head_dim/2], computed exactly as transformers does
-        (`_compute_default_rope_parameters`, `_compute_llama3_parameters`)."""
+        (`_compute_default_rope_parameters`, `_compute_llama3_parameters`, linear scaling).
+        local=True: those of the local layers (Gemma-3's own base, no scaling)."""
         dim = self.head_dim
         exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float)
-        inv_freq = 1.0 / (self.rope_theta ** (exponent / dim))
-        if self.rope_scaling is None:
+        theta = self.local_rope_theta if local and self.local_rope_theta else self.rope_theta
+        inv_freq = 1.0 / (theta ** (exponent / dim))
+        s = None if local else self.rope_scaling
+        if s is None:
             return inv_freq
-        s = self.rope_scaling
+        if s["rope_type"] == "linear":
+            return inv_freq / s["factor"]
         factor = s["factor"]
         low_freq_factor = s["low_freq_factor"]
         high_freq_factor = s["high_freq_factor"]
@@ -179,8 +187,79 @@ def _as_dict(cfg: Any) -> dict[str, Any]:
     return d
 
 
-def _rope(d: dict[str, Any]) -> tuple[float, dict[str, float] | None]:
-    """(rope_theta, llama3 scaling or None) from either spelling:
+def _activation(d: dict[str, Any], spec: ArchSpec) -> str:
+    """The gated MLP's activation, as the family's Hugging Face MLP picks it."""
+    if spec.act == "gelu_tanh":
+        # Gemma's MLPs use `hidden_activation` (gelu_pytorch_tanh when unset); an old `hidden_act`
+        # "gelu" is ignored by transformers for them.
+        name = d.get("hidden_activation") or "gelu_pytorch_tanh"
+        key = "hidden_activation"
+    else:
+        name = d.get("hidden_act", "silu")
+        key = "hidden_act"
+    if _ACTIVATIONS.get(name) != spec.act:
+        raise ValueError(
+            f"unsupported {key}={name!r} for {spec.family}: l2v implements {spec.act!r}"
+        )
+    return spec.act
+
+
+def _whole_text_window(d: dict[str, Any], family: str) -> int | None:
+    sliding = None
+    if family == "mistral":
+        sliding = d.get("sliding_window")
+    elif family == "qwen2" and d.get("use_sliding_window"):
+        sliding = d.get("sliding_window")
+    layer_types = d.get("layer_types")
+    if layer_types and any(t != "full_attention" for t in layer_types) and sliding is None:
+        raise ValueError(f"unsupported layer_types {sorted(set(layer_types))} without a window")
+    return int(sliding) if sliding is not None else None
+
+
+def _gemma_local_layers(d: dict[str, Any], family: str) -> dict[str, Any]:
+    """Gemma-2/3: local/global layer pattern, window, softmax scale, soft-capping, RoPE bases."""
+    n = int(d["num_hidden_layers"])
+    types = d.get("layer_types")
+    if types is None:  # configs older than layer_types
+        if family == "gemma2":  # even layers local
+            types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+        else:  # every `sliding_window_pattern`-th layer global
+            pattern = int(d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6)
+            types = [
+                "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                for i in range(n)
+            ]
+    if len(types) != n or any(t not in ("sliding_attention", "full_attention") for t in types):
+        raise ValueError(f"unsupported layer_types {types!r} for {family}")
+    window = d.get("sliding_window")
+    if window is None and "sliding_attention" in types:
+        raise ValueError(f"{family} config has local layers but no sliding_window")
+    scalar = d.get("query_pre_attn_scalar")
+    softcap = d.get("attn_logit_softcapping") if family == "gemma2" else None
+    out: dict[str, Any] = dict(
+        local_window=int(window) if window is not None else None,
+        layer_types=tuple("local" if t == "sliding_attention" else "full" for t in types),
+        attn_scale=float(scalar) ** -0.5 if scalar else None,
+        attn_softcap=float(softcap) if softcap else None,
+    )
+    params = d.get("rope_parameters")
+    if family == "gemma3" and isinstance(params, dict) and "full_attention" in params:
+        # transformers 5: one RoPE parameter set per layer type
+        out["rope_theta"], out["rope_scaling"] = _rope({"rope_parameters": params["full_attention"]})
+        local = {"rope_parameters": params.get("sliding_attention")}
+        local_theta, local_scaling = _rope(local)
+        if local_scaling is not None:
+            raise ValueError("unsupported config feature: RoPE scaling on Gemma-3 local layers")
+        out["local_rope_theta"] = local_theta
+        return out
+    out["rope_theta"], out["rope_scaling"] = _rope(d)
+    if family == "gemma3":  # transformers 4.5x: rope_local_base_freq
+        out["local_rope_theta"] = float(d.get("rope_local_base_freq") or 10000.0)
+    return out
+
+
+def _rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, scaling or None) from either spelling:
     transformers 4.4x: rope_theta + rope_scaling {"type"|"rope_type", ...};
     transformers 5.x: rope_parameters {"rope_theta", "rope_type", ...}."""
     params = d.get("rope_parameters")
@@ -204,12 +283,15 @@ def _rope(d: dict[str, Any]) -> tuple[float, dict[str, float] | None]:
         )
     if rope_type == "default":
         return float(theta), None
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    missing = [k for k in keys if scaling.get(k) is None]
+    if rope_type == "linear":
+        if scaling.get("factor") is None:
+            raise ValueError("linear RoPE scaling is missing 'factor'")
+        return float(theta), {"rope_type": "linear", "factor": float(scaling["factor"])}
+    missing = [k for k in _LLAMA3_KEYS if scaling.get(k) is None]
     if "original_max_position_embeddings" in missing and d.get("max_position_embeddings"):
         # transformers 5 falls back to max_position_embeddings here, as do we.
         scaling["original_max_position_embeddings"] = d["max_position_embeddings"]
         missing.remove("original_max_position_embeddings")
     if missing:
         raise ValueError(f"llama3 RoPE scaling is missing {missing}")
-    return float(theta), {k: float(scaling[k]) for k in keys}
+    return float(theta), {"rope_type": "llama3", **{k: float(scaling[k]) for k in _LLAMA3_KEYS}}

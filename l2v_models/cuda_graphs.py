@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from l2v_kernels.reference import positions_from_cu_seqlens
-from l2v_models.llama import POOL_MODES
+from l2v_models.model import POOL_MODES
 from l2v_models.packing import PackedBatch
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class _Graph:
 class BucketedGraphRunner:
     """Forward + pooling of small packed batches, replayed from CUDA graphs captured per bucket.
 
-    model: an l2v_models.llama.Transformer (triton backend on CUDA when capture=True).
+    model: an l2v_models.model.Transformer (triton backend on CUDA when capture=True).
     max_tokens / min_tokens: the token buckets (see the module doc); max_seqs: the largest
     sequence bucket. capture=False: the same padded computation run eagerly (any device).
     `calls` counts "replay", "capture", "padded_eager" and "eager" (over the largest bucket).
@@ -334,7 +334,7 @@ class BucketedGraphRunner:
             g.graph = graph
             # The graph reads the RoPE tables in place; a later longer text makes the model
             # build bigger ones, so keep these alive as long as the graph is.
-            g.keepalive = [self.model.rope_cos, self.model.rope_sin]
+            g.keepalive = self.model.rope_tables()
             self._graphs[key] = g
             self.calls["capture"] += 1
             graph.replay()  # the capture itself computed nothing: run the current batch

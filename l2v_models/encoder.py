@@ -160,7 +160,7 @@ def _normalize_sentences(sentences) -> tuple[list[tuple[str, str]], bool]:
 class LLM2Vec:
     """llm2vec 0.2.3's `LLM2Vec` on the l2v model. Build with `from_pretrained`.
 
-    Attributes llm2vec users touch: model (an l2v_models.llama.Transformer), tokenizer,
+    Attributes llm2vec users touch: model (an l2v_models.model.Transformer), tokenizer,
     pooling_mode, max_length, doc_max_length, skip_instruction (all settable), config (the
     transformers config). Also: name_or_path (what the chat templates key on), device, dtype,
     max_tokens_per_batch (None = DEFAULT_TOKENS_PER_BATCH for the device), cuda_graphs (small
@@ -183,7 +183,7 @@ class LLM2Vec:
     ):
         if not (hasattr(model, "pool") and hasattr(model, "config") and callable(model)):
             raise TypeError(
-                f"LLM2Vec wraps an l2v_models.llama.Transformer, got {type(model).__name__}; "
+                f"LLM2Vec wraps an l2v_models.model.Transformer, got {type(model).__name__}; "
                 "load models with LLM2Vec.from_pretrained(...)"
             )
         self.tokenizer = tokenizer

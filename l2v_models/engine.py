@@ -1,6 +1,6 @@
 """The engine: a loaded model + pooling. Tokenized texts in, pooled fp32 rows out.
 
-    engine = Engine(model)                                   # an l2v_models.llama.Transformer
+    engine = Engine(model)                                   # an l2v_models.model.Transformer
     rows = engine.embed(texts, mode="mean")                  # TokenizedTexts -> fp32 [N, D], CPU
     batch = pack(texts, idx).to(engine.device)               # or drive it batch by batch:
     pooled = engine.forward(batch, mode="mean")              # fp32 [B, D] on the device
@@ -54,7 +54,7 @@ def check_budget(name: str, value, *, allow_none: bool = True) -> int | None:
 class Engine:
     """Runs packed batches through a model and pools them.
 
-    model: an l2v_models.llama.Transformer. max_tokens_per_batch: real tokens per forward pass
+    model: an l2v_models.model.Transformer. max_tokens_per_batch: real tokens per forward pass
     (default 16384 on CUDA, 4096 on CPU; a longer text runs alone). max_texts_per_batch: at most
     this many texts per pass (default: no limit). cuda_graphs: replay small batches from captured
     CUDA graphs (CUDA + triton backend only; ValueError elsewhere).
@@ -70,7 +70,7 @@ class Engine:
     ):
         if not (hasattr(model, "pool") and hasattr(model, "config") and callable(model)):
             raise TypeError(
-                f"Engine runs an l2v_models.llama.Transformer, got {type(model).__name__}"
+                f"Engine runs an l2v_models.model.Transformer, got {type(model).__name__}"
             )
         self.model = model
         self.max_tokens_per_batch = check_budget("max_tokens_per_batch", max_tokens_per_batch)

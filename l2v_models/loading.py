@@ -767,7 +767,10 @@ def _resolve_dir(name_or_path: str, what: str, hint: str = "") -> Path:
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise FileNotFoundError(f"{what} {name_or_path!r} is a file, expected a directory")
+            raise FileNotFoundError(
+                f"{what} {name_or_path!r} is a file, expected a directory: pass the folder that "
+                "holds config.json, the tokenizer and the weights (or a .gguf file as the base)"
+            )
         return path
     if not _looks_like_repo_id(name_or_path):
         raise FileNotFoundError(f"{what} {name_or_path!r}: no such directory")

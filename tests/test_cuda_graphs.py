@@ -23,7 +23,7 @@ from l2v_models.config import ModelConfig
 from l2v_models.cuda_graphs import BucketedGraphRunner
 from l2v_models.encoder import LLM2Vec
 from l2v_models.hf_compat import build_hf_model
-from l2v_models.llama import POOL_MODES
+from l2v_models.model import POOL_MODES
 from l2v_models.loading import from_hf_state_dict
 from l2v_models.packing import PackedBatch
 

@@ -148,5 +148,5 @@ def test_bad_ids_and_settings_refused_before_running(model):
         Engine(model, max_tokens_per_batch=0)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         engine.embed(TokenizedTexts.whole([[1]]), max_texts=0)
-    with pytest.raises(TypeError, match="Engine runs an l2v_models.llama.Transformer"):
+    with pytest.raises(TypeError, match="Engine runs an l2v_models.model.Transformer"):
         Engine(object())

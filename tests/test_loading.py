@@ -345,11 +345,9 @@ def test_sliding_window_and_qwen2_window_flags():
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"model_type": "gemma"}, "Gemma support comes later"),
-        ({"model_type": "gemma2"}, "Gemma support comes later"),
         ({"model_type": "phi3"}, "unsupported architecture model_type='phi3'"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "'yarn'"),
-        ({"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}}, "'linear'"),
+        ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "'dynamic'"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"attention_bias": True}, "attention_bias"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),

@@ -1,0 +1,292 @@
+"""The ops the model's one layer body calls, per backend: chosen once, when a model is built.
+
+    ops = TorchOps(config)                 # plain PyTorch: any device, autograd (training)
+    ops = TritonOps(config, weights)       # l2v_kernels' Triton kernels + the C++ extension
+
+Both have the same methods (the layer body in l2v_models.model never asks which it has):
+
+    rms_norm(x, w) -> y                              y = x / rms(x) * (offset + w)
+    norm_add_norm(x, residual, w_a, w_b) -> (y, h)   h = residual + norm_a(x); y = norm_b(h)
+    linear(x, w, bias=None, residual=None) -> y      x @ w.T (+ bias) (+ residual)
+    gated_mlp(x, w_gate_up) -> y                     act(x @ gate.T) * (x @ up.T)
+    rotary_(q, k, batch, local, q_norm, k_norm)      RoPE in place (per-head norms first)
+    attention(q, k, v, batch, local) -> o            bidirectional (or causal) per text
+    pool(hidden, mask, cu_seqlens, mode, normalize)  masked pooling -> fp32 [B, D]
+
+Rounding points follow Hugging Face: every op's math in fp32, rounded once to the model dtype
+(l2v_kernels.reference defines each op; tests hold both tables to it). The math of each op is
+written once per backend: the Triton kernels in l2v_kernels, the torch versions here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from l2v_models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+POOL_MODES = ("mean", "weighted_mean", "last")
+
+
+@dataclass
+class BatchTables:
+    """Per-forward values every layer reads (built once per forward by the model)."""
+
+    cu_seqlens: torch.Tensor  # int32 [B+1]
+    max_seqlen: int
+    positions: torch.Tensor  # int32 [T], restarting at 0 per text
+    cos: torch.Tensor  # fp32 [P, D/2] (global layers)
+    sin: torch.Tensor
+    local_cos: torch.Tensor | None = None  # local layers with their own RoPE base (Gemma-3)
+    local_sin: torch.Tensor | None = None
+    # torch backend only: where each packed token sits in a padded [B, L] view and which
+    # (query, key) pairs may attend, per layer kind; filled by TorchOps.prepare
+    pad_index: torch.Tensor | None = None
+    allowed: dict | None = None
+
+    def rope(self, local: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if local and self.local_cos is not None:
+            return self.local_cos, self.local_sin
+        return self.cos, self.sin
+
+
+def attention_window(config: ModelConfig, local: bool) -> tuple[int, int] | None:
+    """(left, right) keys a query sees in a local layer; None in a global one. Bidirectional:
+    |i - j| < W (transformers' Gemma-3 with use_bidirectional_attention); causal: i - W < j <= i."""
+    if not local or config.local_window is None:
+        return None
+    w = config.local_window - 1
+    return (w, 0) if config.causal else (w, w)
+
+
+# ------------------------------------------------------------------------------ torch
+def _norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * (offset + w.float())).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE in fp32: [x1*c - x2*s, x2*c + x1*s]; x [T, H, D], c/s [T, 1, D/2]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+def _activation(g: torch.Tensor, act: str) -> torch.Tensor:
+    return F.silu(g) if act == "silu" else F.gelu(g, approximate="tanh")
+
+
+class TorchOps:
+    """Plain PyTorch on any device; differentiable (the trainer runs it with autograd).
+
+    Attention runs on a padded [B, H, L, D] view of the packed tokens (one SDPA call; soft-capped
+    scores take an explicit softmax), with a boolean mask per layer kind (keys of the same text,
+    within the window, causal when the config says so).
+    """
+
+    backend = "torch"
+
+    def __init__(self, config: ModelConfig):
+        self.c = config
+
+    def prepare(self, b: BatchTables, device: torch.device) -> None:
+        """Padded-view index and attention masks, once per forward (read by every layer)."""
+        c = self.c
+        T = b.positions.shape[0]
+        lengths = (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).long()
+        n_seq, L = lengths.shape[0], max(b.max_seqlen, 1)
+        seq_ids = torch.repeat_interleave(
+            torch.arange(n_seq, device=device), lengths, output_size=T
+        )
+        b.pad_index = seq_ids * L + b.positions.long()
+        key_ok = torch.arange(L, device=device)[None, :] < lengths[:, None]
+        key_ok |= (lengths == 0)[:, None]  # an empty text would give NaN rows nobody reads
+        b.allowed = {}
+        for local in {c.layer_is_local(i) for i in range(c.num_layers)}:
+            window = attention_window(c, local)
+            if window is None and not c.causal:
+                b.allowed[local] = key_ok[:, None, None, :]
+                continue
+            i = torch.arange(L, device=device)[:, None]
+            j = torch.arange(L, device=device)[None, :]
+            pair = torch.ones(L, L, dtype=torch.bool, device=device)
+            if c.causal:
+                pair &= j <= i
+            if window is not None:
+                pair &= (j >= i - window[0]) & (j <= i + window[1])
+            b.allowed[local] = key_ok[:, None, None, :] & pair
+
+    def rms_norm(self, x, w):
+        return _norm(x, w, self.c.rms_norm_eps, self.c.norm_offset)
+
+    def norm_add_norm(self, x, residual, w_a, w_b):
+        h = residual + self.rms_norm(x, w_a)
+        return self.rms_norm(h, w_b), h
+
+    def linear(self, x, w, bias=None, residual=None):
+        y = F.linear(x, w, bias)
+        return y if residual is None else residual + y
+
+    def gated_mlp(self, x, w_gate_up):
+        gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
+        return _activation(gate, self.c.hidden_act) * up
+
+    def rotary_(self, q, k, b: BatchTables, local: bool, q_norm=None, k_norm=None):
+        cos, sin = b.rope(local)
+        pos = b.positions.long()
+        c, s = cos[pos][:, None, :], sin[pos][:, None, :]
+        if q_norm is not None:
+            q.copy_(self.rms_norm(q, q_norm))
+            k.copy_(self.rms_norm(k, k_norm))
+        q.copy_(_rotate(q, c, s))
+        k.copy_(_rotate(k, c, s))
+
+    def attention(self, q, k, v, b: BatchTables, local: bool):
+        allowed = b.allowed[local]
+        n_seq, L = allowed.shape[0], allowed.shape[-1]
+        groups = self.c.num_heads // self.c.num_kv_heads
+
+        def padded(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros(n_seq * L, t.shape[1], t.shape[2]).index_copy(0, b.pad_index, t)
+            return out.view(n_seq, L, t.shape[1], t.shape[2]).transpose(1, 2)
+
+        qp = padded(q)
+        kp = padded(k).repeat_interleave(groups, dim=1)
+        vp = padded(v).repeat_interleave(groups, dim=1)
+        scale = self.c.softmax_scale
+        if self.c.attn_softcap is None:
+            out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=allowed, scale=scale)
+        else:  # Gemma-2: scale, cap, mask, softmax in fp32 (as transformers' eager path)
+            cap = self.c.attn_softcap
+            scores = torch.tanh((qp.float() @ kp.float().transpose(-1, -2)) * scale / cap) * cap
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            out = (scores.softmax(-1).to(vp.dtype) @ vp).to(q.dtype)
+        return out.transpose(1, 2).reshape(n_seq * L, q.shape[1], q.shape[2])[b.pad_index]
+
+    def pool(self, hidden, mask, cu_seqlens, mode="mean", normalize=False):
+        return masked_pool_torch(hidden, mask, cu_seqlens, mode, normalize)
+
+
+def masked_pool_torch(
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    mode: str = "mean",
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Vectorized torch version of reference.masked_pool (packed, or padded when cu_seqlens is
+    None): per-token weights, then one index_add per text. fp32 [B, D]."""
+    if cu_seqlens is None:  # padded [B, L, D]: every row is a text of length L
+        n_seq, L, D = hidden.shape
+        hidden, mask = hidden.reshape(n_seq * L, D), mask.reshape(n_seq * L)
+        cu_seqlens = torch.arange(n_seq + 1, device=hidden.device, dtype=torch.int32) * L
+    T, D = hidden.shape
+    if mask.shape != (T,):
+        raise ValueError(f"pool: mask has shape {tuple(mask.shape)}, expected [{T}]")
+    n_seq = cu_seqlens.numel() - 1
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq_ids = torch.repeat_interleave(
+        torch.arange(n_seq, device=hidden.device), lengths, output_size=T
+    )
+    m = mask != 0
+    if mode == "mean":
+        w = m.float()
+    elif mode == "weighted_mean":  # 1..n over each text's masked tokens
+        count = torch.cumsum(m.long(), 0)
+        before = torch.cat([count.new_zeros(1), count])[cu_seqlens[:-1].long()]
+        w = ((count - before[seq_ids]) * m).float()
+    elif mode == "last":
+        token = torch.where(m, torch.arange(T, device=hidden.device), -1)
+        last = token.new_full((n_seq,), -1).scatter_reduce(0, seq_ids, token, "amax")
+        w = torch.zeros(T + 1, device=hidden.device)
+        w.scatter_(0, torch.where(last >= 0, last, T), 1.0)  # texts without one hit slot T
+        w = w[:T]
+    else:
+        raise ValueError(f"pool: mode must be one of {POOL_MODES}, got {mode!r}")
+    total = torch.zeros(n_seq, D, device=hidden.device).index_add_(
+        0, seq_ids, hidden.float() * w[:, None]
+    )
+    denom = torch.zeros(n_seq, device=hidden.device).index_add_(0, seq_ids, w)
+    pooled = total / torch.where(denom > 0, denom, 1.0)[:, None]
+    if normalize:
+        pooled = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return pooled
+
+
+# ------------------------------------------------------------------------------ triton
+class TritonOps:
+    """l2v_kernels on CUDA (or the CPU interpreter in tests): the unchecked `<op>_fwd` launchers,
+    inputs validated once per forward by the model, no host sync anywhere (graph-capturable).
+
+    GEMMs: when every layer weight qualifies (CUDA, fp16/bf16, 16-byte aligned rows) the unchecked
+    launchers are bound (the extension's cuBLASLt residual GEMM, the Triton SwiGLU GEMM);
+    otherwise the checked public functions, which pick a path per call (interpreter, fp32, odd
+    shapes).
+    """
+
+    backend = "triton"
+
+    def __init__(self, config: ModelConfig, weights: list[torch.Tensor]):
+        from l2v_kernels import attention, gemm, norm, pooling, rope
+
+        self.c = config
+        self._attention = attention.flash_attn_varlen_fwd
+        self._rms_norm = norm.rms_norm_fwd
+        self._norm_add_norm = norm.norm_add_norm_fwd
+        self._rotary = rope.apply_rotary_fwd
+        self._pool = pooling.masked_pool_fwd
+        c = config
+        rows_ok = all(n % 8 == 0 for n in (c.hidden_size, c.q_size, c.qkv_size,
+                                           c.intermediate_size))  # fmt: skip
+        fast = (
+            all(w.device.type == "cuda" for w in weights)
+            and all(w.dtype in (torch.float16, torch.bfloat16) for w in weights)
+            and rows_ok
+            and all(w.data_ptr() % 16 == 0 and w.is_contiguous() for w in weights)
+        )
+        if fast:
+            self._gemm = gemm.gemm_residual_fwd
+            self._swiglu = gemm.gemm_swiglu_fwd
+        else:
+            self._gemm = gemm.gemm_residual
+            act = c.hidden_act
+            self._swiglu = lambda x, w, _act: gemm.gemm_swiglu(x, w, act=act)
+        self.windows = {
+            local: attention_window(c, local) for local in (False, True)
+        }
+
+    def prepare(self, b: BatchTables, device: torch.device) -> None:
+        pass
+
+    def rms_norm(self, x, w):
+        return self._rms_norm(x, w, self.c.rms_norm_eps, weight_offset=self.c.norm_offset)
+
+    def norm_add_norm(self, x, residual, w_a, w_b):
+        return self._norm_add_norm(x, residual, w_a, w_b, self.c.rms_norm_eps,
+                                   weight_offset=self.c.norm_offset)  # fmt: skip
+
+    def linear(self, x, w, bias=None, residual=None):
+        return self._gemm(x, w, residual, bias)
+
+    def gated_mlp(self, x, w_gate_up):
+        return self._swiglu(x, w_gate_up, self.c.hidden_act)
+
+    def rotary_(self, q, k, b: BatchTables, local: bool, q_norm=None, k_norm=None):
+        cos, sin = b.rope(local)
+        self._rotary(q, k, cos, sin, b.positions, q, k, q_norm_weight=q_norm,
+                     k_norm_weight=k_norm, norm_eps=self.c.rms_norm_eps,
+                     norm_weight_offset=self.c.norm_offset)  # fmt: skip
+
+    def attention(self, q, k, v, b: BatchTables, local: bool):
+        c = self.c
+        return self._attention(q, k, v, b.cu_seqlens, b.max_seqlen, c.causal, c.softmax_scale,
+                               window=self.windows[local], softcap=c.attn_softcap)  # fmt: skip
+
+    def pool(self, hidden, mask, cu_seqlens, mode="mean", normalize=False):
+        out = hidden.new_empty((cu_seqlens.shape[0] - 1, hidden.shape[-1]), dtype=torch.float32)
+        return self._pool(hidden, mask, out, mode, cu_seqlens, normalize)
