@@ -245,9 +245,9 @@ def _gemma_local_layers(d: dict[str, Any], family: str) -> dict[str, Any]:
     params = d.get("rope_parameters")
     if family == "gemma3" and isinstance(params, dict) and "full_attention" in params:
         # transformers 5: one RoPE parameter set per layer type
-        out["rope_theta"], out["rope_scaling"] = _rope({"rope_parameters": params["full_attention"]})
-        local = {"rope_parameters": params.get("sliding_attention")}
-        local_theta, local_scaling = _rope(local)
+        full = {"rope_parameters": params["full_attention"]}
+        out["rope_theta"], out["rope_scaling"] = _rope(full)
+        local_theta, local_scaling = _rope({"rope_parameters": params.get("sliding_attention")})
         if local_scaling is not None:
             raise ValueError("unsupported config feature: RoPE scaling on Gemma-3 local layers")
         out["local_rope_theta"] = local_theta

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from l2v_models.config import ModelConfig
 from l2v_models.architectures import GGUF_TOP, spec_for_gguf
+from l2v_models.config import ModelConfig
 from l2v_models.model import Transformer, layer_shapes, resolve_backend
 
 logger = logging.getLogger(__name__)
