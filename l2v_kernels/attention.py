@@ -65,6 +65,21 @@ _CUDA_TILES = {
 }
 
 
+# Autotuning size classes: the longest text (max_rows) and the launch's rows (batch * max_rows,
+# an upper bound of the tokens) decide which tile wins, so each class is tuned on its own (the
+# first call in a class tunes it). class = length class + 3 * rows class:
+#   length  0: <= 128 tokens (queries)   1: <= 512 (passages)   2: longer
+#   rows    0: < 2048 (batch-1/8 latency, tests)   1: >= 2048 (packed throughput batches)
+LENGTH_CLASS_BOUNDS = (128, 512)
+ROWS_CLASS_MIN = 2048
+
+
+def size_class_of(batch: int, max_rows: int) -> int:
+    """The autotuning size class of a launch over `batch` texts of at most `max_rows` tokens."""
+    length = sum(max_rows > bound for bound in LENGTH_CLASS_BOUNDS)
+    return length + 3 * int(batch * max_rows >= ROWS_CLASS_MIN)
+
+
 def _configs() -> list[triton.Config]:
     if interpreting():
         # The interpreter would run every config when autotuning: one small fixed config.
@@ -164,11 +179,13 @@ def _attn_loop(
     # GROUP too: models with different GQA group sizes may run in one process, and the tuning
     # results are kept on disk across processes. WINDOW / SOFTCAP: a windowed program walks a
     # few key blocks, not the whole text, so its best tile may differ.
-    key=["HEAD_DIM", "GROUP", "CAUSAL", "PADDED", "WINDOW", "SOFTCAP"],
+    # size_class (see size_class_of): a 6-text test batch or a batch-1 query must not fix the
+    # tile that packed 16k-token batches of passages run, nor the other way round.
+    key=["HEAD_DIM", "GROUP", "CAUSAL", "PADDED", "WINDOW", "SOFTCAP", "size_class"],
     prune_configs_by={"early_config_prune": _prune_configs},
     **_AUTOTUNE_EXTRA,
 )
-@triton.jit(do_not_specialize=["max_rows"])
+@triton.jit(do_not_specialize=["max_rows", "size_class"])
 def _attn_fwd_kernel(
     Q, K, V, O,
     Cu, KLo, KHi, KM,
@@ -178,7 +195,7 @@ def _attn_fwd_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     stride_mb, stride_ml,
-    num_kv_heads, max_rows,
+    num_kv_heads, max_rows, size_class,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, PADDED: tl.constexpr,
     DOT_PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -189,7 +206,8 @@ def _attn_fwd_kernel(
     Padded: sequence b is row b of length max_rows; keys are walked over [KLo[b], KHi[b]) and
     masked by KM[b, :] (nonzero = real token); padded query rows are stored as 0.
     WINDOW: row t sees keys t - win_left ... t + win_right only (positions in the text / padded
-    row). SOFTCAP: scores are capped (see _attn_loop).
+    row). SOFTCAP: scores are capped (see _attn_loop). size_class is not read: it is the
+    autotuning key's size class (size_class_of).
     """
     n_m = tl.cdiv(max_rows * GROUP, BLOCK_M)
     pid = tl.program_id(0)
@@ -332,7 +350,7 @@ def _launch(q, k, v, out, cu, k_lo, k_hi, kmask, *, padded, batch, max_rows, cau
         qk_scale, cap_scale, left, right,
         *bth(q), *bth(k), *bth(v), *bth(out),
         *ms,
-        hkv, max_rows,
+        hkv, max_rows, size_class_of(batch, max_rows),
         HEAD_DIM=d, GROUP=group, CAUSAL=bool(causal), PADDED=padded,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         WINDOW=(left, right) != (_NO_WINDOW, _NO_WINDOW), SOFTCAP=softcap is not None,
