@@ -253,8 +253,6 @@ def test_varlen_window(dtype, lengths, hq, hkv, d, window, causal):
     flash_attn_varlen_fwd(q, k, v, cu, max(lengths), causal, None, window=window, out=out)
     ref = _ref_varlen(q, k, v, cu, causal, window=window)
     assert_close_rel(out, ref, REL_TOL[dtype], f"window {window} causal={causal}")
-    assert_close_rel(flash_attn_varlen(q, k, v, cu, max(lengths), causal=causal, window=window),
-                     ref, REL_TOL[dtype], "public")
     if window[0] is not None and window[0] < max(lengths) - 1:
         # The window changes the result: this test would catch a kernel that ignores it.
         assert rel_err(_ref_varlen(q, k, v, cu, causal), ref) > 10 * REL_TOL[dtype]
