@@ -15,9 +15,14 @@ llm2vec turns an (instruction, text) pair into token ids in four steps, reproduc
    at `max_length`).
 4. Pooling (in the encoder) over the embed mask when `skip_instruction`, else over all tokens.
 
-Where llm2vec is broken we differ, on purpose and documented: N larger than the joined
-sequence (llm2vec issue 80, a crash there; or pad tokens pooled in a padded batch) is clamped to
-the sequence length. Everything else is reproduced string for string and id for id.
+Where llm2vec is broken we differ, on purpose and documented:
+- N larger than the joined sequence (llm2vec issue 80, a crash there; or pad tokens pooled in a
+  padded batch) is clamped to the sequence length;
+- where the word truncation would keep no word (a long text without spaces: CJK, a URL, base64;
+  or one whose first word alone is over the limit), llm2vec's text becomes "" and its embedding
+  that of an empty text (zeros without an instruction); here the text is cut by tokens instead:
+  the longest prefix of it (in characters) with at most `doc_max_length` tokens.
+Everything else is reproduced string for string and id for id.
 
 Tokenizer calls are batched (one call for many texts); Hugging Face tokenizers give each text
 the same ids alone or in a batch, so this changes nothing but speed.
@@ -87,7 +92,12 @@ def _token_lengths(tokenizer, texts: Sequence[str], max_length: int) -> list[int
 
 
 def truncate_by_words(
-    tokenizer, texts: Sequence[str], max_length: int, doc_max_length: int
+    tokenizer,
+    texts: Sequence[str],
+    max_length: int,
+    doc_max_length: int,
+    *,
+    by_tokens_when_no_word: bool = True,
 ) -> tuple[list[str], list[int]]:
     """llm2vec's doc_max_length loop for many texts: (truncated texts, their token counts).
 
@@ -95,20 +105,71 @@ def truncate_by_words(
     doc_max_length, keep the first int(words * doc_max_length / count) whitespace-separated
     words, joined by single spaces. A text that is never cut is returned unchanged (its
     whitespace included). Texts still too long are re-tokenized together, round by round.
+
+    by_tokens_when_no_word (l2v's rule, the default): when a round would keep no word (llm2vec
+    then returns "", whatever the text was), the text is cut by tokens instead
+    (`truncate_by_tokens`), so a non-empty text never becomes empty. False: llm2vec exactly.
     """
     texts = list(texts)
     lengths = _token_lengths(tokenizer, texts, max_length)
     pending = [i for i, n in enumerate(lengths) if n > doc_max_length]
     while pending:
+        by_tokens = []
         for i in pending:
             words = texts[i].split()
             keep = int(len(words) * (doc_max_length / lengths[i]))
+            if keep == 0 and by_tokens_when_no_word:
+                by_tokens.append(i)
+                continue
             texts[i] = " ".join(words[:keep])
+        for i in by_tokens:
+            texts[i], lengths[i] = truncate_by_tokens(
+                tokenizer, texts[i], max_length, doc_max_length
+            )
+        done = set(by_tokens)
+        pending = [i for i in pending if i not in done]
         new_lengths = _token_lengths(tokenizer, [texts[i] for i in pending], max_length)
         for i, n in zip(pending, new_lengths, strict=True):
             lengths[i] = n
         pending = [i for i in pending if lengths[i] > doc_max_length]
     return texts, lengths
+
+
+def truncate_by_tokens(tokenizer, text: str, max_length: int, budget: int) -> tuple[str, int]:
+    """The longest prefix of `text` (in characters) with at most `budget` tokens, and its count.
+
+    Counted like llm2vec counts a text (no special tokens, truncated at max_length). The prefix
+    is cut from the original string, never decoded from ids, so no character is altered or
+    half-cut. First guess: the end of the budget-th token (the tokenizer's offsets, when it has
+    them); when that prefix tokenizes to more than `budget` tokens (a multi-byte character split
+    across tokens, a BPE merge across the cut), the longest valid prefix is found by bisection.
+    """
+    if budget <= 0 or not text:
+        return "", 0
+    end = len(text)
+    try:
+        enc = tokenizer(
+            text, add_special_tokens=False, truncation=True, max_length=budget,
+            return_offsets_mapping=True, return_attention_mask=False,
+        )  # fmt: skip
+        offsets = [o for o in enc["offset_mapping"] if o[1] > o[0]]
+        if offsets:
+            end = max(o[1] for o in offsets)
+    except (NotImplementedError, ValueError, TypeError, KeyError):  # slow tokenizer: no offsets
+        pass
+    (n,) = _token_lengths(tokenizer, [text[:end]], max_length)
+    if n <= budget:
+        return text[:end], n
+    lo, hi = 0, end  # count(text[:lo]) <= budget < count(text[:hi])
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        (m,) = _token_lengths(tokenizer, [text[:mid]], max_length)
+        if m <= budget:
+            lo = mid
+        else:
+            hi = mid
+    (n,) = _token_lengths(tokenizer, [text[:lo]], max_length)
+    return text[:lo], n
 
 
 def join_instruction(instruction: str, text: str) -> str:

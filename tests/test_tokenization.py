@@ -341,3 +341,79 @@ def test_config_family():
     assert tk.config_family(Qwen2Config()) == "qwen2"
     assert tk.config_family(Gemma2Config()) == ""
     assert tk.config_family(object()) == ""
+
+
+# -------------------------------------------- l2v's difference: truncation by tokens (issue 9)
+def _count(tok, text, max_length=512):
+    return len(tok(text, add_special_tokens=False, truncation=True, max_length=max_length)[
+        "input_ids"])  # fmt: skip
+
+
+def _text_with_tokens(tok, unit: str, n: int) -> str:
+    """The shortest repetition of `unit` (no whitespace) with exactly n tokens, or more."""
+    text = ""
+    while _count(tok, text) < n:
+        text += unit
+    return text
+
+
+@pytest.mark.parametrize("doc_max_length", [10, 37])
+def test_texts_without_a_kept_word_are_cut_by_tokens(tok, doc_max_length):
+    doc = doc_max_length
+    cjk = "自然语言处理是人工智能的一个分支。" * 20  # no space; 3 byte tokens per character here
+    url = "https://example.com/" + "a1b2c3d4e5" * 40  # one word
+    over = _text_with_tokens(tok, "zq", doc + 1)  # just over the limit, no space
+    first_word_long = over + " and then some words"  # llm2vec: 1 round keeps 0 words
+    texts = [cjk, url, over, first_word_long, "中文 " + cjk]
+    ref = Llm2vecTextRef(tok, "x", LlamaConfig(), "mean", 512, doc)
+    for t in texts:
+        assert _count(tok, t) > doc
+        assert ref._convert_to_str("", t) == SEP  # llm2vec: the text is gone
+    exact, _ = tk.truncate_by_words(tok, texts, 512, doc, by_tokens_when_no_word=False)
+    assert exact == [""] * len(texts)  # the exact mode is llm2vec's
+    cut, lengths = tk.truncate_by_words(tok, texts, 512, doc)
+    for t, c, n in zip(texts, cut, lengths, strict=True):
+        assert c and t.startswith(c), (t[:20], c)  # a prefix of the original string
+        assert n == _count(tok, c) and doc - 3 <= n <= doc, (c, n)
+        assert "\ufffd" not in c  # never a half character
+    got = ours(tok, [("Q", t) for t in texts], doc_max_length=doc)
+    assert all(0 < n <= doc for n in got.embed_lengths)
+
+
+def test_texts_around_the_limit(tok):
+    doc = 16
+    ref = Llm2vecTextRef(tok, "x", LlamaConfig(), "mean", 512, doc)
+    for n in (doc - 1, doc):  # within the limit: untouched, as in llm2vec
+        t = _text_with_tokens(tok, "zq", n)
+        if _count(tok, t) <= doc:
+            (c,), (m,) = tk.truncate_by_words(tok, [t], 512, doc)
+            assert c == t and m == _count(tok, t)
+            assert tk.convert_to_str(tok, "Q", t, 512, doc) == ref._convert_to_str("Q", t)
+    # spaced text over the limit: llm2vec's words rule, string for string
+    spaced = "hello world how are you " * 10
+    assert tk.convert_to_str(tok, "Q", spaced, 512, doc) == ref._convert_to_str("Q", spaced)
+    # mixed: words kept by llm2vec's rule stay llm2vec's; the degenerate round goes by tokens
+    mixed = "hello " + "中" * 30 + " world"
+    (c,), (m,) = tk.truncate_by_words(tok, [mixed], 512, doc)
+    assert ref._convert_to_str("", mixed) == SEP and c.startswith("hello ") and 0 < m <= doc
+
+
+def test_truncate_by_tokens_bisects_split_characters(tok):
+    text = "语" * 10  # 3 byte-level tokens per character in this tokenizer
+    assert _count(tok, "语") == 3
+    for budget in (1, 2, 3, 4, 7, 9, 30, 31):
+        c, n = tk.truncate_by_tokens(tok, text, 512, budget)
+        assert c == "语" * min(budget // 3, 10) and n == 3 * len(c)
+    assert tk.truncate_by_tokens(tok, "abc", 512, 0) == ("", 0)
+
+
+def test_truncate_by_tokens_without_offsets(tok):
+    class NoOffsets:  # a slow tokenizer: offsets raise NotImplementedError
+        def __call__(self, texts, **kw):
+            if kw.get("return_offsets_mapping"):
+                raise NotImplementedError("return_offset_mapping is not available")
+            return tok(texts, **kw)
+
+    text = "supercalifragilistic" * 5
+    c, n = tk.truncate_by_tokens(NoOffsets(), text, 512, 12)
+    assert text.startswith(c) and n == _count(tok, c) <= 12 and _count(tok, text[: len(c) + 1]) > 12
