@@ -17,7 +17,12 @@ encoded alone (a batch of one, no padding)", or a documented sensible value wher
 crashes:
 - a bare string is one text -> one embedding of shape [D] (llm2vec encodes it character by
   character); a list may mix strings and pairs, read item by item (llm2vec reads the whole list
-  by its first item and crashes or encodes characters);
+  by its first item and crashes or encodes characters); an item is a string, an
+  [instruction, text] pair or llm2vec's MEDI [instruction, text, int]; anything else (e.g.
+  three strings, of which llm2vec silently drops the third) is a TypeError naming the item;
+- where llm2vec's truncation by words would keep no word (a text without spaces longer than
+  doc_max_length tokens: CJK, a URL, base64), llm2vec embeds an empty text; here the text is
+  cut by tokens (its longest prefix within doc_max_length tokens, see l2v_models.tokenization);
 - an empty text (N = 0) with `mean` pools all tokens of the sequence (BOS, instruction, chat
   template): llm2vec's `h[-0:]` slice does exactly that for an unpadded row, but pools the padding
   too in a padded batch; with `weighted_mean` it gives zeros, as llm2vec always does;
@@ -27,7 +32,15 @@ crashes:
   (llm2vec returns a wrongly shaped result when a text has 0 or 2 BOS tokens, and matches pad
   tokens when bos == eos);
 - a text that tokenizes to no token at all (empty text, no instruction, no BOS) gives zeros;
-- an empty list gives an empty [0, D] result (llm2vec raises IndexError).
+- an empty list gives an empty [0, D] result (llm2vec raises IndexError);
+- empty or whitespace-only texts are embedded as above and logged: one warning per call
+  (logger "l2v_models.encoder") naming their indices; a lone surrogate is a ValueError naming
+  the item (the tokenizer's own error names none).
+
+llm2vec's other methods: `tokenize(prepared texts)` returns its padded features (input_ids,
+attention_mask, embed_mask), `forward(features)` pools them (packed, the padding is never
+computed; float32 on the CPU, like encode), `save(path)` writes config.json, model.safetensors,
+the tokenizer and llm2vec_config.json, a folder l2v and transformers (hence llm2vec) load.
 
 Beyond llm2vec: batches are filled up to `max_tokens_per_batch` real tokens (no padding is
 computed), so results do not depend on batching; `normalize_embeddings=True` L2-normalizes in
@@ -124,9 +137,47 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     )
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _as_pair(item) -> tuple[str, str] | None:
+    """An item's (instruction, text): a string, an [instruction, text] pair of strings, or
+    llm2vec's MEDI form [instruction, text, int] (the int, a dataset id, is ignored); else None."""
+    if isinstance(item, str):
+        return "", item
+    if not isinstance(item, (list, tuple, np.ndarray)) or len(item) not in (2, 3):
+        return None
+    if not (isinstance(item[0], str) and isinstance(item[1], str)):
+        return None
+    if len(item) == 3 and not _is_int(item[2]):
+        return None
+    return str(item[0]), str(item[1])
+
+
+def _check_unicode(pairs: Sequence[tuple[str, str]]) -> None:
+    """ValueError naming the item and position of a lone surrogate (not encodable text)."""
+    for i, pair in enumerate(pairs):
+        for part, s in zip(("instruction", "text"), pair, strict=True):
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(
+                    f"sentences[{i}]: the {part} holds a lone surrogate (U+{ord(s[e.start]):04X} "
+                    f"at character {e.start}), which is not valid Unicode text; decode the input "
+                    "correctly (e.g. bytes.decode('utf-8', errors='replace'))"
+                ) from None
+
+
 def _normalize_sentences(sentences) -> tuple[list[tuple[str, str]], bool]:
-    """encode() input -> ([(instruction, text)], squeeze) where squeeze means a bare string."""
+    """encode() input -> ([(instruction, text)], squeeze) where squeeze means a bare string.
+
+    Accepted: a string; a list whose items are strings, [instruction, text] pairs of strings or
+    llm2vec's MEDI form [instruction, text, int]; or one bare MEDI item. Anything else (e.g.
+    three strings) is a TypeError naming the item, never a silent drop. A lone surrogate is a
+    ValueError naming the item."""
     if isinstance(sentences, str):
+        _check_unicode([("", sentences)])
         return [("", sentences)], True
     if isinstance(sentences, (bytes, bytearray, dict)) or not hasattr(sentences, "__iter__"):
         raise TypeError(
@@ -135,26 +186,40 @@ def _normalize_sentences(sentences) -> tuple[list[tuple[str, str]], bool]:
         )
     items = list(sentences)
     # llm2vec's MEDI special case: one bare [instruction, text, int] item.
-    if items and isinstance(items[0], str) and isinstance(items[-1], (int, np.integer)):
-        if len(items) >= 2 and isinstance(items[1], str):
-            items = [items]
+    if len(items) == 3 and isinstance(items[0], str) and _as_pair(items) is not None:
+        items = [items]
     pairs = []
     for i, item in enumerate(items):
-        if isinstance(item, str):
-            pairs.append(("", item))
-        elif (
-            isinstance(item, (list, tuple, np.ndarray))
-            and len(item) >= 2
-            and isinstance(item[0], str)
-            and isinstance(item[1], str)
-        ):
-            pairs.append((item[0], item[1]))  # extra elements (MEDI ids) are ignored, as in llm2vec
-        else:
+        pair = _as_pair(item)
+        if pair is None:
             raise TypeError(
-                f"sentences[{i}] must be a string or an [instruction, text] pair of strings, "
-                f"got {type(item).__name__}: {item!r:.80}"
+                f"sentences[{i}] must be a string, an [instruction, text] pair of strings or "
+                f"llm2vec's MEDI form [instruction, text, int]; got {type(item).__name__}: "
+                f"{item!r:.80}"
             )
+        pairs.append(pair)
+    _check_unicode(pairs)
     return pairs, False
+
+
+def empty_text_indices(pairs: Sequence[tuple[str, str]]) -> list[int]:
+    """Indices of the items whose text is empty or whitespace only."""
+    return [i for i, (_, text) in enumerate(pairs) if not text.strip()]
+
+
+def warn_empty_texts(indices: Sequence[int], where: str = "sentences") -> None:
+    """One logging warning naming the empty texts (nothing when there are none)."""
+    if not indices:
+        return
+    shown = ", ".join(map(str, indices[:20])) + (
+        f", ... ({len(indices)} in all)" if len(indices) > 20 else ""
+    )
+    logger.warning(
+        "%d empty text%s at %s[%s]: an empty or whitespace-only text has no content, so its "
+        "embedding is that of its instruction and special tokens (or zeros); drop such texts if "
+        "that is not wanted",
+        len(indices), "" if len(indices) == 1 else "s", where, shown,
+    )  # fmt: skip
 
 
 class LLM2Vec:
@@ -385,12 +450,149 @@ class LLM2Vec:
             text, self.name_or_path, self.config_family, self.pooling_mode
         )
 
-    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> tk.Tokenized:
-        """(instruction, text) pairs -> per text token ids + embed length (llm2vec's rules)."""
+    def tokenize(self, texts: Sequence[str]):
+        """llm2vec's `tokenize`: prepared strings (`prepare_for_tokenization(_convert_to_str(
+        instruction, text))`, the separator marking the text part) -> a transformers
+        BatchEncoding of int64 tensors input_ids, attention_mask and embed_mask [B, L], padded on
+        the left to the longest text with the pad token (eos), as llm2vec pads. embed_mask marks
+        the last N tokens, N = the text part's own token count, clamped to the sequence length
+        (llm2vec issue 80, where llm2vec crashes)."""
+        from transformers import BatchEncoding
+
+        if isinstance(texts, str):
+            raise TypeError("tokenize takes a list of prepared strings, got one string")
+        self._require_tokenizer()
+        tokens = tk.tokenize(self.tokenizer, list(texts), self.max_length)
+        B = len(tokens)
+        L = max((len(ids) for ids in tokens.input_ids), default=0)
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        input_ids = torch.full((B, L), int(pad), dtype=torch.long)
+        attention_mask = torch.zeros((B, L), dtype=torch.long)
+        embed_mask = torch.zeros((B, L), dtype=torch.long)
+        for b, (ids, n) in enumerate(zip(tokens.input_ids, tokens.embed_lengths, strict=True)):
+            if ids:
+                input_ids[b, L - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[b, L - len(ids) :] = 1
+            if n:
+                embed_mask[b, L - n :] = 1
+        return BatchEncoding(
+            {"input_ids": input_ids, "attention_mask": attention_mask, "embed_mask": embed_mask}
+        )
+
+    def forward(self, sentence_feature) -> torch.Tensor:
+        """llm2vec's `forward`: features from `tokenize` (input_ids, attention_mask, optional
+        embed_mask [B, L]; padded on either side) -> pooled embeddings, float32 [B, D] on the
+        CPU (llm2vec returns the model's dtype on its device), no gradient.
+
+        The padding is dropped, not computed: each row's real tokens (attention_mask) are packed
+        and run like encode() runs them, so forward(tokenize(texts)) equals encode() of the same
+        texts. As in llm2vec, the pooled text part is the last N real tokens, N =
+        embed_mask.sum() of the row; without embed_mask every token is pooled."""
+        texts = self._texts_from_features(sentence_feature)
+        return self.engine.embed(texts, mode=self.engine_pool_mode)
+
+    __call__ = forward  # llm2vec is an nn.Module: model(features) runs forward
+
+    def _texts_from_features(self, features) -> TokenizedTexts:
+        """Padded llm2vec features -> TokenizedTexts (real tokens only); ValueError when a key
+        is missing or the shapes disagree."""
+        self._check_settings()
+        if not hasattr(features, "keys") or "input_ids" not in features:
+            raise ValueError(
+                "forward takes the features tokenize() returns (a dict with input_ids, "
+                f"attention_mask and embed_mask), got {type(features).__name__}"
+            )
+        ids = torch.as_tensor(features["input_ids"]).cpu()
+        if ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(ids.shape)}")
+        masks = {}
+        for key in ("attention_mask", "embed_mask"):
+            if features.get(key) is None:
+                continue
+            masks[key] = torch.as_tensor(features[key]).cpu()
+            if masks[key].shape != ids.shape:
+                raise ValueError(
+                    f"{key} has shape {tuple(masks[key].shape)} but input_ids {tuple(ids.shape)}"
+                )
+        real = masks.get("attention_mask", torch.ones_like(ids)).bool()
+        rows = [ids[b][real[b]].tolist() for b in range(ids.shape[0])]
+        if "embed_mask" in masks:
+            embed = masks["embed_mask"].long().sum(dim=1).tolist()
+        else:
+            embed = [len(r) for r in rows]
+        return self.texts_from_token_ids(rows, embed)
+
+    def save(self, output_path, merge_before_save: bool = False, save_config: bool = True) -> None:
+        """llm2vec's `save`: write a model folder that l2v and llm2vec load back.
+
+        output_path/ receives config.json (the transformers config, with llm2vec's
+        `_name_or_path`, which picks the chat template, and the transformers 4.4x spellings
+        rope_theta / rope_scaling / torch_dtype next to 5.x's), model.safetensors (the merged
+        weights in Hugging Face *Model* names, in the model's dtype), the tokenizer and, with
+        save_config, llm2vec_config.json (pooling_mode, max_length, doc_max_length,
+        skip_instruction). merge_before_save is accepted for compatibility: l2v's adapters are
+        always merged, so the folder is always a plain model.
+        """
+        import json
+        import os
+
+        from safetensors.torch import save_file
+
+        from l2v_models.loading import to_hf_state_dict
+
+        del merge_before_save  # always merged
+        self._require_tokenizer()
+        if not hasattr(self.config, "save_pretrained"):
+            raise ValueError(
+                "save() needs the model's transformers config, which an LLM2Vec built with "
+                "from_model does not have; load the model with LLM2Vec.from_pretrained"
+            )
+        os.makedirs(output_path, exist_ok=True)
+        state = {
+            name: t.detach().to("cpu", copy=True).contiguous()
+            for name, t in to_hf_state_dict(self.model).items()
+        }
+        save_file(state, os.path.join(output_path, "model.safetensors"), metadata={"format": "pt"})
+        del state
+        self.config.save_pretrained(output_path)
+        config_path = os.path.join(output_path, "config.json")
+        with open(config_path) as f:
+            cfg = json.load(f)
+        cfg["_name_or_path"] = self.name_or_path
+        dtype = str(self.dtype).removeprefix("torch.")  # the dtype the weights are saved in
+        cfg["torch_dtype"] = dtype
+        if "dtype" in cfg:
+            cfg["dtype"] = dtype
+        rope = cfg.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_theta" in rope:  # transformers 4.4x spellings
+            cfg.setdefault("rope_theta", rope["rope_theta"])
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+            if scaling.get("rope_type", "default") != "default":
+                cfg.setdefault("rope_scaling", scaling)
+        with open(config_path, "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+            f.write("\n")
+        self.tokenizer.save_pretrained(output_path)
+        if save_config:
+            settings = {
+                "pooling_mode": self.pooling_mode,
+                "max_length": self.max_length,
+                "doc_max_length": self.doc_max_length,
+                "skip_instruction": self.skip_instruction,
+            }
+            with open(os.path.join(output_path, "llm2vec_config.json"), "w") as f:
+                json.dump(settings, f, indent=4)
+
+    def _require_tokenizer(self) -> None:
         if self.tokenizer is None:
             raise ValueError(
                 "this LLM2Vec has no tokenizer (built with from_model); use encode_token_ids"
             )
+
+    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> tk.Tokenized:
+        """(instruction, text) pairs -> per text token ids + embed length (llm2vec's rules)."""
+        self._require_tokenizer()
         return tk.prepare_inputs(
             self.tokenizer,
             pairs,
@@ -478,6 +680,7 @@ class LLM2Vec:
         the corpus runner call off the model's thread; `engine.embed` then runs them."""
         pairs, _ = _normalize_sentences(sentences)
         self._check_settings()
+        warn_empty_texts(empty_text_indices(pairs))
         tokens = self.tokenize_pairs(pairs)
         return self.texts_from_token_ids(tokens.input_ids, tokens.embed_lengths)
 

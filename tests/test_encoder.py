@@ -9,6 +9,9 @@ and the documented result where it is not.
 
 from __future__ import annotations
 
+import json
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +20,7 @@ from test_tokenization import Llm2vecTextRef
 from tiny import make_lora_adapter, make_tiny_checkpoint
 from transformers import AutoModel
 
+from l2v_models import tokenization as tk
 from l2v_models.encoder import LLM2Vec
 from l2v_models.hf_compat import dtype_kwargs, hf_bidirectional
 
@@ -362,3 +366,144 @@ def test_default_smollm2_model_orders_similar_texts():
     for e in emb:
         close, far1, far2 = float(e[0] @ e[1]), float(e[0] @ e[2]), float(e[1] @ e[2])
         assert close > max(far1, far2) + 0.2, (close, far1, far2)
+
+
+# ------------------------------------------------------------------ issue 9: what a new user hits
+def test_long_text_without_spaces_is_never_a_zero_vector(enc, hf):
+    enc.doc_max_length = 12
+    n = lambda t: len(enc.tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    cjk = "猫が座っています。" * 10
+    blob = "cat,dog;mat." * 8  # one "word" of 48 tokens (a URL, a base64 blob...)
+    assert n(cjk) > 12 and n(blob) > 12
+    items = [cjk, blob, ["query:", blob], "the cat sat on the mat " * 5]
+    ours = encode(enc, items)
+    assert (ours.norm(dim=-1) > 0).all()
+    # each cut text is the longest prefix within doc_max_length tokens: llm2vec's result for
+    # that prefix, and the same vector as the explicit prefix would give
+    ref = Llm2vecTextRef(enc.tokenizer, "x", enc.config, "mean", 512, 12)
+    assert ref._convert_to_str("", cjk) == "!@#$%^&*()"  # llm2vec 0.2.3: nothing left
+    for i, t in enumerate(items[:2]):
+        (prefix,), (count,) = tk.truncate_by_words(enc.tokenizer, [t], 512, 12)
+        assert t.startswith(prefix) and 9 <= count <= 12
+        assert_rows_match(ours[i : i + 1], llm2vec_encode(hf, enc, [["", prefix]]))
+
+
+def test_empty_texts_warn_once_naming_the_indices(enc, caplog):
+    with caplog.at_level(logging.WARNING, logger="l2v_models"):
+        out = encode(enc, ["a cat", "", ["query:", "  "], "a dog", ""])
+    warnings = [r for r in caplog.records if "empty" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "3 empty texts at sentences[1, 2, 4]" in warnings[0].getMessage()
+    assert out.shape == (5, 96) and (out[0] != 0).any()  # the defined result is kept
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="l2v_models"):
+        encode(enc, ["a cat", "a dog"])
+    assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    "bad,where",
+    [
+        ([["a", "b", "c"]], r"sentences\[0\]"),
+        (["x", ["a", "b", "c"]], r"sentences\[1\]"),
+        ([["a", "b", 1, 2]], r"sentences\[0\]"),
+        ([["a", "b", True]], r"sentences\[0\]"),
+        ([["a", "b", 1.5]], r"sentences\[0\]"),
+        (["a", "b", "c", 3], r"sentences\[3\]"),
+    ],
+)
+def test_items_other_than_pairs_and_medi_are_refused(enc, bad, where):
+    with pytest.raises(TypeError, match=where + ".*MEDI"):
+        encode(enc, bad)
+
+
+def test_medi_items_in_a_list(enc):
+    out = encode(enc, [["query:", "the mat", 7], ("query:", "the mat", np.int64(2))])
+    ref = encode(enc, [["query:", "the mat"]])
+    torch.testing.assert_close(out, ref.expand(2, -1), rtol=1e-5, atol=1e-6)
+
+
+def test_lone_surrogate_names_the_item(enc):
+    with pytest.raises(ValueError, match=r"sentences\[2\].*text.*U\+D800 at character 1"):
+        encode(enc, ["ok", "fine", "a\ud800b"])
+    with pytest.raises(ValueError, match=r"sentences\[0\].*instruction.*U\+DC00"):
+        encode(enc, [["\udc00", "text"]])
+    with pytest.raises(ValueError, match=r"sentences\[0\]"):
+        encode(enc, "\ud800")
+
+
+# ------------------------------------------------------------ llm2vec API: tokenize, forward, save
+def _prepared(enc, items):
+    return [enc.prepare_for_tokenization(enc._convert_to_str(*p)) for p in mixed_to_pairs(items)]
+
+
+@pytest.mark.parametrize("mode", ["mean", "eos_token"])
+def test_tokenize_returns_llm2vecs_padded_features(enc, mode):
+    enc.pooling_mode = mode
+    prepared = _prepared(enc, TEXTS)
+    ref = Llm2vecTextRef(enc.tokenizer, enc.name_or_path, enc.config, mode, enc.max_length,
+                         enc.doc_max_length).tokenize(prepared)  # fmt: skip
+    got = enc.tokenize(prepared)
+    assert set(got.keys()) == {"input_ids", "attention_mask", "embed_mask"}
+    for key in got:
+        assert got[key].dtype == ref[key].dtype == torch.long
+        torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize(
+    "mode,skip", [("mean", True), ("weighted_mean", False), ("bos_token", True)]
+)
+def test_forward_of_features_equals_encode(enc, hf, mode, skip):
+    enc.pooling_mode, enc.skip_instruction = mode, skip
+    features = enc.tokenize(_prepared(enc, TEXTS))
+    got = enc.forward(features)
+    assert got.shape == (len(TEXTS), 96) and got.dtype == torch.float32
+    torch.testing.assert_close(got, encode(enc, TEXTS), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(enc(features), got, rtol=0, atol=0)  # nn.Module-style call
+    # llm2vec's own forward + get_pooling on the padded features, on the HF model
+    with torch.no_grad():
+        feats = dict(features)
+        embed_mask = feats.pop("embed_mask")
+        hidden = hf(**feats).last_hidden_state
+        feats["embed_mask"] = embed_mask
+        ref = llm2vec_get_pooling(feats, hidden, mode, skip, enc.tokenizer.bos_token_id)
+    assert_rows_match(got, ref.float())
+
+
+def test_forward_bad_features(enc):
+    with pytest.raises(ValueError, match="features tokenize"):
+        enc.forward([[1, 2, 3]])
+    f = enc.tokenize(_prepared(enc, TEXTS[:2]))
+    with pytest.raises(ValueError, match="embed_mask has shape"):
+        enc.forward({**f, "embed_mask": f["embed_mask"][:, 1:]})
+    whole = enc.forward({"input_ids": f["input_ids"], "attention_mask": f["attention_mask"]})
+    enc.skip_instruction = False
+    torch.testing.assert_close(whole, enc.forward(f), rtol=1e-5, atol=1e-6)  # all tokens pooled
+
+
+def test_save_writes_a_folder_l2v_and_transformers_load(enc, tmp_path):
+    enc.pooling_mode, enc.doc_max_length = "weighted_mean", 64
+    out = tmp_path / "saved"
+    enc.save(str(out), merge_before_save=True)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "llm2vec_config.json", "tokenizer.json"} <= names
+    settings = json.loads((out / "llm2vec_config.json").read_text())
+    assert settings == {"pooling_mode": "weighted_mean", "max_length": 512,
+                        "doc_max_length": 64, "skip_instruction": True}  # fmt: skip
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["_name_or_path"] == enc.name_or_path and cfg["torch_dtype"] == "float32"
+    assert cfg["rope_theta"] == enc.config.rope_parameters["rope_theta"]  # 4.4x spelling too
+    back = LLM2Vec.from_pretrained(str(out), device="cpu")
+    assert (back.pooling_mode, back.doc_max_length, back.name_or_path) == (
+        "weighted_mean", 64, enc.name_or_path)  # fmt: skip
+    torch.testing.assert_close(encode(back, TEXTS), encode(enc, TEXTS), rtol=0, atol=0)
+    # transformers' own loading of the folder (what llm2vec's LlamaBiModel.from_pretrained
+    # does), made bidirectional, with llm2vec's pipeline: the same embeddings
+    assert_rows_match(encode(back, TEXTS), llm2vec_encode(load_hf(out), back,
+                                                          mixed_to_pairs(TEXTS)))  # fmt: skip
+
+
+def test_save_without_a_transformers_config(enc, tmp_path):
+    bare = LLM2Vec.from_model(enc.model, enc.tokenizer)
+    with pytest.raises(ValueError, match="from_pretrained"):
+        bare.save(str(tmp_path / "x"))
