@@ -321,9 +321,7 @@ def test_a_worker_killed_mid_run_is_retried(ray_cluster, tiny_dir, tiny_encoder,
 
 def test_embed_dataset_keeps_other_columns(ray_cluster, tiny_dir, tiny_encoder):
     texts = lee_sentences(20)
-    ds = ray.data.from_items(
-        [{"key": i, "body": t, "lang": "en"} for i, t in enumerate(texts)]
-    )
+    ds = ray.data.from_items([{"key": i, "body": t, "lang": "en"} for i, t in enumerate(texts)])
     out = runner.embed_dataset(ds, tiny_dir, text_column="body", instruction="Represent it",
                                batch_texts=6, num_workers=1)  # fmt: skip
     table = pa.concat_tables(list(out.iter_batches(batch_format="pyarrow", batch_size=None)))
@@ -362,7 +360,8 @@ BAD_INPUTS = {
         "a.jsonl:5: text 'text' must be a string, got int",
     ),
     "non-string texts (Parquet)": (
-        lambda d: [write_parquet(d / "a.parquet", [{"id": "a", "text": 1}, {"id": "b", "text": 2}])],
+        lambda d: [write_parquet(d / "a.parquet", [{"id": "a", "text": 1},
+                                                   {"id": "b", "text": 2}])],
         "text column 'text' must hold strings, it is int64",
     ),
     "null text (Parquet)": (
