@@ -6,8 +6,10 @@
     l2v info                                                           # versions, device, kernels
     l2v bench [--quick] ...                                            # bench/e2e.py (checkout)
 
-Errors a user can fix (missing file, bad JSONL line, unknown model, bad option value) end with a
-one-line message and exit code 2; set L2V_DEBUG=1 to see the traceback instead.
+Errors a user can fix (missing file, bad JSONL line, unknown or damaged model, bad option
+value) end with one line `l2v: error: ...` and exit code 2; any other error (a bug) also prints
+one line, with exit code 1. `l2v --debug ...` (or L2V_DEBUG=1) shows the traceback instead.
+Library warnings (e.g. empty texts) are printed as `l2v: warning: ...`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -26,7 +30,7 @@ from pathlib import Path
 FEATURE_COMMANDS: tuple[str, ...] = (
     "l2v_models.serve.cli",  # l2v serve
     "l2v_models.corpus.cli",  # l2v encode-corpus
-    # "l2v_models.train.cli",  # l2v train
+    "l2v_models.train.cli",  # l2v train
     "l2v_models.eval.cli",  # l2v eval
 )
 SIMILARITY_TABLE_MAX = 8  # up to this many texts on the command line: print their similarities
@@ -38,48 +42,77 @@ class UsageError(Exception):
 
 
 # ------------------------------------------------------------------------------ inputs
-def read_text_file(path: Path) -> list[str]:
-    """One text per line; blank lines are skipped."""
-    with _open_input(path) as f:
-        return [line.rstrip("\r\n") for line in f if line.strip()]
+def read_text_file(path: Path, skip_blank: bool = False) -> list[str]:
+    """One text per line, so text i is line i + 1: a blank (or whitespace-only) line is an empty
+    text "", unless skip_blank drops it."""
+    texts = []
+    for _, line in _input_lines(path):
+        if not line.strip():
+            if skip_blank:
+                continue
+            line = ""
+        texts.append(line)
+    return texts
 
 
 def read_jsonl(path: Path) -> list:
     """One JSON object per line with "text" and optional "instruction" (a bare JSON string is a
     text); blank lines are skipped. Returns strings and [instruction, text] pairs."""
     items = []
-    with _open_input(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if isinstance(obj, str):
-                items.append(obj)
-                continue
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise UsageError(
-                    f'{where}: expected an object with a string "text" field, '
-                    f"got {line.strip()[:60]}"
-                )
-            instruction = obj.get("instruction")
-            if instruction is not None and not isinstance(instruction, str):
-                raise UsageError(f'{where}: "instruction" must be a string')
-            items.append([instruction, obj["text"]] if instruction else obj["text"])
+    for lineno, line in _input_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if isinstance(obj, str):
+            items.append(obj)
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise UsageError(
+                f'{where}: expected an object with a string "text" field, got {line.strip()[:60]}'
+            )
+        instruction = obj.get("instruction")
+        if instruction is not None and not isinstance(instruction, str):
+            raise UsageError(f'{where}: "instruction" must be a string')
+        items.append([instruction, obj["text"]] if instruction else obj["text"])
     return items
 
 
+def _input_lines(path: Path):
+    """(line number, line without its line break) of a UTF-8 file, or of stdin for "-" (a
+    leading byte-order mark is dropped); UsageError naming the file and line where the bytes are
+    not UTF-8."""
+    name = "<stdin>" if str(path) == "-" else str(path)
+    with _open_input(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            if isinstance(raw, bytes):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UsageError(
+                        f"{name}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                        f"{e.start + 1}); convert the file to UTF-8 (e.g. iconv -f latin1 -t "
+                        "utf-8 FILE > FILE.utf8)"
+                    ) from None
+            else:
+                line = raw
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
+            yield lineno, line.rstrip("\r\n")
+
+
 def _open_input(path: Path):
+    """The input as a binary stream (stdin for "-", not closed afterwards)."""
     if str(path) == "-":
-        return _NoClose(sys.stdin)
+        return _NoClose(getattr(sys.stdin, "buffer", sys.stdin))
     if not path.exists():
         raise UsageError(f"input file not found: {path}")
     if path.is_dir():
         raise UsageError(f"input {path} is a directory, expected a file")
-    return open(path, encoding="utf-8")
+    return open(path, "rb")
 
 
 class _NoClose:
@@ -98,7 +131,7 @@ def gather_texts(args) -> list:
     if args.input is not None:
         path = Path(args.input)
         is_jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or args.jsonl
-        items += read_jsonl(path) if is_jsonl else read_text_file(path)
+        items += read_jsonl(path) if is_jsonl else read_text_file(path, args.skip_blank)
     if not items:
         raise UsageError("no texts: pass them as arguments or with --input FILE")
     if args.instruction:
@@ -201,7 +234,7 @@ def cmd_encode(args) -> int:
     where = f"-> {output}" if output is not None else "(not saved: pass --output FILE.npy)"
     model = encoder.name_or_path or args.model or "smollm2"
     print(
-        f"encoded {n} texts into [{n}, {d}] float32 {where}; model {model} "
+        f"encoded {n} text{'' if n == 1 else 's'} into [{n}, {d}] float32 {where}; model {model} "
         f"on {encoder.device} ({encoder.dtype}), load {load_s:.1f}s, encode {encode_s:.2f}s "
         f"({n / max(encode_s, 1e-9):.1f} texts/s)"
     )
@@ -299,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l2v", description="The fastest exact LLM2Vec text encoder."
     )
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -311,8 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enc.add_argument("texts", nargs="*", help="texts to embed")
     enc.add_argument("--input", "-i", metavar="FILE",
-                     help="a text file (one text per line) or .jsonl "
-                     "({\"text\", \"instruction\"}); - reads lines from stdin")  # fmt: skip
+                     help="a UTF-8 text file, one text per line: one output row per line, a "
+                     "blank line being an empty text (with a warning; see --skip-blank); or "
+                     ".jsonl ({\"text\", \"instruction\"} per line; blank lines skipped); - "
+                     "reads stdin")  # fmt: skip
+    enc.add_argument("--skip-blank", action="store_true",
+                     help="drop blank lines of a text --input (rows then no longer match line "
+                     "numbers)")  # fmt: skip
     enc.add_argument("--jsonl", action="store_true", help="read --input as JSONL whatever its name")
     enc.add_argument("--output", "-o", metavar="FILE", help="write embeddings to .npy or .jsonl")
     enc.add_argument("--model", "-m", default=None,
@@ -350,29 +389,83 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(module).add_parser(sub)
     sub.add_parser("bench", help="end-to-end benchmark (bench/e2e.py; source checkout)",
                    add_help=False)  # fmt: skip
+    for name, command in sub.choices.items():  # `l2v encode --debug` works as `l2v --debug ...`
+        if name != "bench" and "--debug" not in command._option_string_actions:
+            command.add_argument(
+                "--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP
+            )
     return parser
 
 
+_DEBUG_HELP = "on an error, show the Python traceback (also: L2V_DEBUG=1)"
+# Errors with a message written for the user: one line, exit code 2.
+_EXPECTED_ERRORS = (UsageError, OSError, ValueError, TypeError, ImportError, RuntimeError,
+                    MemoryError)  # fmt: skip
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def _one_line(e: BaseException) -> str:
+    text = _ANSI.sub("", str(e)).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class _WarningsToStderr:
+    """While active: the package's log records of level WARNING and above are printed to stderr
+    as `l2v: warning: ...` (Python logging; nothing else is configured)."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("l2v_models")
+        self.handler = logging.StreamHandler(sys.stderr)
+        self.handler.setLevel(logging.WARNING)
+        self.handler.setFormatter(logging.Formatter("l2v: %(levelname_lower)s: %(message)s"))
+        self.handler.addFilter(_lower_level)
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        return False
+
+
+def _lower_level(record: logging.LogRecord) -> bool:
+    record.levelname_lower = record.levelname.lower()
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0, 2 for a user error, 1 for a bug, 130 on
+    Ctrl-C). Errors print one `l2v: error: ...` line; --debug / L2V_DEBUG=1 re-raise them."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("L2V_DEBUG", "") not in ("", "0")
+    if argv[:1] == ["--debug"]:
+        debug, argv = True, argv[1:]
     try:
-        if argv and argv[0] == "bench":
-            return cmd_bench(argv[1:])
-        args = build_parser().parse_args(argv)
-        return args.func(args)
+        with _WarningsToStderr():
+            if argv and argv[0] == "bench":
+                return cmd_bench(argv[1:])
+            args = build_parser().parse_args(argv)
+            debug = debug or getattr(args, "debug", False)
+            return args.func(args)
     except KeyboardInterrupt:
         print("l2v: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, FileNotFoundError, NotADirectoryError, ValueError, TypeError, OSError,
-            ImportError, RuntimeError) as e:  # fmt: skip
+    except _EXPECTED_ERRORS as e:
         if debug:
             raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if not isinstance(e, (UsageError, FileNotFoundError, ValueError)):
-            message = f"{type(e).__name__}: {message} (set L2V_DEBUG=1 for the traceback)"
+        message = _one_line(e)
+        if not isinstance(e, (UsageError, OSError, ValueError)):
+            message = f"{type(e).__name__}: {message}"
         print(f"l2v: error: {message}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if debug:
+            raise
+        print(
+            f"l2v: error: internal error ({type(e).__name__}: {_one_line(e)}); please report it "
+            "with the traceback that `l2v --debug ...` prints",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -48,14 +48,64 @@ def test_encode_text_file_to_npy(model_dir, encoder, tmp_path, capsys):
     src = tmp_path / "texts.txt"
     src.write_text("the cat sat\n\n  \na dog is in the text\r\nthe mat\n")
     dst = tmp_path / "emb.npy"
-    rc, out, _ = run(["encode", "-q", "--model", model_dir, "-i", str(src), "-o", str(dst),
-                      "--batch-tokens", "5"], capsys)  # fmt: skip
-    assert rc == 0 and "encoded 3 texts" in out and str(dst) in out
+    argv = ["encode", "-q", "--model", model_dir, "-i", str(src), "-o", str(dst),
+            "--batch-tokens", "5"]  # fmt: skip
+    # default: one row per line, a blank line is an empty text (with a warning)
+    rc, out, err = run(argv, capsys)
+    assert rc == 0 and "encoded 5 texts" in out and str(dst) in out
+    assert err.count("\n") == 1 and err.startswith("l2v: warning: 2 empty texts at sentences[1, 2]")
     emb = np.load(dst)
-    assert emb.shape == (3, 96) and emb.dtype == np.float32
-    ref = encoder.encode(["the cat sat", "a dog is in the text", "the mat"],
-                         show_progress_bar=False)  # fmt: skip
+    assert emb.shape == (5, 96) and emb.dtype == np.float32
+    lines = ["the cat sat", "", "", "a dog is in the text", "the mat"]
+    ref = encoder.encode(lines, show_progress_bar=False)
     np.testing.assert_allclose(emb, ref.numpy(), rtol=1e-5, atol=1e-6)
+    # --skip-blank: blank lines dropped, no warning
+    rc, out, err = run([*argv, "--skip-blank"], capsys)
+    assert rc == 0 and "encoded 3 texts" in out and err == ""
+    np.testing.assert_allclose(np.load(dst), ref.numpy()[[0, 3, 4]], rtol=1e-5, atol=1e-6)
+
+
+def test_one_text_is_singular_and_blank_lines_are_documented(model_dir, tmp_path, capsys):
+    src = tmp_path / "one.txt"
+    src.write_text("the cat sat\n")
+    rc, out, _ = run(["encode", "-q", "--model", model_dir, "-i", str(src)], capsys)
+    assert rc == 0 and out.startswith("encoded 1 text into [1, 96]"), out
+    with pytest.raises(SystemExit):
+        cli.main(["encode", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--skip-blank" in help_text and "a blank line being an empty text" in help_text
+
+
+def test_non_utf8_input_names_the_file_and_line(model_dir, tmp_path, capsys):
+    for name in ("latin1.txt", "latin1.jsonl"):
+        src = tmp_path / name
+        src.write_bytes(b'"ok"\n"caf\xe9"\n' if name.endswith("jsonl") else b"ok\ncaf\xe9\n")
+        rc, out, err = run(["encode", "-q", "--model", model_dir, "-i", str(src)], capsys)
+        assert rc == 2 and out == "" and err.count("\n") == 1, err
+        assert f"l2v: error: {src}:2: not UTF-8 text (byte 0xe9 at column" in err
+
+
+def test_stdin_lines(model_dir, encoder, monkeypatch, capsys):
+    import io
+
+    stdin = io.TextIOWrapper(io.BytesIO("\ufeffthe cat\n\na dog\n".encode()), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    dst = Path(os.environ.get("TMPDIR", "/tmp")) / f"l2v-stdin-{os.getpid()}.npy"
+    try:
+        rc, _, _ = run(["encode", "-q", "--model", model_dir, "-i", "-", "-o", str(dst)], capsys)
+        assert rc == 0
+        ref = encoder.encode(["the cat", "", "a dog"], show_progress_bar=False)
+        np.testing.assert_allclose(np.load(dst), ref.numpy(), rtol=1e-5, atol=1e-6)
+    finally:
+        dst.unlink(missing_ok=True)
+
+
+def test_lone_surrogate_in_jsonl_names_the_item(model_dir, tmp_path, capsys):
+    src = tmp_path / "s.jsonl"
+    src.write_text('{"text": "fine"}\n{"text": "bad \\ud800 text"}\n')
+    rc, _, err = run(["encode", "-q", "--model", model_dir, "-i", str(src)], capsys)
+    assert rc == 2 and err.count("\n") == 1
+    assert "sentences[1]" in err and "U+D800" in err and "Traceback" not in err
 
 
 def test_encode_jsonl_to_jsonl_with_instructions(model_dir, encoder, tmp_path, capsys):
@@ -158,3 +208,68 @@ def test_l2v_encode_subprocess(model_dir):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[:2] == ["[1] the cat sat", "[2] a dog"]
     assert "Batches" in proc.stderr  # the progress bar goes to stderr
+
+
+# ------------------------------------------------------------------ load errors: one line
+def _damaged_models(tmp_path, model_dir):
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(model_dir, cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    evil = tmp_path / "evil"
+    shutil.copytree(model_dir, evil, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save({"x": torch.ones(2), "p": Payload()}, evil / "pytorch_model.bin")
+    bad_json = tmp_path / "bad-json"
+    shutil.copytree(model_dir, bad_json)
+    (bad_json / "config.json").write_text('{"model_type": ')
+    return [
+        (cut, str(cut / "model.safetensors"), "not a readable safetensors file"),
+        (evil, str(evil / "pytorch_model.bin"), "refused"),
+        (bad_json, str(bad_json / "config.json"), "not valid JSON"),
+    ]
+
+
+def test_load_errors_are_one_line_naming_the_file(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("L2V_DEBUG", raising=False)
+    for path, file, message in _damaged_models(tmp_path, model_dir):
+        rc, out, err = run(["encode", "-q", "--model", str(path), "x"], capsys)
+        assert rc == 2 and out == "", err
+        assert err.startswith("l2v: error: ") and err.count("\n") == 1, err
+        assert file in err and message in err, err
+        assert "Traceback" not in err and "weights_only" not in err and "\x1b" not in err
+
+
+def test_debug_shows_the_traceback(model_dir, tmp_path, capsys, monkeypatch):
+    from l2v_models.loading import CheckpointError
+
+    monkeypatch.delenv("L2V_DEBUG", raising=False)
+    path = _damaged_models(tmp_path, model_dir)[0][0]
+    for argv in (["--debug", "encode", "--model", str(path), "x"],
+                 ["encode", "--debug", "--model", str(path), "x"]):  # fmt: skip
+        with pytest.raises(CheckpointError):
+            cli.main(argv)
+    monkeypatch.setenv("L2V_DEBUG", "1")
+    with pytest.raises(CheckpointError):
+        cli.main(["encode", "--model", str(path), "x"])
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "--debug" in capsys.readouterr().out
+
+
+def test_unexpected_errors_are_one_line_too(model_dir, capsys, monkeypatch):
+    monkeypatch.delenv("L2V_DEBUG", raising=False)
+
+    def boom(args):
+        raise KeyError("some_key")
+
+    monkeypatch.setattr(cli, "cmd_info", boom)
+    rc, out, err = run(["info"], capsys)
+    assert rc == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith("l2v: error: internal error (KeyError") and "--debug" in err
