@@ -1,0 +1,257 @@
+"""Training data: files -> validated line index -> seeded shuffled stream -> token-budget batches.
+
+    index = DataIndex.scan(["wiki.txt", "pairs.jsonl"], kind="text")   # checks every line once
+    stream = ExampleStream(index, seed=0)           # epoch e reads a permutation seeded (seed, e)
+    batcher = Batcher(stream, encode, batch_size=32, batch_tokens=None)
+    items = batcher.next_batch()                    # [(Example, item), ...] for one step
+
+Formats (by file name): `.jsonl` / `.ndjson` hold one JSON object per line, anything else is
+plain text with one passage per line (UTF-8; blank lines skipped).
+- kind "text" (MNTP, SimCSE): a plain line, or a JSON object with a string "text".
+- kind "triplet" (supervised): a JSON object with strings "query" and "positive", and optional
+  "negative" and "instruction" (plain text files are refused for this kind).
+Every line is parsed once by `scan` before training starts, so a malformed line stops the run
+at once with its file and line number (DataError); afterwards lines are read back by byte
+offset, so the data is never held in memory. The stream's state (epoch, cursor) makes a
+checkpointed run resume on exactly the next example.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+KINDS = ("text", "triplet")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+class DataError(ValueError):
+    """Unusable training data: the message names the file (and line) and what to fix."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example and where it came from ("path:line").
+
+    kind "text": text. kind "triplet": query, positive, negative (or None), instruction ("")."""
+
+    where: str
+    text: str | None = None
+    query: str | None = None
+    positive: str | None = None
+    negative: str | None = None
+    instruction: str = ""
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.suffix.lower() in JSONL_SUFFIXES
+
+
+def parse_line(raw: bytes, path: Path, lineno: int, kind: str) -> Example | None:
+    """One line of a data file -> Example, None for a blank line; DataError naming path:line."""
+    where = f"{path}:{lineno}"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{where}: not UTF-8 text (byte {e.start} of the line); convert the file to UTF-8 "
+            f"(e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix})"
+        ) from None
+    line = line.rstrip("\r\n")
+    if not line.strip():
+        return None
+    if not _is_jsonl(path):
+        if kind == "triplet":
+            raise DataError(
+                f"{path}: supervised training reads JSONL ({{\"query\", \"positive\", "
+                "\"negative\", \"instruction\"}} per line); name the file *.jsonl"
+            )
+        return Example(where, text=line)
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+
+    def field(name: str, required: bool) -> str | None:
+        value = obj.get(name)
+        if value is None:
+            if required:
+                raise DataError(f'{where}: missing the string field "{name}"; got fields '
+                                f"{sorted(obj)}")  # fmt: skip
+            return None
+        if not isinstance(value, str):
+            raise DataError(f'{where}: "{name}" must be a string, got {type(value).__name__}')
+        return value
+
+    if kind == "text":
+        return Example(where, text=field("text", True))
+    return Example(where, query=field("query", True), positive=field("positive", True),
+                   negative=field("negative", False),
+                   instruction=field("instruction", False) or "")  # fmt: skip
+
+
+@dataclass
+class DataIndex:
+    """Byte offsets of every non-blank line of the data files (validated when scanned)."""
+
+    paths: list[Path]
+    kind: str
+    file_ids: np.ndarray  # int32 [N]
+    offsets: np.ndarray  # int64 [N]
+    linenos: np.ndarray  # int64 [N]
+
+    def __len__(self) -> int:
+        return int(self.offsets.shape[0])
+
+    @classmethod
+    def scan(cls, paths: Sequence, kind: str = "text") -> DataIndex:
+        """Index and validate every line; DataError for a missing, empty or malformed file."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        paths = [Path(p) for p in paths]
+        if not paths:
+            raise DataError("no data files given (--data FILE ...)")
+        file_ids, offsets, linenos = [], [], []
+        for fid, path in enumerate(paths):
+            if not path.exists():
+                raise DataError(f"{path}: data file not found")
+            if path.is_dir():
+                raise DataError(f"{path} is a directory; pass data files")
+            count = 0
+            with open(path, "rb") as f:
+                pos = 0
+                for lineno, raw in enumerate(f, 1):
+                    if parse_line(raw, path, lineno, kind) is not None:
+                        file_ids.append(fid)
+                        offsets.append(pos)
+                        linenos.append(lineno)
+                        count += 1
+                    pos += len(raw)
+            if count == 0:
+                raise DataError(f"{path}: no training examples (the file is empty or blank)")
+        return cls(paths, kind, np.asarray(file_ids, dtype=np.int32),
+                   np.asarray(offsets, dtype=np.int64), np.asarray(linenos, dtype=np.int64))
+
+    def read(self, i: int, handles: dict) -> Example:
+        """Example i (index order), read back by its byte offset."""
+        fid = int(self.file_ids[i])
+        f = handles.get(fid)
+        if f is None:
+            f = handles[fid] = open(self.paths[fid], "rb")
+        f.seek(int(self.offsets[i]))
+        example = parse_line(f.readline(), self.paths[fid], int(self.linenos[i]), self.kind)
+        if example is None:
+            raise DataError(f"{self.paths[fid]} changed while training; restart the run")
+        return example
+
+
+class ExampleStream:
+    """Examples in a seeded order, epoch after epoch: epoch e is a permutation drawn from
+    numpy's PCG64 seeded (seed, e); shuffle=False reads the files in order."""
+
+    def __init__(self, index: DataIndex, seed: int = 0, shuffle: bool = True):
+        self.index, self.seed, self.shuffle = index, int(seed), shuffle
+        self.epoch, self.cursor = 0, 0
+        self._order: np.ndarray | None = None
+        self._handles: dict = {}
+
+    def _order_for(self, epoch: int) -> np.ndarray:
+        n = len(self.index)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def next(self) -> Example:
+        if self.cursor >= len(self.index):
+            self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            self._order = self._order_for(self.epoch)
+        example = self.index.read(int(self._order[self.cursor]), self._handles)
+        self.cursor += 1
+        return example
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def restore(self, state: dict) -> None:
+        if (state["epoch"], state["cursor"]) != (self.epoch, self.cursor):
+            self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
+
+
+class Batcher:
+    """Token-budget batches of encoded items.
+
+    encode(example) -> list of (item, n_tokens): one example may give several items (an MNTP
+    passage split into limit-sized pieces) or none (a skipped over-long line). A batch takes
+    items in stream order while it has fewer than `batch_size` items and their tokens fit in
+    `batch_tokens` (the first item always goes in). Its state (the stream before the current
+    example, plus how many of that example's items are used) resumes exactly."""
+
+    def __init__(self, stream: ExampleStream, encode: Callable, *, batch_size: int | None,
+                 batch_tokens: int | None):  # fmt: skip
+        if batch_size is None and batch_tokens is None:
+            raise ValueError("give batch_size, batch_tokens or both")
+        self.stream, self.encode = stream, encode
+        self.batch_size, self.batch_tokens = batch_size, batch_tokens
+        self._pending: list = []  # the current example's remaining items
+        self._anchor = stream.state()  # stream state before the current example
+        self._used = 0  # items of the current example already batched
+        self._skipped_in_a_row = 0
+
+    def _fill(self) -> None:
+        while not self._pending:
+            self._anchor = self.stream.state()
+            example = self.stream.next()
+            items = self.encode(example)
+            self._used = 0
+            self._pending = [(example, item, n) for item, n in items]
+            if not items:
+                self._skipped_in_a_row += 1
+                if self._skipped_in_a_row > len(self.stream.index):
+                    raise DataError("every example was skipped (all over the length limit?)")
+            else:
+                self._skipped_in_a_row = 0
+
+    def next_batch(self) -> list:
+        """[(Example, item), ...] for one training step."""
+        batch, tokens = [], 0
+        while self.batch_size is None or len(batch) < self.batch_size:
+            self._fill()
+            example, item, n = self._pending[0]
+            if batch and self.batch_tokens is not None and tokens + n > self.batch_tokens:
+                break
+            batch.append((example, item))
+            tokens += n
+            self._pending.pop(0)
+            self._used += 1
+        return batch
+
+    def state(self) -> dict:
+        """Where the next batch starts."""
+        return {"anchor": dict(self._anchor), "used": self._used if self._pending else 0,
+                "after": self.stream.state() if not self._pending else None}  # fmt: skip
+
+    def restore(self, state: dict) -> None:
+        if state.get("after") is not None:  # the last example was used up: continue after it
+            self.stream.restore(state["after"])
+            self._pending, self._used = [], 0
+            self._anchor = self.stream.state()
+            return
+        self.stream.restore(state["anchor"])
+        self._anchor = self.stream.state()
+        example = self.stream.next()
+        items = self.encode(example)
+        used = int(state["used"])
+        self._pending = [(example, item, n) for item, n in items][used:]
+        self._used = used
