@@ -30,7 +30,7 @@ from pathlib import Path
 FEATURE_COMMANDS: tuple[str, ...] = (
     "l2v_models.serve.cli",  # l2v serve
     "l2v_models.corpus.cli",  # l2v encode-corpus
-    # "l2v_models.train.cli",  # l2v train
+    "l2v_models.train.cli",  # l2v train
     "l2v_models.eval.cli",  # l2v eval
 )
 SIMILARITY_TABLE_MAX = 8  # up to this many texts on the command line: print their similarities
