@@ -454,9 +454,18 @@ class CorpusResult:
     embed_seconds: float = 0.0
     manifest: str = ""
 
+    first_output_seconds: float = 0.0  # from the start of the embed phase to the first rows
+    steady_rows: int = 0  # rows that arrived after the first output block ...
+    steady_seconds: float = 0.0  # ... and the time from that block to the last one
+
     @property
     def rows_per_s(self) -> float:
         return self.embedded_rows / self.embed_seconds if self.embed_seconds > 0 else 0.0
+
+    @property
+    def steady_rows_per_s(self) -> float:
+        """Throughput once the workers run (Ray start-up and model loads excluded)."""
+        return self.steady_rows / self.steady_seconds if self.steady_seconds > 0 else 0.0
 
 
 def result_settings(model, peft, fields: Fields, instruction, normalize, model_kwargs) -> dict:
@@ -612,6 +621,8 @@ def encode_corpus(
         "seconds": round(result.seconds, 3),
         "embed_seconds": round(result.embed_seconds, 3),
         "rows_per_s": round(result.rows_per_s, 3),
+        "first_output_seconds": round(result.first_output_seconds, 3),
+        "steady_rows_per_s": round(result.steady_rows_per_s, 3),
         "ray": ray_info,
         "inputs": verified,
     }
@@ -708,7 +719,15 @@ def _run(
         }
         base_info = {"settings": settings, "l2v_version": _l2v_version()}
         done = set()
+        t0, t_first = time.perf_counter(), None
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            now = time.perf_counter()
+            if t_first is None:
+                t_first = now
+                result.first_output_seconds = now - t0
+            else:
+                result.steady_rows += batch.num_rows
+                result.steady_seconds = now - t_first
             file_col = batch.column("_file").to_numpy()
             row_col = batch.column("_row").to_numpy()
             cuts = np.flatnonzero(np.diff(file_col)) + 1
