@@ -162,9 +162,7 @@ class ServerState:
                 count = max(1, self.max_batch_tokens // n)
                 rng = np.random.default_rng(0)
                 ids = rng.integers(3, self.engine.vocab_size, size=(count, n)).tolist()
-                await asyncio.wrap_future(
-                    self.batcher.submit(TokenizedTexts.whole(ids)).future
-                )
+                await asyncio.wrap_future(self.batcher.submit(TokenizedTexts.whole(ids)).future)
             self.ready = True
             logger.info("l2v serve: ready (warm-up done)")
         except Exception as e:

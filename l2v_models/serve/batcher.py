@@ -178,7 +178,14 @@ class Batcher:
 
     @property
     def queued_texts(self) -> int:
+        """Texts waiting for the model."""
         return self._queued_texts
+
+    @property
+    def queued_requests(self) -> int:
+        """Requests with texts waiting for the model."""
+        with self._cond:
+            return len(self._queue)
 
     @property
     def alive(self) -> bool:

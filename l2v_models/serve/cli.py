@@ -22,7 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "serve",
         help="OpenAI-compatible embedding server",
         description="Serve an LLM2Vec model over HTTP: OpenAI POST /v1/embeddings (plus an "
-        "\"instruction\" field), text-embeddings-inference POST /embed, GET /health, "
+        '"instruction" field), text-embeddings-inference POST /embed, GET /health, '
         "/v1/models and /metrics (Prometheus). Texts of concurrent requests share forward "
         "passes (continuous token-budget batching); results equal `l2v encode`.",
     )
@@ -41,8 +41,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     model.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
                        help="kernels: triton (CUDA) or torch (default: auto)")  # fmt: skip
     net = p.add_argument_group("network")
-    net.add_argument("--host", default=DEFAULT_HOST,
-                     help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
+    net.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address to bind (default {DEFAULT_HOST}: this machine only)",
+    )
     net.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
     net.add_argument("--api-key", default=None,
                      help="require 'Authorization: Bearer KEY' on /v1/* and /embed (default: "
@@ -51,25 +54,71 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="model name in responses and /v1/models (default: --peft, else "
                      "--model, else smollm2)")  # fmt: skip
     lim = p.add_argument_group("batching and limits")
-    lim.add_argument("--max-batch-tokens", "--batch-tokens", type=int, default=None, metavar="N",
-                     help="real tokens per forward pass (default: 16384 on CUDA, 4096 on CPU)")
-    lim.add_argument("--max-batch-texts", type=int, default=None, metavar="N",
-                     help="texts per forward pass (default: no limit)")
-    lim.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",
-                     help="how long an idle model waits for more requests to batch (default 2)")
-    lim.add_argument("--max-concurrent-requests", type=int, default=512, metavar="N",
-                     help="requests in flight; more are answered 429 (default 512)")
-    lim.add_argument("--max-client-batch-size", type=int, default=128, metavar="N",
-                     help="inputs per request; more are answered 413 (default 128)")
-    lim.add_argument("--max-input-tokens", "--max-length", type=int, default=None, metavar="N",
-                     help="tokens per input (llm2vec's max_length); longer inputs are "
-                     "truncated, or 413 with \"truncate\": false (default: the model's, 512)")
-    lim.add_argument("--payload-limit", type=int, default=2_000_000, metavar="BYTES",
-                     help="request body size; larger is answered 413 (default 2000000)")
-    lim.add_argument("--default-instruction", default=None, metavar="TEXT",
-                     help="instruction for text inputs of requests that send none")
-    lim.add_argument("--tokenizer-threads", type=int, default=2, metavar="N",
-                     help="threads tokenizing requests (default 2)")
+    lim.add_argument(
+        "--max-batch-tokens",
+        "--batch-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="real tokens per forward pass (default: 16384 on CUDA, 4096 on CPU)",
+    )
+    lim.add_argument(
+        "--max-batch-texts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="texts per forward pass (default: no limit)",
+    )
+    lim.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=2.0,
+        metavar="MS",
+        help="how long an idle model waits for more requests to batch (default 2)",
+    )
+    lim.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=512,
+        metavar="N",
+        help="requests in flight; more are answered 429 (default 512)",
+    )
+    lim.add_argument(
+        "--max-client-batch-size",
+        type=int,
+        default=128,
+        metavar="N",
+        help="inputs per request; more are answered 413 (default 128)",
+    )
+    lim.add_argument(
+        "--max-input-tokens",
+        "--max-length",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens per input (llm2vec's max_length); longer inputs are "
+        'truncated, or 413 with "truncate": false (default: the model\'s, 512)',
+    )
+    lim.add_argument(
+        "--payload-limit",
+        type=int,
+        default=2_000_000,
+        metavar="BYTES",
+        help="request body size; larger is answered 413 (default 2000000)",
+    )
+    lim.add_argument(
+        "--default-instruction",
+        default=None,
+        metavar="TEXT",
+        help="instruction for text inputs of requests that send none",
+    )
+    lim.add_argument(
+        "--tokenizer-threads",
+        type=int,
+        default=2,
+        metavar="N",
+        help="threads tokenizing requests (default 2)",
+    )
     lim.add_argument("--shutdown-timeout", type=float, default=60.0, metavar="S",
                      help="on SIGTERM / Ctrl-C, wait this long for in-flight requests "
                      "(default 60)")  # fmt: skip

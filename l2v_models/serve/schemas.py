@@ -138,7 +138,7 @@ def parse_openai(
                 400,
                 f'"dimensions"={dims} is not supported: LLM2Vec models are not Matryoshka-'
                 f"trained, so their embeddings cannot be shortened; this model gives "
-                f"{hidden_size} dimensions (omit \"dimensions\")",
+                f'{hidden_size} dimensions (omit "dimensions")',
                 "dimensions",
             )
     req = _parse_inputs(
@@ -221,7 +221,7 @@ def _parse_inputs(
                 )  # fmt: skip
         if not has_tokenizer:
             raise ApiError(
-                422, f"this server's model has no tokenizer: send \"{name}\" as token ids", name
+                422, f'this server\'s model has no tokenizer: send "{name}" as token ids', name
             )
         if instruction is None:
             instruction = default_instruction
