@@ -547,8 +547,8 @@ def test_overload_answers_429_at_once_and_recovers(tiny):
 
         async def burst():
             big = {"input": make_texts(16, seed=3, lo=20, hi=40)}
-            async with httpx.AsyncClient(base_url=url, timeout=60,
-                                         limits=httpx.Limits(max_connections=40)) as http:  # fmt: skip
+            limits = httpx.Limits(max_connections=40)
+            async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
                 rs = await asyncio.gather(
                     *(http.post("/v1/embeddings", json=big) for _ in range(40))
                 )
@@ -646,9 +646,8 @@ def test_batcher_idle_wait_lets_two_requests_share_a_pass(tiny):
 
 # ------------------------------------------------------------------------------ command line
 def test_cli_imports_lightly_and_checks_options_before_loading(capsys):
-    code = ("import sys, l2v_models.cli as c; c.build_parser(); "
-            "bad = [m for m in ('fastapi', 'uvicorn', 'torch', 'transformers') if m in sys.modules];"
-            "print(bad)")  # fmt: skip
+    code = ("import sys, l2v_models.cli as c; c.build_parser(); heavy = ('fastapi', 'uvicorn', "
+            "'torch', 'transformers'); print([m for m in heavy if m in sys.modules])")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
     from l2v_models import cli
