@@ -343,6 +343,19 @@ e2e_step() {  # NAME MODEL FLAGS: the e2e process stops starting measurements 20
 }
 
 snapshot
+# Offline wheels (bench/README.md): installed first, into a folder put on PYTHONPATH; pip never
+# goes online. Part of the start-up, at most 60 s.
+WHEELS=${L2V_WHEELS:-$REPO/wheels}
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+  SITE=$(mktemp -d)/site
+  t0=$SECONDS
+  if timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl; then
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    printf 'wheels\t0\t%s\tok\t60\n' "$(( SECONDS - t0 ))" >> "$STEPS_TSV"
+  else
+    printf 'wheels\t1\t%s\tfailed\t60\n' "$(( SECONDS - t0 ))" >> "$STEPS_TSV"
+  fi
+fi
 for s in "${SELECTED[@]}"; do
   case $s in
     build) step_build ;;

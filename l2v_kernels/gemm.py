@@ -392,18 +392,18 @@ _LARGE_M_CONFIGS = [
     _config(64, 128, 64, 4, 4),
 ]
 # M <= 128 (one query, a few short texts): the weight stream dominates; narrow M tiles and
-# narrower N tiles put more programs on the 132 SMs.
+# narrower N tiles put more programs on the 132 SMs. No 16 x 64 tile: it spills 4 B on sm_90a
+# (ptxas, Triton 3.6 and 3.8, with K steps of 64 and 128; bench/aot_check.py).
 _SMALL_M_CONFIGS = [
     _config(16, 32, 128, 4, 4),
-    _config(16, 64, 128, 4, 4),
+    _config(16, 128, 64, 4, 4),
     _config(32, 64, 64, 4, 4),
+    _config(32, 128, 64, 4, 4),
     _config(64, 64, 64, 4, 4),
-    _config(64, 128, 64, 4, 3),
 ]
-# M <= 16: 16-row tiles only (the smallest wgmma M); more or fewer columns per program.
+# M <= 16: 16-row tiles only (the smallest wgmma M); fewer or more columns per program.
 _TINY_M_CONFIGS = [
     _config(16, 32, 128, 4, 4),
-    _config(16, 64, 128, 4, 4),
     _config(16, 128, 64, 4, 4),
 ]
 # fp32 (a testing dtype: "auto" sends it to cuBLAS) is not tuned: one small tile, chosen from
@@ -430,7 +430,7 @@ _CLASS_CONFIGS = (_TINY_M_CONFIGS, _SMALL_M_CONFIGS, _LARGE_M_CONFIGS, _LARGE_M_
 # than it can win. Model-sized weights (1.3B and up: 5504 x 2048, 14336 x 4096) are tuned.
 TUNE_MIN_WEIGHT = 1 << 23
 _FIXED_CONFIGS = (
-    _config(16, 64, 128, 4, 4),
+    _config(16, 32, 128, 4, 4),
     _config(32, 64, 64, 4, 4),
     _config(64, 128, 64, 4, 3),
     _config(128, 128, 64, 8, 3),
