@@ -53,7 +53,8 @@ class ModelConfig:
     qk_norm: bool = False  # Gemma-3: per-head RMSNorm of q and k before RoPE
     attn_scale: float | None = None  # softmax scale; None = head_dim ** -0.5
     attn_softcap: float | None = None  # Gemma-2: scores -> softcap * tanh(scores / softcap)
-    # Gemma-2/3 local layers attend to keys with |i - j| < local_window (bidirectionally).
+    # Gemma-2/3 local layers: the configured sliding window W (see ops.attention_window: a
+    # bidirectional query sees |i - j| <= W // 2, as transformers' bidirectional Gemma-3).
     local_window: int | None = None
     layer_types: tuple[str, ...] = ()  # per layer "full" or "local"; () = all full
     local_rope_theta: float | None = None  # Gemma-3: RoPE base of the local layers

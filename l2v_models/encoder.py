@@ -47,7 +47,9 @@ computed), so results do not depend on batching; `normalize_embeddings=True` L2-
 the pooling kernel; `device=` places the model (one GPU per process: llm2vec's multi-GPU
 process pool is not reproduced); `cuda_graphs=True` replays batches of up to 2048 tokens from
 captured CUDA graphs, padded to buckets (l2v_models.cuda_graphs; CUDA + triton backend only).
-enable_bidirectional=False (causal encoding) is not supported.
+Attention is as llm2vec runs each family: bidirectional, except Qwen2, which llm2vec 0.2.3
+encodes causally (its Qwen2BiModel keeps the causal mask); enable_bidirectional=False makes any
+family causal, and l2v's attention="bidirectional" makes Qwen2 truly bidirectional.
 """
 
 from __future__ import annotations
@@ -294,12 +296,15 @@ class LLM2Vec:
         peft_model_name_or_path: the second LoRA adapter (supervised / SimCSE); its
         llm2vec_config.json (else the base's) gives the encoder defaults.
         merge_peft: accepted for compatibility; adapters are always merged into the weights.
-        enable_bidirectional: must be True (l2v is a bidirectional encoder).
+        enable_bidirectional: False encodes causally (llm2vec's option). True (the default)
+        encodes as llm2vec does: bidirectionally, except Qwen2, which llm2vec 0.2.3 encodes
+        causally; l2v's attention="bidirectional" overrides that (see loading.attention_is_causal).
         kwargs: pooling_mode, max_length, doc_max_length, skip_instruction (None = keep the
         default, as llm2vec); torch_dtype / dtype (a torch dtype or "float32", "bfloat16",
         "float16", "auto"; default bf16 on CUDA, fp32 on CPU); device_map / device ("cpu",
         "cuda", "cuda:N", "auto", a GPU index, {"": N}; default CUDA when available); l2v's own
-        backend ("auto", "triton", "torch"), base_weights_path, max_tokens_per_batch,
+        backend ("auto", "triton", "torch"), attention ("llm2vec", "bidirectional", "causal"),
+        base_weights_path, max_tokens_per_batch,
         cuda_graphs (True: batches of up to 2048 tokens and 64 texts replay captured CUDA
         graphs; needs CUDA and the triton backend, else raises).
         attn_implementation, low_cpu_mem_usage, trust_remote_code and use_safetensors are
@@ -307,10 +312,17 @@ class LLM2Vec:
         """
         from l2v_models import loading
 
+        attention = kwargs.pop("attention", None)
         if not enable_bidirectional:
+            if attention not in (None, "causal"):
+                raise ValueError(
+                    f"enable_bidirectional=False asks for causal attention, but attention="
+                    f"{attention!r} was given too; pass one of them"
+                )
+            attention = "causal"
+        if attention is not None and attention not in loading.ATTENTION_MODES:
             raise ValueError(
-                "enable_bidirectional=False (causal encoding) is not supported: l2v runs "
-                "bidirectional LLM2Vec encoders only; use llm2vec itself for causal embeddings"
+                f"attention must be one of {loading.ATTENTION_MODES}, got {attention!r}"
             )
         encoder_args = {}
         for key in ("pooling_mode", "max_length", "doc_max_length", "skip_instruction"):
@@ -327,7 +339,8 @@ class LLM2Vec:
             raise TypeError(
                 f"LLM2Vec.from_pretrained got unsupported keyword(s) {sorted(kwargs)}; accepted: "
                 "pooling_mode, max_length, doc_max_length, skip_instruction, torch_dtype/dtype, "
-                "device_map/device, backend, base_weights_path, max_tokens_per_batch, cuda_graphs"
+                "device_map/device, backend, attention, base_weights_path, max_tokens_per_batch, "
+                "cuda_graphs"
                 + (" (hub options: download the model and pass its local directory)"
                    if {"token", "revision", "cache_dir"} & set(kwargs) else "")
             )  # fmt: skip
@@ -350,6 +363,7 @@ class LLM2Vec:
             dtype=dtype,
             backend=ours.get("backend", "auto"),
             base_weights_path=ours.get("base_weights_path"),
+            attention=attention or "llm2vec",
         )
         loaded = loading.load_model(device=resolved_device, **load_args)
 

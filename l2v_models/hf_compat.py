@@ -1,9 +1,9 @@
-"""Hugging Face transformers models made bidirectional, the way llm2vec's LlamaBiModel is.
+"""Hugging Face transformers models made bidirectional: the reference l2v's model must match.
 
-Used by the tests (the reference our model must match) and by the end-to-end benchmark
-baseline. llm2vec subclasses LlamaModel / MistralModel / Qwen2Model to (1) set `is_causal = False`
-on every attention module and (2) build the attention mask from the padding mask alone. Here the
-same is done to a stock model without subclassing, so it works across transformers versions:
+Used by the tests and by the end-to-end benchmark's baseline. llm2vec subclasses LlamaModel /
+MistralModel / GemmaModel / Qwen2Model to (1) set `is_causal = False` on every attention module
+and (2) build the attention mask from the padding mask alone. Here the same is done to a stock
+model without subclassing, so it works across transformers versions:
 
 - every attention module gets `is_causal = False` (SDPA without a mask, flash-attention);
 - forward is wrapped so a 2D padding mask [B, L] becomes a 4D additive mask [B, 1, L, L]: 0 for
@@ -11,6 +11,12 @@ same is done to a stock model without subclassing, so it works across transforme
   passed through unchanged by transformers 5.x (masking_utils: "already prepared") and by 4.4x
   (`_update_causal_mask`), so no causal mask is ever built. Always passing a mask also keeps
   4.4x's SDPA path from choosing is_causal=True.
+- Gemma-2 (local and global layers): the wrapper passes transformers 5's per-layer-type mask
+  dict, the local layers' mask also limited to |i - j| <= sliding_window // 2 (the rule
+  transformers applies to Gemma-3 with use_bidirectional_attention=True).
+- Gemma-3: transformers' own `use_bidirectional_attention=True` (what EmbeddingGemma uses; the
+  config halves its window then, see build_hf_model); the padding mask is passed as is and
+  transformers builds the masks.
 
 Positions are left as transformers makes them (0..L-1 over the padded row), as in llm2vec; with
 left padding the real tokens then start at a later position, which RoPE (relative) turns into
@@ -23,13 +29,21 @@ from typing import Any
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text")
+# Gemma-2's soft-capping runs only in transformers' eager attention (SDPA drops it).
+_EAGER_ONLY = ("gemma2",)
 
 
-def bidirectional_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, L] padding mask (1 = real token) -> additive [B, 1, L, L]: 0 or finfo(dtype).min."""
+def bidirectional_mask(
+    attention_mask: torch.Tensor, dtype: torch.dtype, window: int | None = None
+) -> torch.Tensor:
+    """[B, L] padding mask (1 = real token) -> additive [B, 1, L, L]: 0 or finfo(dtype).min.
+    window: also block keys with |i - j| >= window (positions in the padded row)."""
     B, L = attention_mask.shape
     blocked = attention_mask[:, None, None, :].eq(0).expand(B, 1, L, L)
+    if window is not None:
+        pos = torch.arange(L, device=attention_mask.device)
+        blocked = blocked | ((pos[:, None] - pos[None, :]).abs() >= window)
     mask = torch.zeros((B, 1, L, L), dtype=dtype, device=attention_mask.device)
     return mask.masked_fill(blocked, torch.finfo(dtype).min)
 
@@ -42,7 +56,8 @@ def hf_bidirectional(model):
     Returns the model.
     """
     config = model.config
-    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"hf_bidirectional supports {SUPPORTED_MODEL_TYPES}, got {config.model_type!r}"
         )
@@ -60,12 +75,27 @@ def hf_bidirectional(model):
 
     causal_forward = model.forward
     dtype = model.get_input_embeddings().weight.dtype
+    if model_type == "gemma3_text":  # transformers' own bidirectional mode (build_hf_model)
+        if not config.use_bidirectional_attention:
+            raise ValueError(
+                "a Gemma-3 reference must be built with use_bidirectional_attention=True (its "
+                "window is converted when the config is created): use build_hf_model"
+            )
+        model._l2v_bidirectional = True
+        return model
 
     def forward(input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
         ref = input_ids if input_ids is not None else inputs_embeds
         if attention_mask is None:
             attention_mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
-        if attention_mask.dim() == 2:
+        if attention_mask.dim() == 2 and model_type == "gemma2":
+            attention_mask = {
+                "full_attention": bidirectional_mask(attention_mask, dtype),
+                "sliding_attention": bidirectional_mask(
+                    attention_mask, dtype, config.sliding_window // 2 + 1
+                ),
+            }
+        elif attention_mask.dim() == 2:
             attention_mask = bidirectional_mask(attention_mask, dtype)
         return causal_forward(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
@@ -83,13 +113,22 @@ def build_hf_model(
     *,
     dtype: torch.dtype = torch.float32,
     device="cpu",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
 ):
     """A bidirectional transformers *Model* (LlamaModel etc., no lm_head) from a config and
     optionally a state dict in *Model* names (e.g. l2v_models.loading.to_hf_state_dict(model));
-    without one the weights are transformers' random init."""
+    without one the weights are transformers' random init. attn_implementation: default
+    "sdpa" ("eager" for Gemma-2, whose soft-capping SDPA ignores)."""
     from transformers import AutoModel
 
+    if attn_implementation is None:
+        attn_implementation = "eager" if hf_config.model_type in _EAGER_ONLY else "sdpa"
+    if hf_config.model_type == "gemma3_text" and not hf_config.use_bidirectional_attention:
+        # Rebuilt, not set: the config converts its window when the flag is given at creation,
+        # and the attention modules fix is_causal when they are built.
+        hf_config = type(hf_config).from_dict(
+            {**hf_config.to_dict(), "use_bidirectional_attention": True}
+        )
     with torch.device(device):
         model = AutoModel.from_config(
             hf_config, attn_implementation=attn_implementation, **dtype_kwargs(dtype)
@@ -119,9 +158,3 @@ def dtype_kwargs(dtype) -> dict:
     it `dtype` (and deprecates `torch_dtype`); 4.4x only knows `torch_dtype` and passes an
     unknown `dtype` on to the model's __init__, which raises."""
     return {"dtype" if transformers_version() >= (5, 0) else "torch_dtype": dtype}
-
-
-@torch.no_grad()
-def hf_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states [B, L, hidden] of a bidirectional HF model on a padded batch."""
-    return model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

