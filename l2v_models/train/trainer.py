@@ -283,7 +283,9 @@ class Trainer:
 
     def _over_limit(self, example: Example, text: str, n: int) -> str:
         c = self.config
-        return (f"{example.where}: {n} tokens, over the {c.stage} limit of {c.max_length} "
+        # MNTP counts the whole text; contrastive stages count up to limit + 1 tokens.
+        count = f"{n} tokens" if c.stage == "mntp" else f"more than {c.max_length} tokens"
+        return (f"{example.where}: {count}, over the {c.stage} limit of {c.max_length} "
                 "(--max-length); pass --long-lines truncate or skip, or shorten the line")
 
     def _cut(self, example: Example, text: str) -> str | None:
@@ -409,11 +411,12 @@ class Trainer:
                        batch_tokens=c.batch_tokens)  # fmt: skip
 
     # ------------------------------------------------------------------ the loop
-    def fit(self, batcher: Batcher, *, output=None, progress: bool = True,
-            log_path=None) -> list[dict]:  # fmt: skip
+    def fit(self, batcher: Batcher, *, output=None, progress: bool = True, log_path=None,
+            stop_at: int | None = None) -> list[dict]:  # fmt: skip
         """Run until config.steps: batches from `batcher`, a JSON line per step in `log_path`
         (default output/train_log.jsonl), a checkpoint every save_every steps, the adapter in
-        `output` at the end. Returns the steps' stats."""
+        `output` at the end. stop_at: stop after that step instead (an interrupted run; the
+        schedule still runs to config.steps). Returns the steps' stats."""
         from tqdm.auto import tqdm
 
         c = self.config
@@ -429,7 +432,7 @@ class Trainer:
                    disable=not progress)  # fmt: skip
         start, tokens_done = time.perf_counter(), 0
         try:
-            while self.step < c.steps:
+            while self.step < (c.steps if stop_at is None else min(stop_at, c.steps)):
                 t0 = time.perf_counter()
                 items = [item for _, item in batcher.next_batch()]
                 stats = self.train_step(self.collate(items))
