@@ -470,3 +470,25 @@ def test_cli_module_imports_lightly():
             "assert not heavy, heavy")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_ray_errors_become_one_line():
+    """A worker's failure reaches the driver as a Ray error whose text holds the worker's
+    traceback: the user sees its last 'SomeError: message' line only."""
+
+    class FakeActorDied(Exception):  # what Ray raises: the worker traceback as text
+        pass
+
+    inner = FakeActorDied(
+        "The actor died because of an error raised in its creation task\n"
+        "Traceback (most recent call last):\n"
+        '  File "runner.py", line 128, in __init__\n'
+        "ray.exceptions.RayTaskError: wrapped\n"
+        "FileNotFoundError: base model 'x': config.json not found in x\n"
+    )
+    outer = RuntimeError("execution failed")
+    outer.__cause__ = inner
+    assert runner.describe_ray_error(outer) == (
+        "FileNotFoundError: base model 'x': config.json not found in x"
+    )
+    assert runner.describe_ray_error(ValueError("bad\nmore")) == "ValueError: bad"

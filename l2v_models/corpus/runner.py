@@ -33,6 +33,7 @@ import datetime as _dt
 import json
 import os
 import posixpath
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -188,7 +189,10 @@ class _ChunkEmbedder:
 
 
 def _remote_args(num_workers, gpus_per_worker, cpus_per_worker) -> dict:
-    args = dict(concurrency=int(num_workers), num_cpus=float(cpus_per_worker))
+    """map_batches arguments for a fixed pool of `num_workers` actors."""
+    from ray.data import ActorPoolStrategy
+
+    args = dict(compute=ActorPoolStrategy(size=int(num_workers)), num_cpus=float(cpus_per_worker))
     if gpus_per_worker:
         args["num_gpus"] = float(gpus_per_worker)
     return args
@@ -772,23 +776,32 @@ def _run(
             ray.shutdown()
 
 
+_ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (\S.*)$")
+_RAY_WRAPPERS = ("RayTaskError", "RayActorError", "ActorDiedError", "UserCodeException",
+                 "SystemException", "RayError")  # fmt: skip
+
+
 def describe_ray_error(error: BaseException) -> str:
-    """One line for a Ray failure: the innermost user exception's type and message."""
-    seen = set()
-    e = error
-    while id(e) not in seen:
-        seen.add(id(e))
-        nxt = getattr(e, "cause", None) or e.__cause__
-        if nxt is None or not isinstance(nxt, BaseException):
-            break
-        e = nxt
-    text = str(e).strip()
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("Traceback", "File ", "ray::", "During handling")):
-            text = line
-            break
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    """One line for a Ray failure: the last "SomeError: message" line of the innermost user
+    exception (Ray carries the worker's traceback as text), else the exception's own first
+    line."""
+    chain, e = [], error
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    found = None
+    for exc in chain:
+        for line in str(exc).splitlines():
+            m = _ERROR_LINE.match(line)
+            if m and m.group(1).rsplit(".", 1)[-1] not in _RAY_WRAPPERS:
+                found = f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2).strip()}"
+    if found:
+        return found
+    for exc in chain:
+        text = str(exc).strip()
+        if text:
+            return f"{type(exc).__name__}: {text.splitlines()[0]}"
+    return type(error).__name__
 
 
 __all__ = [
