@@ -141,7 +141,7 @@ def run_gpu(args, texts: list[str], paths: list[str], work: Path) -> tuple[list[
     del encoder
     torch.cuda.empty_cache()
     ray.shutdown()
-    ray.init(include_dashboard=False, num_gpus=gpus)
+    ray.init(address="local", include_dashboard=False, num_gpus=gpus)
     result = encode_corpus(
         paths,
         str(work / "out-gpu"),
@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows, notes = run_gpu(args, texts, paths, work)
         else:
             ray.init(
+                address="local",
                 num_cpus=2,
                 include_dashboard=False,
                 object_store_memory=200 * 2**20,

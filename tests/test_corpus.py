@@ -42,6 +42,7 @@ def ray_cluster():
     """One local Ray instance for the module: 2 CPUs, a 200 MiB object store. Classes defined
     in this file are pickled by value so the workers need not import this module."""
     ray.init(
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=200 * 2**20,

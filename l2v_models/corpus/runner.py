@@ -648,8 +648,9 @@ def _start_ray(ray_address, ray_init_kwargs) -> bool:
     kwargs = dict(ray_init_kwargs or {})
     if ray_address is not None:
         ray.init(address=ray_address, **kwargs)
-    else:
+    else:  # a new local instance, even when a `ray start` cluster runs on this machine
         kwargs.setdefault("include_dashboard", False)
+        kwargs.setdefault("address", "local")
         ray.init(**kwargs)
     return True
 
