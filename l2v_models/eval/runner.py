@@ -158,20 +158,45 @@ def evaluate(encoders: list, tasks: list, *, instructions: bool = False,
 
 
 def format_table(report: Report) -> str:
-    """The rows as a markdown table, then the model-vs-reference differences."""
-    lines = ["| task | metric | model | value | 95% CI | n | encode s |",
-             "| --- | --- | --- | ---: | --- | ---: | ---: |"]  # fmt: skip
-    for r in report.rows:
-        secs = f"{r.seconds:.1f}" + (" (cached)" if r.cached else "")
-        lines.append(f"| {r.task} | {r.metric} | {r.model} | {r.value:.3f} | "
-                     f"[{r.ci_low:.3f}, {r.ci_high:.3f}] | {r.n} | {secs} |")  # fmt: skip
+    """Markdown: one line per (task, metric), one column per encoder ("value [95% CI]"); then the
+    model-minus-reference differences with their paired intervals; then encode seconds."""
+    models = list(dict.fromkeys(r.model for r in report.rows))
+    keys = list(dict.fromkeys((r.task, r.metric) for r in report.rows))
+    cell = {(r.task, r.metric, r.model): r for r in report.rows}
+    n = {(r.task, r.metric): r.n for r in report.rows}
+    lines = ["| task | metric | n | " + " | ".join(models) + " |",
+             "| --- | --- | ---: |" + " ---: |" * len(models)]  # fmt: skip
+    for task, metric in keys:
+        values = []
+        for model in models:
+            r = cell.get((task, metric, model))
+            values.append("" if r is None else f"{r.value:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]")
+        lines.append(f"| {task} | {metric} | {n[task, metric]} | " + " | ".join(values) + " |")
     if report.comparisons:
-        lines += ["", "| task | metric | model - reference | difference | 95% CI | verdict |",
-                  "| --- | --- | --- | ---: | --- | --- |"]  # fmt: skip
-        for c in report.comparisons:
-            lines.append(f"| {c.task} | {c.metric} | {c.model} - {c.reference} | "
-                         f"{c.difference:+.3f} | [{c.ci_low:+.3f}, {c.ci_high:+.3f}] | "
-                         f"{c.verdict} |")  # fmt: skip
+        model = report.comparisons[0].model
+        refs = list(dict.fromkeys(c.reference for c in report.comparisons))
+        diff = {(c.task, c.metric, c.reference): c for c in report.comparisons}
+        lines += ["", f"{model} minus each reference, paired 95% CI (better/worse: the interval "
+                  "excludes 0)", "",
+                  "| task | metric | " + " | ".join(f"- {r}" for r in refs) + " |",
+                  "| --- | --- |" + " ---: |" * len(refs)]  # fmt: skip
+        for task, metric in keys:
+            values = []
+            for ref in refs:
+                c = diff.get((task, metric, ref))
+                values.append("" if c is None else f"{c.difference:+.3f} [{c.ci_low:+.3f}, "
+                              f"{c.ci_high:+.3f}] {c.verdict}")  # fmt: skip
+            lines.append(f"| {task} | {metric} | " + " | ".join(values) + " |")
+    tasks = list(dict.fromkeys(r.task for r in report.rows))
+    secs = {(r.model, r.task): r for r in report.rows}
+    lines += ["", "encode seconds (texts of each task; model load excluded)", "",
+              "| model | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
+    for model in models:
+        values = []
+        for task in tasks:
+            r = secs.get((model, task))
+            values.append("" if r is None else f"{r.seconds:.1f}" + (" (cached)" * r.cached))
+        lines.append(f"| {model} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 

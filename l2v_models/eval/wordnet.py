@@ -17,6 +17,7 @@ with w_cnt in hex, and a gloss of a definition followed by `; "example"` quotati
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -121,16 +122,21 @@ def parse_data_line(line: str) -> Synset:
 
 def read_wordnet(directory: Path | str | None = None, pos: str = "nvar") -> list[Synset]:
     """Every synset of the data files for the parts of speech in `pos` (n, v, a, r), in file
-    order. Raises DataMissing, saying what to install, when a file is absent."""
+    order (read once per process and directory). Raises DataMissing, saying what to install,
+    when a file is absent."""
     directory = Path(directory) if directory is not None else wordnet_dir()
+    return [s for p in pos for s in _read_data_file(str(directory), p)]
+
+
+@functools.lru_cache(maxsize=8)
+def _read_data_file(directory: str, pos: str) -> tuple[Synset, ...]:
+    path = Path(directory) / DATA_FILES[pos]
+    if not path.is_file():
+        raise DataMissing(f"WordNet data file {path} not found: {INSTALL_HINT}")
     synsets = []
-    for p in pos:
-        path = directory / DATA_FILES[p]
-        if not path.is_file():
-            raise DataMissing(f"WordNet data file {path} not found: {INSTALL_HINT}")
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("  ") or not line.strip():
-                    continue  # the licence header
-                synsets.append(parse_data_line(line))
-    return synsets
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("  ") or not line.strip():
+                continue  # the licence header
+            synsets.append(parse_data_line(line))
+    return tuple(synsets)
