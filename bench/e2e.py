@@ -58,7 +58,7 @@ from bench.workloads import (
 OURS = "l2v"
 OURS_GRAPHS = "l2v_graphs"
 COMPILE_LIMIT_S = 300.0  # torch.compile warm-up of the baseline, at most
-COS_TARGET = 0.999  # our embeddings vs the baseline's, bf16 on GPU (DESIGN.md "Numerics")
+COS_TARGET = 0.999  # our embeddings vs the baseline's, bf16 on GPU (docs/architecture.md "Numerics and tolerances")
 TARGETS = {  # issue text: H100, Mistral-7B shape
     "passages_speedup": 2.0,
     "passages_mfu": 0.70,

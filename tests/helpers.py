@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 
-# DESIGN.md "Numerics": ||out - ref|| / ||ref|| bounds per dtype.
+# docs/architecture.md "Numerics and tolerances": ||out - ref|| / ||ref|| bounds per dtype.
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 
