@@ -44,9 +44,13 @@ def test_rankdata_and_spearman_with_ties_match_scipy():
 
 
 def test_target_ranks_recall_mrr_known_values():
-    scores = np.array([[0.9, 0.1, 0.5],   # target 0 first -> rank 1
-                       [0.2, 0.2, 0.2],   # all tied: ties count against -> rank 3
-                       [0.1, 0.8, 0.3]])  # target 2 second -> rank 2  # fmt: skip
+    scores = np.array(
+        [
+            [0.9, 0.1, 0.5],  # target 0 first -> rank 1
+            [0.2, 0.2, 0.2],  # all tied: ties count against -> rank 3
+            [0.1, 0.8, 0.3],
+        ]
+    )  # target 2 second -> rank 2
     ranks = metrics.target_ranks(scores, [0, 1, 2])
     np.testing.assert_array_equal(ranks, [1, 3, 2])
     assert metrics.recall_at_k(ranks, 1) == pytest.approx(1 / 3)
@@ -66,7 +70,8 @@ def test_bootstrap_interval_of_a_mean_matches_theory():
     half = 1.96 * x.std() / np.sqrt(x.size)  # the normal-theory half-width
     assert (high - low) / 2 == pytest.approx(half, rel=0.2)
     assert metrics.bootstrap_ci(mean, (x,), n_resamples=200) == metrics.bootstrap_ci(
-        mean, (x,), n_resamples=200)  # deterministic  # fmt: skip
+        mean, (x,), n_resamples=200
+    )  # deterministic
     small = metrics.bootstrap_ci(mean, (x[:100],), n_resamples=200)
     assert small[1] - small[0] > 4 * (high - low)  # 40x fewer items: ~6x wider
 
@@ -88,8 +93,14 @@ def test_paired_bootstrap_difference():
 # ------------------------------------------------------------------------------ WordNet split
 def test_heldout_split_is_stable_and_deterministic():
     # Pinned: these answers must never change (training and evaluation rely on the same split).
-    pinned = {"02084071-n": False, "00001740-n": False, "00003553-n": True, "00039990-n": True,
-              "01999816-v": False, "00001740-a": False}  # fmt: skip
+    pinned = {
+        "02084071-n": False,
+        "00001740-n": False,
+        "00003553-n": True,
+        "00039990-n": True,
+        "01999816-v": False,
+        "00001740-a": False,
+    }
     assert {sid: wn.is_heldout(sid) for sid in pinned} == pinned
     ids = [wn.synset_id(offset, "n") for offset in range(1000, 21000)]
     first = [wn.is_heldout(i) for i in ids]
@@ -102,17 +113,20 @@ def test_heldout_split_on_real_wordnet_is_disjoint():
     synsets = wn.read_wordnet()
     held = {s.id for s in synsets if wn.is_heldout(s)}
     train = {s.id for s in synsets if not wn.is_heldout(s)}
-    assert not held & train and len(held) + len(train) == len(synsets) == len({s.id for s in
-                                                                              synsets})
+    assert not held & train and len(held) + len(train) == len(synsets) == len(
+        {s.id for s in synsets}
+    )
     assert 0.09 < len(held) / len(synsets) < 0.11
     assert all(wn.is_heldout(s.id) == wn.is_heldout(s) for s in synsets[:500])
 
 
 # ------------------------------------------------------------------------------ data readers
 def test_parse_wordnet_line_and_gloss():
-    line = ("02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 002 @ 02083346 n 0000 "
-            "~ 01322604 n 0000 | a member of the genus Canis; occurs in many breeds; \"the dog "
-            "barked all night\"; \"a dog's life\"  \n")  # fmt: skip
+    line = (
+        "02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 002 @ 02083346 n 0000 "
+        '~ 01322604 n 0000 | a member of the genus Canis; occurs in many breeds; "the dog '
+        'barked all night"; "a dog\'s life"  \n'
+    )
     s = wn.parse_data_line(line)
     assert s.id == "02084071-n" and s.ss_type == "n" and s.lex_filenum == 5
     assert s.lemmas == ("dog", "domestic dog", "Canis familiaris")
@@ -120,8 +134,9 @@ def test_parse_wordnet_line_and_gloss():
     assert s.examples == ("the dog barked all night", "a dog's life")
     assert s.pointers == (("@", "02083346-n"), ("~", "01322604-n"))
     # adjective markers like (p) are stripped from lemmas; hex word counts
-    s = wn.parse_data_line("00001740 00 a 01 able(p) 0 000 | (usually followed by `to') having "
-                           "the necessary means  \n")  # fmt: skip
+    s = wn.parse_data_line(
+        "00001740 00 a 01 able(p) 0 000 | (usually followed by `to') having the necessary means  \n"
+    )
     assert s.lemmas == ("able",) and s.examples == () and s.definition.startswith("(usually")
 
 
@@ -131,7 +146,8 @@ def test_wordnet_real_files():
     assert by_pos == {"n": 82115, "v": 13767, "a": 18156, "r": 3621}  # WordNet 3.0's counts
     dog = next(s for s in synsets if s.id == "02084071-n")
     assert dog.lemmas[:2] == ("dog", "domestic dog") and dog.examples == (
-        "the dog barked all night",)  # fmt: skip
+        "the dog barked all night",
+    )
     task = tasks.get_task("wordnet").load()
     assert 3000 < task.n_items < 3500 and task.n_texts == 2 * task.n_items
     assert len(set(task.queries)) == len(task.queries) and len(set(task.docs)) == len(task.docs)
@@ -176,7 +192,7 @@ def test_task_predictions_toy_and_sparse_dense_agree():
     task = tasks.PairTask()
     task._set(["a", "b", "c"], [0, 0, 1], [1, 2, 2], [1.0, 0.0, 0.5])
     emb = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 3.0]], dtype=np.float32)
-    np.testing.assert_allclose(task.predict(emb), [2 ** -0.5, 0.0, 2 ** -0.5], atol=1e-7)
+    np.testing.assert_allclose(task.predict(emb), [2**-0.5, 0.0, 2**-0.5], atol=1e-7)
     # the same TF-IDF vectors, sparse and dense, give the same predictions on both task kinds
     for name, limit in (("lee", 12), ("wordnet", 60)):
         t = tasks.get_task(name).load(limit=limit)
@@ -208,8 +224,9 @@ def test_runner_comparisons_and_cache(tmp_path):
     lee = tasks.get_task("lee").load()
     wordnet = tasks.get_task("wordnet").load(limit=200)
     rand = _RandomEncoder()
-    report = runner.evaluate([encoders.TfidfEncoder(), rand], [lee, wordnet], n_resamples=200,
-                             cache=tmp_path)  # fmt: skip
+    report = runner.evaluate(
+        [encoders.TfidfEncoder(), rand], [lee, wordnet], n_resamples=200, cache=tmp_path
+    )
     rows = {(r.model, r.task, r.metric): r for r in report.rows}
     assert abs(rows["random", "lee", "pearson"].value) < 0.1
     assert rows["tfidf", "lee", "pearson"].n == 1225 and rows["tfidf", "wordnet", "mrr@10"].n == 200
@@ -221,8 +238,9 @@ def test_runner_comparisons_and_cache(tmp_path):
     table = runner.format_table(report)
     assert "| lee | pearson | 1225 |" in table and "better" in table
     # second run: the random encoder's predictions come from the cache, identical
-    again = runner.evaluate([encoders.TfidfEncoder(), rand], [lee, wordnet], n_resamples=200,
-                            cache=tmp_path)  # fmt: skip
+    again = runner.evaluate(
+        [encoders.TfidfEncoder(), rand], [lee, wordnet], n_resamples=200, cache=tmp_path
+    )
     assert rand.calls == 2 and all(r.cached for r in again.rows if r.model == "random")
     assert [r.value for r in again.rows] == [r.value for r in report.rows]
 
@@ -232,7 +250,8 @@ def test_minilm_reference_is_a_real_sentence_encoder(tmp_path, monkeypatch):
     path = encoders.minilm_dir()
     assert path.parent == tmp_path and (path / "model.safetensors").is_file()
     emb = encoders.MiniLMEncoder(device="cpu").encode(
-        ["A cat sits on the mat.", "A kitten rests on a rug.", "Stock markets fell sharply."])
+        ["A cat sits on the mat.", "A kitten rests on a rug.", "Stock markets fell sharply."]
+    )
     assert emb.shape == (3, 384)
     cos = metrics.cosine_matrix(emb, emb)
     assert cos[0, 1] > cos[0, 2] + 0.2  # cat~kitten, not cat~stocks
@@ -240,8 +259,10 @@ def test_minilm_reference_is_a_real_sentence_encoder(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ CLI
 def test_cli_module_imports_lightly():
-    code = ("import sys, l2v_models.eval.cli; "
-            "print(sorted(m for m in ('numpy', 'torch', 'sklearn') if m in sys.modules))")
+    code = (
+        "import sys, l2v_models.eval.cli; "
+        "print(sorted(m for m in ('numpy', 'torch', 'sklearn') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -254,20 +275,49 @@ def tiny_model(tmp_path_factory):
 def test_cli_eval_tiny_model(tiny_model, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("L2V_CACHE_DIR", str(tmp_path / "cache"))
     out_json = tmp_path / "results.json"
-    rc = cli.main(["eval", "-q", "--model", tiny_model, "--device", "cpu", "--tasks",
-                   "lee,wordnet,wordsim", "--limit", "8", "--references", "tfidf",
-                   "--bootstrap", "50", "--output", str(out_json)])  # fmt: skip
+    rc = cli.main(
+        [
+            "eval",
+            "-q",
+            "--model",
+            tiny_model,
+            "--device",
+            "cpu",
+            "--tasks",
+            "lee,wordnet,wordsim",
+            "--limit",
+            "8",
+            "--references",
+            "tfidf",
+            "--bootstrap",
+            "50",
+            "--output",
+            str(out_json),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "| task | metric | n |" in out and "| lee | pearson | 28 |" in out  # 8 docs: 28 pairs
     result = json.loads(out_json.read_text())
     rows = result["rows"]
     assert {(r["model"], r["task"]) for r in rows} == {
-        (m, t) for m in (tiny_model.rstrip("/").split("/")[-1], "tfidf")
-        for t in ("lee", "wordnet", "wordsim")}  # fmt: skip
+        (m, t)
+        for m in (tiny_model.rstrip("/").split("/")[-1], "tfidf")
+        for t in ("lee", "wordnet", "wordsim")
+    }
     for r in rows:
-        assert {"task", "metric", "value", "ci_low", "ci_high", "model", "data_source", "n",
-                "seconds", "versions"} <= set(r)  # fmt: skip
+        assert {
+            "task",
+            "metric",
+            "value",
+            "ci_low",
+            "ci_high",
+            "model",
+            "data_source",
+            "n",
+            "seconds",
+            "versions",
+        } <= set(r)
         assert np.isfinite(r["value"]) and r["seconds"] >= 0
     assert rows[0]["model_info"]["device"] == "cpu" and rows[0]["versions"]["torch"]
     assert len(result["comparisons"]) == 6  # 3 tasks x 2 metrics, model - tfidf

@@ -29,38 +29,79 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "untrained default model). Prints a table of metrics with 95%% bootstrap intervals and "
         "the model-minus-reference differences; --output writes JSON.",
     )
-    p.add_argument("--model", "-m", default=None,
-                   help="base model: HF dir or hub id, LLM2Vec -mntp dir, .gguf file "
-                   "(default: the embedded SmolLM2)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="base model: HF dir or hub id, LLM2Vec -mntp dir, .gguf file "
+        "(default: the embedded SmolLM2)",
+    )
     p.add_argument("--peft", default=None, help="LoRA adapter dir (e.g. from `l2v train`)")
     p.add_argument("--name", default=None, help="the model's name in the table")
-    p.add_argument("--tasks", default=DEFAULT_TASKS,
-                   help=f"comma-separated tasks, or all (default: {DEFAULT_TASKS})")  # fmt: skip
-    p.add_argument("--references", default=DEFAULT_REFERENCES,
-                   help="comma-separated reference rows from tfidf, minilm, default (the "
-                   "untrained embedded SmolLM2), or none (default: all three; default is "
-                   "dropped when the model is the default)")  # fmt: skip
+    p.add_argument(
+        "--tasks",
+        default=DEFAULT_TASKS,
+        help=f"comma-separated tasks, or all (default: {DEFAULT_TASKS})",
+    )
+    p.add_argument(
+        "--references",
+        default=DEFAULT_REFERENCES,
+        help="comma-separated reference rows from tfidf, minilm, default (the "
+        "untrained embedded SmolLM2), or none (default: all three; default is "
+        "dropped when the model is the default)",
+    )
     p.add_argument("--output", "-o", metavar="FILE.json", help="write the rows as JSON")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="quick run: only the first N items of each task (Lee: documents)")  # fmt: skip
-    p.add_argument("--instructions", action="store_true",
-                   help="give the l2v models each task's llm2vec-style instruction")  # fmt: skip
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                   help="bootstrap resamples for the intervals (default: 1000)")  # fmt: skip
-    p.add_argument("--no-cache", action="store_true",
-                   help="recompute the reference rows (MiniLM and the default model are cached "
-                   "under l2v's cache dir)")  # fmt: skip
-    p.add_argument("--pooling", default=None,
-                   choices=("mean", "weighted_mean", "eos_token", "last_token", "bos_token"),
-                   help="pooling mode of the model (default: llm2vec_config.json, else mean)")  # fmt: skip
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="quick run: only the first N items of each task (Lee: documents)",
+    )
+    p.add_argument(
+        "--instructions",
+        action="store_true",
+        help="give the l2v models each task's llm2vec-style instruction",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="bootstrap resamples for the intervals (default: 1000)",
+    )
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute the reference rows (MiniLM and the default model are cached "
+        "under l2v's cache dir)",
+    )
+    p.add_argument(
+        "--pooling",
+        default=None,
+        choices=("mean", "weighted_mean", "eos_token", "last_token", "bos_token"),
+        help="pooling mode of the model (default: llm2vec_config.json, else mean)",
+    )
     p.add_argument("--max-length", type=int, default=None, help="token limit per text")
-    p.add_argument("--dtype", default=None,
-                   help="float32, bfloat16, float16 or auto (default: bf16 on CUDA, fp32 on CPU)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16, float16 or auto (default: bf16 on CUDA, fp32 on CPU)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
-    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
-                   help="kernels: triton (CUDA) or torch (default: auto)")  # fmt: skip
-    p.add_argument("--batch-tokens", type=int, default=None, metavar="N",
-                   help="real tokens per forward pass (default: 16384 on CUDA, 4096 on CPU)")  # fmt: skip
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "triton", "torch"),
+        help="kernels: triton (CUDA) or torch (default: auto)",
+    )
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="real tokens per forward pass (default: 16384 on CUDA, 4096 on CPU)",
+    )
     p.add_argument("--list", action="store_true", help="list the tasks, their data and licences")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_eval)
@@ -77,9 +118,10 @@ def _split(value: str, allowed, what: str) -> list[str]:
         return list(allowed)
     unknown = [n for n in names if n not in allowed]
     if unknown or not names:
-        raise UsageError(f"unknown {what} {','.join(unknown) or repr(value)}; choose from "
-                         f"{', '.join(allowed)}" + (" or none" if what == "reference" else
-                                                    " or all"))  # fmt: skip
+        raise UsageError(
+            f"unknown {what} {','.join(unknown) or repr(value)}; choose from "
+            f"{', '.join(allowed)}" + (" or none" if what == "reference" else " or all")
+        )
     return list(dict.fromkeys(names))
 
 
@@ -112,12 +154,20 @@ def cmd_eval(args) -> int:
             tasks.append(get_task(name).load(limit=args.limit))
         except DataMissing as e:
             raise UsageError(f"task {name}: {e}") from None
-    common = dict(torch_dtype=args.dtype, device_map=args.device, backend=args.backend,
-                  batch_tokens=args.batch_tokens)  # fmt: skip
+    common = dict(
+        torch_dtype=args.dtype,
+        device_map=args.device,
+        backend=args.backend,
+        batch_tokens=args.batch_tokens,
+    )
     model = enc.L2VEncoder(
-        args.name or _model_name(args), args.model, args.peft, pooling_mode=args.pooling,
-        max_length=args.max_length, **common,
-    )  # fmt: skip
+        args.name or _model_name(args),
+        args.model,
+        args.peft,
+        pooling_mode=args.pooling,
+        max_length=args.max_length,
+        **common,
+    )
     _check_gguf_support(args.model)
     encoders = [model]
     for name in ref_names:
@@ -133,8 +183,14 @@ def cmd_eval(args) -> int:
 
     cache = None if args.no_cache else cache_dir() / "eval"
     try:
-        report = runner.evaluate(encoders, tasks, instructions=args.instructions,
-                                 n_resamples=args.bootstrap, cache=cache, log=log)  # fmt: skip
+        report = runner.evaluate(
+            encoders,
+            tasks,
+            instructions=args.instructions,
+            n_resamples=args.bootstrap,
+            cache=cache,
+            log=log,
+        )
     except DataMissing as e:
         raise UsageError(str(e)) from None
     print(runner.format_table(report))

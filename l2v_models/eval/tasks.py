@@ -120,10 +120,14 @@ class PairTask(Task):
 class LeeTask(PairTask):
     name = "lee"
     description = "Lee et al. (2005) news: cosine vs human similarity of 1,225 document pairs"
-    source = ("gensim wheel: gensim/test/test_data/lee.cor (50 documents) + similarities0-1.txt "
-              "(50x50 human judgements)")  # fmt: skip
-    licence = ("Lee, Pincombe & Welsh (2005) corpus as redistributed in gensim's test data "
-               "(gensim: LGPL-2.1); research use")  # fmt: skip
+    source = (
+        "gensim wheel: gensim/test/test_data/lee.cor (50 documents) + similarities0-1.txt "
+        "(50x50 human judgements)"
+    )
+    licence = (
+        "Lee, Pincombe & Welsh (2005) corpus as redistributed in gensim's test data "
+        "(gensim: LGPL-2.1); research use"
+    )
 
     def load(self, limit: int | None = None) -> LeeTask:
         docs = data.lee_documents()
@@ -142,8 +146,9 @@ class WordPairTask(PairTask):
         rows = data.word_pairs(self.file)[:limit]
         words = sorted({w for w1, w2, _ in rows for w in (w1, w2)})
         index = {w: k for k, w in enumerate(words)}
-        self._set(words, [index[r[0]] for r in rows], [index[r[1]] for r in rows],
-                  [r[2] for r in rows])  # fmt: skip
+        self._set(
+            words, [index[r[0]] for r in rows], [index[r[1]] for r in rows], [r[2] for r in rows]
+        )
         return self
 
 
@@ -170,8 +175,10 @@ class WordNetTask(Task):
     document is docs[k])."""
 
     name = "wordnet"
-    description = ("WordNet 3.0 held-out synsets: definition -> example sentence retrieval "
-                   "among all held-out examples")  # fmt: skip
+    description = (
+        "WordNet 3.0 held-out synsets: definition -> example sentence retrieval "
+        "among all held-out examples"
+    )
     source = "Debian wordnet-base: /usr/share/wordnet/data.{noun,verb,adj,adv} (WordNet 3.0)"
     licence = "WordNet 3.0 licence (Princeton University; permissive, BSD-like)"
     instruction = "Given a dictionary definition, retrieve a sentence that uses the defined word"
@@ -209,9 +216,7 @@ class WordNetTask(Task):
         return metrics.target_ranks(scores, np.arange(q)).astype(np.float64)
 
 
-TASKS: dict[str, type[Task]] = {
-    t.name: t for t in (LeeTask, WordNetTask, SimLexTask, WordSimTask)
-}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (LeeTask, WordNetTask, SimLexTask, WordSimTask)}
 DEFAULT_TASKS = ("lee", "wordnet", "simlex", "wordsim")
 
 
