@@ -2,7 +2,7 @@
 
     python -m bench.e2e [--models mistral-7b,...] [--workloads passages,...] [--quick] [--smoke]
                         [--out DIR] [--device cuda] [--dtype bfloat16]
-    l2v bench ...        (the same CLI)
+    ./run.sh bench ...   (bench/gpu_check.sh, which runs it on a GPU machine)
 
 Both sides get the same random bf16 weights, created on the device for each model shape in
 bench/workloads.py (no files), and the same token ids (bench/workloads.py: queries, passages,
@@ -82,7 +82,7 @@ IMPL_NOTES = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="l2v bench", description="End-to-end benchmark: l2v vs llm2vec-style transformers."
+        prog="python -m bench.e2e", description="End-to-end benchmark: l2v vs llm2vec-style transformers."
     )
     ap.add_argument(
         "--models",

@@ -4,7 +4,6 @@
     l2v encode --input texts.txt --output emb.npy                      # one text per line
     l2v encode --input items.jsonl --output emb.jsonl                  # {"text", "instruction"?}
     l2v info                                                           # versions, device, kernels
-    l2v bench [--quick] ...                                            # bench/e2e.py (checkout)
 
 Errors a user can fix (missing file, bad JSONL line, unknown or damaged model, bad option
 value) end with one line `l2v: error: ...` and exit code 2; any other error (a bug) also prints
@@ -311,22 +310,6 @@ def _l2v_version() -> str:
         return "unknown (not installed)"
 
 
-def cmd_bench(argv: list[str]) -> int:
-    """`l2v bench ...` = `python -m bench.e2e ...`: bench/ lives in the source checkout."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "bench" / "e2e.py").is_file():
-        raise UsageError(
-            "`l2v bench` needs a source checkout (bench/e2e.py next to l2v_models/); clone the "
-            "l2v repository and run it there"
-        )
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from bench import e2e
-
-    e2e.main(argv)
-    return 0
-
-
 # ------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -387,10 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
     for module in FEATURE_COMMANDS:
         importlib.import_module(module).add_parser(sub)
-    sub.add_parser("bench", help="end-to-end benchmark (bench/e2e.py; source checkout)",
-                   add_help=False)  # fmt: skip
-    for name, command in sub.choices.items():  # `l2v encode --debug` works as `l2v --debug ...`
-        if name != "bench" and "--debug" not in command._option_string_actions:
+    for command in sub.choices.values():  # `l2v encode --debug` works as `l2v --debug ...`
+        if "--debug" not in command._option_string_actions:
             command.add_argument(
                 "--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP
             )
@@ -441,8 +422,6 @@ def main(argv: list[str] | None = None) -> int:
         debug, argv = True, argv[1:]
     try:
         with _WarningsToStderr():
-            if argv and argv[0] == "bench":
-                return cmd_bench(argv[1:])
             args = build_parser().parse_args(argv)
             debug = debug or getattr(args, "debug", False)
             return args.func(args)
