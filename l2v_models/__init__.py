@@ -1,4 +1,4 @@
-"""l2v_models: the LLM2Vec encoder, the thin Llama/Mistral/Qwen2 model and weight loading.
+"""l2v_models: the LLM2Vec encoder, the engine, the model (every registered family), loading.
 
 Importing this package is cheap and needs neither triton nor transformers: names are imported
 from their modules on first use.
@@ -10,6 +10,9 @@ import importlib
 
 _EXPORTS = {
     "LLM2Vec": "encoder",
+    "Engine": "engine",
+    "TokenizedTexts": "packing",
+    "PackedBatch": "packing",
     "ModelConfig": "config",
     "Transformer": "model",
     "Loaded": "loading",
