@@ -90,6 +90,29 @@ def test_paired_bootstrap_difference():
     assert 0 < low < diff < high
 
 
+def test_document_resampler_keeps_whole_documents():
+    a, b = np.triu_indices(5, k=1)  # 10 pairs of 5 documents
+    resample = metrics.document_pair_resampler(a, b, 5)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        idx = resample(rng)
+        drawn = set(a[idx]) | set(b[idx])
+        # every pair among the drawn documents is present (a document brings all its pairs)
+        want = {k for k in range(10) if a[k] in drawn and b[k] in drawn}
+        assert set(idx.tolist()) == want and idx.size >= 2
+
+
+def test_lee_document_bootstrap_is_wider_than_pairs():
+    task = tasks.get_task("lee").load()
+    pred = task.predict(encoders.TfidfEncoder().encode(task.items()))
+    corr = task.metrics["pearson"]
+    value = corr(pred, task.gold)
+    pairs = metrics.bootstrap_ci(corr, (pred, task.gold), n_resamples=300)
+    docs = metrics.bootstrap_ci(corr, (pred, task.gold), n_resamples=300, resample=task.resampler())
+    assert docs[0] < value < docs[1]
+    assert docs[1] - docs[0] > 1.3 * (pairs[1] - pairs[0])  # ~1.8x measured
+
+
 # ------------------------------------------------------------------------------ WordNet split
 def test_heldout_split_is_stable_and_deterministic():
     # Pinned: these answers must never change (training and evaluation rely on the same split).

@@ -187,7 +187,15 @@ class MiniLMEncoder:
                 import torch
 
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.model = SentenceTransformer(str(path), device=device)
+            from transformers.utils import logging as hf_logging
+
+            bar = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # no "Loading weights" bar in the table output
+            try:
+                self.model = SentenceTransformer(str(path), device=device)
+            finally:
+                if bar:
+                    hf_logging.enable_progress_bar()
             self.info.update(
                 device=str(self.model.device),
                 path=str(path),

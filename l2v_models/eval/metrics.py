@@ -106,12 +106,32 @@ def mrr_at_k(ranks, k: int) -> float:
     return float(np.where(ranks <= k, 1.0 / ranks, 0.0).mean())
 
 
+def document_pair_resampler(a, b, n_docs: int) -> Callable[[np.random.Generator], np.ndarray]:
+    """A resampler for pairs of documents (a, b: int [P], indices < n_docs): draw n_docs documents
+    with replacement and keep each pair once per drawn copy of each of its two documents
+    (count[a] * count[b] times). Pairs that share a document are not independent, so this
+    interval is the honest one for an all-pairs task like Lee (wider than resampling pairs)."""
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    pairs = np.arange(a.size)
+
+    def resample(rng: np.random.Generator) -> np.ndarray:
+        while True:
+            count = np.bincount(rng.integers(0, n_docs, size=n_docs), minlength=n_docs)
+            idx = np.repeat(pairs, count[a] * count[b])
+            if idx.size >= 2:  # a correlation needs two pairs (tiny tasks can draw fewer)
+                return idx
+
+    return resample
+
+
 def bootstrap_ci(
     metric: Callable[..., float],
     *systems: Sequence[np.ndarray],
     n_resamples: int = BOOTSTRAP_RESAMPLES,
     confidence: float = 0.95,
     seed: int = BOOTSTRAP_SEED,
+    resample: Callable[[np.random.Generator], np.ndarray] | None = None,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval over items.
 
@@ -119,6 +139,8 @@ def bootstrap_ci(
     (pred [N], gold [N]) for one model). With one system: the interval of metric(*system); with
     two: of metric(*a) - metric(*b), both computed on the same resample each time (paired), so the
     noise shared by the two models cancels. Deterministic for a given seed.
+    resample(rng) -> int64 item indices draws one resample (default: N items with replacement);
+    see document_pair_resampler for pairs that share documents.
     """
     if len(systems) not in (1, 2):
         raise ValueError(
@@ -133,7 +155,7 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     values = np.empty(n_resamples, dtype=np.float64)
     for r in range(n_resamples):
-        idx = rng.integers(0, n, size=n)
+        idx = rng.integers(0, n, size=n) if resample is None else resample(rng)
         value = metric(*(a[idx] for a in arrays[0]))
         if len(arrays) == 2:
             value -= metric(*(a[idx] for a in arrays[1]))

@@ -4,9 +4,10 @@
     print(format_table(report)); write_json(report, "results.json")
 
 One row per (encoder, task, metric): value, 95% percentile-bootstrap interval over the task's
-items, n items, encode seconds. The first encoder is "the model"; for each other encoder
-(a reference) the comparison is model - reference on the same bootstrap resamples (paired), so
-"beats X by more than the noise" means the comparison's interval lies above 0.
+items (Lee: over its documents, see tasks.py), n items, encode seconds. The first encoder is
+"the model"; for each other encoder (a reference) the comparison is model - reference on the
+same bootstrap resamples (paired), so "beats X by more than the noise" means the comparison's
+interval lies above 0.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Row:
     seconds: float  # encoding time of this task's texts (load excluded)
     cached: bool
     data_source: str
+    bootstrap_unit: str  # what the interval resamples: item (pair or query) or document
     model_info: dict = field(default_factory=dict)
 
 
@@ -165,7 +167,9 @@ def evaluate(
             preds[encoder.name, task.name] = pred
             for metric, fn in task.metrics.items():
                 value = fn(pred, task.gold)
-                low, high = m.bootstrap_ci(fn, (pred, task.gold), n_resamples=n_resamples)
+                low, high = m.bootstrap_ci(
+                    fn, (pred, task.gold), n_resamples=n_resamples, resample=task.resampler()
+                )
                 rows.append(
                     Row(
                         task.name,
@@ -180,6 +184,7 @@ def evaluate(
                         seconds,
                         cached,
                         task.source,
+                        task.bootstrap_unit,
                         dict(encoder.info),
                     )
                 )
@@ -190,7 +195,11 @@ def evaluate(
             for metric, fn in task.metrics.items():
                 diff = fn(a, task.gold) - fn(b, task.gold)
                 low, high = m.bootstrap_ci(
-                    fn, (a, task.gold), (b, task.gold), n_resamples=n_resamples
+                    fn,
+                    (a, task.gold),
+                    (b, task.gold),
+                    n_resamples=n_resamples,
+                    resample=task.resampler(),
                 )
                 comparisons.append(
                     Comparison(task.name, metric, model, reference.name, diff, low, high)

@@ -5,7 +5,8 @@ Each task turns embeddings into one prediction per scored item, and metrics into
     emb = encoder.encode(task.items(instructions=False))   # float32 [N_texts, D] (or sparse)
     pred = task.predict(emb)                               # float64 [N_items]
     {name: fn(pred, task.gold) for name, fn in task.metrics.items()}
-Items are what the bootstrap resamples: pairs (correlation tasks) or queries (retrieval).
+The bootstrap resamples items: queries (retrieval), word pairs, or for Lee the documents (each
+is in 49 pairs, so resampling pairs would understate the noise about 1.8x).
 
     lee      Lee et al. (2005): 50 news documents, 1,225 pairs judged by humans; Pearson and
              Spearman of cosine vs the mean human score. gensim wheel, test/test_data.
@@ -64,7 +65,8 @@ def _row_cosines(emb, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class Task:
     """Base class: name, description, source (where the data comes from), licence, metrics
     (name -> fn(pred [N], gold [N]) -> float), instruction (llm2vec-style, used with
-    --instructions). After load(): gold float64 [N items], n_texts."""
+    --instructions), bootstrap_unit and resampler(). After load(): gold float64 [N items],
+    n_texts."""
 
     name = ""
     description = ""
@@ -85,6 +87,12 @@ class Task:
     @property
     def n_items(self) -> int:
         return int(self.gold.shape[0])
+
+    bootstrap_unit = "item"
+
+    def resampler(self):
+        """None (resample items) or a resample(rng) -> indices function for bootstrap_ci."""
+        return None
 
     def score(self, pred: np.ndarray) -> dict[str, float]:
         return {name: fn(pred, self.gold) for name, fn in self.metrics.items()}
@@ -137,6 +145,12 @@ class LeeTask(PairTask):
             docs, i, j, human = docs[:limit], i[keep], j[keep], human[keep]
         self._set(docs, i, j, human)
         return self
+
+    bootstrap_unit = "document"
+
+    def resampler(self):
+        """Resample the documents, not the pairs: every document is in 49 of the 1,225 pairs."""
+        return metrics.document_pair_resampler(self.a, self.b, len(self.texts))
 
 
 class WordPairTask(PairTask):
