@@ -268,6 +268,14 @@ def test_runner_comparisons_and_cache(tmp_path):
     assert [r.value for r in again.rows] == [r.value for r in report.rows]
 
 
+def test_only_the_embedded_default_is_cached():
+    assert encoders.L2VEncoder("d").cache_key() is not None
+    assert encoders.L2VEncoder("d", model="smollm2", torch_dtype="float32").is_default()
+    assert encoders.L2VEncoder("x", peft="some/adapter").cache_key() is None  # may be retrained
+    assert encoders.L2VEncoder("x", model="some/dir").cache_key() is None
+    assert encoders.L2VEncoder("x", pooling_mode="eos_token").cache_key() is None
+
+
 def test_minilm_reference_is_a_real_sentence_encoder(tmp_path, monkeypatch):
     monkeypatch.setenv("L2V_CACHE_DIR", str(tmp_path))
     path = encoders.minilm_dir()

@@ -12,6 +12,7 @@ where items are texts or [instruction, text] pairs (the references ignore instru
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import zipfile
@@ -30,6 +31,31 @@ MINILM_HINT = (
 
 def _text(item) -> str:
     return item if isinstance(item, str) else item[1]
+
+
+def source_digest() -> str:
+    """SHA-256 (16 hex) of the code that computes l2v's embeddings: l2v_models (but eval/),
+    l2v_kernels and csrc sources, plus the default model file's name and size."""
+    from l2v_models.loading import default_model_path
+
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    files = [
+        *sorted((root / "l2v_models").rglob("*.py")),
+        *sorted((root / "l2v_kernels").rglob("*.py")),
+        *sorted(p for p in (root / "csrc").rglob("*") if p.is_file()),
+    ]
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("l2v_models/eval/"):
+            continue
+        h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    try:
+        model = default_model_path()
+        h.update(f"{model.name}:{model.stat().st_size}".encode())
+    except FileNotFoundError:
+        pass  # loading will say what to install
+    return h.hexdigest()[:16]
 
 
 class L2VEncoder:
@@ -76,7 +102,8 @@ class L2VEncoder:
 
     def cache_key(self):
         """Only the embedded default is cached (a model directory can change under its name);
-        the key holds everything that changes its embeddings, l2v's commit included."""
+        the key holds everything that changes its embeddings: l2v's model and kernel sources,
+        the default model file, torch and transformers versions, the options, the device kind."""
         if not self.is_default():
             return None
         import torch
@@ -85,7 +112,7 @@ class L2VEncoder:
 
         v = versions()
         return [
-            v.get("commit", v.get("l2v")),
+            source_digest(),
             v.get("torch"),
             v.get("transformers"),
             sorted(self.kwargs.items()),
