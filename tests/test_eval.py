@@ -351,6 +351,8 @@ def test_cli_eval_tiny_model(tiny_model, tmp_path, capsys, monkeypatch):
         } <= set(r)
         assert np.isfinite(r["value"]) and r["seconds"] >= 0
     assert rows[0]["model_info"]["device"] == "cpu" and rows[0]["versions"]["torch"]
+    units = {r["task"]: r["bootstrap_unit"] for r in rows}
+    assert units == {"lee": "document", "wordnet": "item", "wordsim": "item"}
     assert len(result["comparisons"]) == 6  # 3 tasks x 2 metrics, model - tfidf
 
 

@@ -71,6 +71,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="bootstrap resamples for the intervals (default: 1000)",
     )
     p.add_argument(
+        "--bootstrap-unit",
+        default="task",
+        choices=("task", "item"),
+        help="what the intervals resample: task = each task's own unit (Lee: its 50 documents, "
+        "since each is in 49 pairs; others: pairs or queries), item = pairs or queries "
+        "everywhere (narrower on Lee) (default: task)",
+    )
+    p.add_argument(
         "--no-cache",
         action="store_true",
         help="recompute the reference rows (MiniLM and the default model are cached "
@@ -188,6 +196,7 @@ def cmd_eval(args) -> int:
             tasks,
             instructions=args.instructions,
             n_resamples=args.bootstrap,
+            bootstrap_unit=args.bootstrap_unit,
             cache=cache,
             log=log,
         )

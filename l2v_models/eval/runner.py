@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -121,7 +122,8 @@ def _cache_path(cache: Path, encoder, task, items) -> Path:
         default=str,
     )
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:24]
-    return cache / f"{encoder.name}-{task.name}-{digest}.npz"
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", encoder.name).strip("_")
+    return cache / f"{safe}-{task.name}-{digest}.npz"
 
 
 def encode_task(encoder, task, instructions: bool, cache: Path | None):
@@ -153,9 +155,20 @@ def evaluate(
     instructions: bool = False,
     n_resamples: int = m.BOOTSTRAP_RESAMPLES,
     cache: Path | None = None,
+    bootstrap_unit: str = "task",
     log=None,
 ) -> Report:
-    """Every encoder on every (loaded) task. encoders[0] is the model, the rest references."""
+    """Every encoder on every (loaded) task. encoders[0] is the model, the rest references.
+    bootstrap_unit: "task" (each task's own unit: Lee's documents, else items) or "item"."""
+    if bootstrap_unit not in ("task", "item"):
+        raise ValueError(f"bootstrap_unit must be 'task' or 'item', got {bootstrap_unit!r}")
+
+    def resampler(task):
+        return task.resampler() if bootstrap_unit == "task" else None
+
+    def unit(task):
+        return task.bootstrap_unit if bootstrap_unit == "task" else "item"
+
     rows, comparisons = [], []
     preds: dict[tuple[str, str], np.ndarray] = {}
     for k, encoder in enumerate(encoders):
@@ -168,7 +181,7 @@ def evaluate(
             for metric, fn in task.metrics.items():
                 value = fn(pred, task.gold)
                 low, high = m.bootstrap_ci(
-                    fn, (pred, task.gold), n_resamples=n_resamples, resample=task.resampler()
+                    fn, (pred, task.gold), n_resamples=n_resamples, resample=resampler(task)
                 )
                 rows.append(
                     Row(
@@ -184,7 +197,7 @@ def evaluate(
                         seconds,
                         cached,
                         task.source,
-                        task.bootstrap_unit,
+                        unit(task),
                         dict(encoder.info),
                     )
                 )
@@ -199,7 +212,7 @@ def evaluate(
                     (a, task.gold),
                     (b, task.gold),
                     n_resamples=n_resamples,
-                    resample=task.resampler(),
+                    resample=resampler(task),
                 )
                 comparisons.append(
                     Comparison(task.name, metric, model, reference.name, diff, low, high)
@@ -209,6 +222,7 @@ def evaluate(
         "bootstrap_resamples": n_resamples,
         "confidence": 0.95,
         "bootstrap_seed": m.BOOTSTRAP_SEED,
+        "bootstrap_unit": bootstrap_unit,
     }
     return Report(rows, comparisons, versions(), settings)
 
