@@ -133,8 +133,8 @@ class LeeTask(PairTask):
         "(50x50 human judgements)"
     )
     licence = (
-        "Lee, Pincombe & Welsh (2005) corpus as redistributed in gensim's test data "
-        "(gensim: LGPL-2.1); research use"
+        "no licence stated; given by Michael D. Lee to gensim for its tests and shipped in the "
+        "gensim wheel (LGPL-2.1); cite Lee, Pincombe & Welsh (2005)"
     )
 
     def load(self, limit: int | None = None) -> LeeTask:
@@ -171,7 +171,10 @@ class SimLexTask(WordPairTask):
     file = "simlex999.txt"
     description = "SimLex-999: cosine vs human similarity (not relatedness) of 999 word pairs"
     source = "gensim wheel: gensim/test/test_data/simlex999.txt"
-    licence = "SimLex-999, Hill, Reichart & Korhonen (2015), distributed freely for research"
+    licence = (
+        "no licence stated; shipped in the gensim wheel (LGPL-2.1); its authors ask users to cite "
+        "Hill, Reichart & Korhonen (2015)"
+    )
 
 
 class WordSimTask(WordPairTask):
@@ -179,7 +182,9 @@ class WordSimTask(WordPairTask):
     file = "wordsim353.tsv"
     description = "WordSim-353: cosine vs human relatedness of 353 word pairs"
     source = "gensim wheel: gensim/test/test_data/wordsim353.tsv"
-    licence = "WordSim-353, Finkelstein et al. (2002), distributed freely for research"
+    licence = (
+        "no licence stated; shipped in the gensim wheel (LGPL-2.1); cite Finkelstein et al. (2002)"
+    )
 
 
 class WordNetTask(Task):
