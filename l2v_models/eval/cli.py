@@ -26,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Score an LLM2Vec model on real human-labelled data (the Lee news "
         "similarity judgements, WordNet definition->example retrieval over held-out synsets, "
         "SimLex-999, WordSim-353) next to reference encoders (TF-IDF, all-MiniLM-L6-v2, the "
-        "untrained default model). Prints a table of metrics with 95%% bootstrap intervals and "
+        "untrained default model). Prints a table of metrics with 95 percent bootstrap intervals and "
         "the model-minus-reference differences; --output writes JSON.",
     )
     p.add_argument(
