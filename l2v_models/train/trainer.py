@@ -225,10 +225,13 @@ class Trainer:
     """Trains one LoRA adapter of one stage on a loaded model (see the module docstring).
 
     loaded: l2v_models.loading.Loaded on the torch backend (load_for_training). config: the
-    run's TrainConfig. lm_head: MNTP's LM head [V, H] (default: read_lm_head(model_arg))."""
+    run's TrainConfig. lm_head: MNTP's LM head [V, H] (default: read_lm_head(model_arg)).
+    mask_token_id: MNTP's mask token (default: from the tokenizer; needed without one, as in
+    benchmarks on token ids)."""
 
     def __init__(self, loaded, config: TrainConfig, *, model_arg=None,
-                 lm_head: torch.Tensor | None = None):  # fmt: skip
+                 lm_head: torch.Tensor | None = None,
+                 mask_token_id: int | None = None):  # fmt: skip
         from l2v_models import tokenization as tk
         from l2v_models.encoder import LLM2Vec
 
@@ -255,9 +258,12 @@ class Trainer:
         if config.stage == "mntp":
             self.lm_head = lm_head if lm_head is not None else read_lm_head(model_arg, loaded)
             self.final_softcap = getattr(loaded.hf_config, "final_logit_softcapping", None)
-            self.mask_token_id = self._mask_token_id()
-            self.special_ids = set(getattr(self.tokenizer, "all_special_ids", []) or [])
-            self.random_vocab = min(len(self.tokenizer), model.config.vocab_size)
+            self.mask_token_id = mask_token_id
+            if mask_token_id is None:
+                self.mask_token_id = self._mask_token_id()
+            self.special_ids = set(getattr(self.tokenizer, "all_special_ids", None) or [])
+            vocab = model.config.vocab_size
+            self.random_vocab = min(len(self.tokenizer), vocab) if self.tokenizer else vocab
         else:
             # llm2vec's text rules (instruction attended, not pooled), mean pooling.
             self.encoder = LLM2Vec(model, self.tokenizer, pooling_mode="mean",
