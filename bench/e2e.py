@@ -58,7 +58,8 @@ from bench.workloads import (
 OURS = "l2v"
 OURS_GRAPHS = "l2v_graphs"
 COMPILE_LIMIT_S = 300.0  # torch.compile warm-up of the baseline, at most
-COS_TARGET = 0.999  # our embeddings vs the baseline's, bf16 on GPU (docs/architecture.md "Numerics and tolerances")
+# Our embeddings vs the baseline's, bf16 on GPU (docs/architecture.md "Numerics and tolerances").
+COS_TARGET = 0.999
 TARGETS = {  # issue text: H100, Mistral-7B shape
     "passages_speedup": 2.0,
     "passages_mfu": 0.70,
@@ -82,7 +83,8 @@ IMPL_NOTES = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="python -m bench.e2e", description="End-to-end benchmark: l2v vs llm2vec-style transformers."
+        prog="python -m bench.e2e",
+        description="End-to-end benchmark: l2v vs llm2vec-style transformers.",
     )
     ap.add_argument(
         "--models",
@@ -406,9 +408,9 @@ def build_hf(cfg: dict, state: dict, dtype: torch.dtype, device: torch.device):
 
 def build_ours(cfg: dict, state: dict, dtype, device, backend: str, max_tokens: int | None):
     """Our encoder around a Transformer filled with the same weights (fused copies of them)."""
+    from l2v_models.checkpoint import from_hf_state_dict
     from l2v_models.config import ModelConfig
     from l2v_models.encoder import LLM2Vec
-    from l2v_models.loading import from_hf_state_dict
 
     model = from_hf_state_dict(
         ModelConfig.from_hf_config(cfg), state, dtype=dtype, device=device, backend=backend

@@ -15,8 +15,8 @@ _EXPORTS = {
     "PackedBatch": "packing",
     "ModelConfig": "config",
     "Transformer": "model",
-    "Loaded": "loading",
-    "load_model": "loading",
+    "Loaded": "checkpoint",
+    "load_model": "checkpoint",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -190,7 +190,7 @@ def _check_gguf_support(model: str | None) -> None:
     transformers cannot read its tokenizer (load_model checks again)."""
     if model is not None and model.lower() != "smollm2" and not model.endswith(".gguf"):
         return
-    from l2v_models.loading import gguf_support_error
+    from l2v_models.checkpoint import gguf_support_error
 
     what = "the default model (SmolLM2-135M-Instruct, a GGUF)" if model is None or (
         model.lower() == "smollm2") else f"the GGUF model {model}"  # fmt: skip
@@ -290,7 +290,7 @@ def cmd_info(args) -> int:
     except Exception as e:
         rows.append(("backend (auto)", f"unknown ({type(e).__name__}: {e})"))
     try:
-        from l2v_models.loading import default_model_path
+        from l2v_models.checkpoint import default_model_path
 
         rows.append(("default model", str(default_model_path())))
     except Exception as e:

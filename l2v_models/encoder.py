@@ -298,7 +298,8 @@ class LLM2Vec:
         merge_peft: accepted for compatibility; adapters are always merged into the weights.
         enable_bidirectional: False encodes causally (llm2vec's option). True (the default)
         encodes as llm2vec does: bidirectionally, except Qwen2, which llm2vec 0.2.3 encodes
-        causally; l2v's attention="bidirectional" overrides that (see loading.attention_is_causal).
+        causally; l2v's attention="bidirectional" overrides that
+        (see checkpoint.attention_is_causal).
         kwargs: pooling_mode, max_length, doc_max_length, skip_instruction (None = keep the
         default, as llm2vec); torch_dtype / dtype (a torch dtype or "float32", "bfloat16",
         "float16", "auto"; default bf16 on CUDA, fp32 on CPU); device_map / device ("cpu",
@@ -310,7 +311,7 @@ class LLM2Vec:
         attn_implementation, low_cpu_mem_usage, trust_remote_code and use_safetensors are
         accepted and ignored. Anything else raises TypeError.
         """
-        from l2v_models import loading
+        from l2v_models import checkpoint
 
         attention = kwargs.pop("attention", None)
         if not enable_bidirectional:
@@ -320,9 +321,9 @@ class LLM2Vec:
                     f"{attention!r} was given too; pass one of them"
                 )
             attention = "causal"
-        if attention is not None and attention not in loading.ATTENTION_MODES:
+        if attention is not None and attention not in checkpoint.ATTENTION_MODES:
             raise ValueError(
-                f"attention must be one of {loading.ATTENTION_MODES}, got {attention!r}"
+                f"attention must be one of {checkpoint.ATTENTION_MODES}, got {attention!r}"
             )
         encoder_args = {}
         for key in ("pooling_mode", "max_length", "doc_max_length", "skip_instruction"):
@@ -347,8 +348,8 @@ class LLM2Vec:
         # Validate what can be validated before the (slow) load.
         max_tokens = ours.pop("max_tokens_per_batch", None)
         _check_settings(max_tokens_per_batch=max_tokens, **encoder_args)
-        resolved_device = loading._resolve_device(device)
-        loading._resolve_dtype(dtype, resolved_device)
+        resolved_device = checkpoint.resolve_device(device)
+        checkpoint.resolve_dtype(dtype, resolved_device)
         cuda_graphs = ours.pop("cuda_graphs", False)
         if cuda_graphs is True and (
             resolved_device.type != "cuda" or ours.get("backend", "auto") == "torch"
@@ -365,7 +366,7 @@ class LLM2Vec:
             base_weights_path=ours.get("base_weights_path"),
             attention=attention or "llm2vec",
         )
-        loaded = loading.load_model(device=resolved_device, **load_args)
+        loaded = checkpoint.load_model(device=resolved_device, **load_args)
 
         settings = dict(tk.DEFAULT_ENCODER_ARGS)
         for key, value in loaded.llm2vec_config.items():
@@ -553,7 +554,7 @@ class LLM2Vec:
 
         from safetensors.torch import save_file
 
-        from l2v_models.loading import to_hf_state_dict
+        from l2v_models.checkpoint import to_hf_state_dict
 
         del merge_before_save  # always merged
         self._require_tokenizer()
@@ -727,9 +728,9 @@ class LLM2Vec:
 
     def _place(self, device) -> None:
         """Make the model live on `device`, re-loading it there when it lives elsewhere."""
-        from l2v_models import loading
+        from l2v_models import checkpoint
 
-        target = loading._resolve_device(device)
+        target = checkpoint.resolve_device(device)
         if _same_device(target, self.device):
             return
         if self._load_args is None:
@@ -738,7 +739,7 @@ class LLM2Vec:
                 f"cannot be moved to {target}; build it on that device"
             )
         logger.info("l2v: re-loading the model on %s (it was on %s)", target, self.device)
-        self.model = loading.load_model(device=target, **self._load_args).model
+        self.model = checkpoint.load_model(device=target, **self._load_args).model
 
 
 def _graphs_refusal(problem: str) -> str:

@@ -116,7 +116,7 @@ def build_hf_model(
     attn_implementation: str | None = None,
 ):
     """A bidirectional transformers *Model* (LlamaModel etc., no lm_head) from a config and
-    optionally a state dict in *Model* names (e.g. l2v_models.loading.to_hf_state_dict(model));
+    optionally a state dict in *Model* names (e.g. l2v_models.checkpoint.to_hf_state_dict(model));
     without one the weights are transformers' random init. attn_implementation: default
     "sdpa" ("eager" for Gemma-2, whose soft-capping SDPA ignores)."""
     from transformers import AutoModel

@@ -48,7 +48,7 @@ def poisoned_allocations():
 def skip_unless_gguf_readable() -> None:
     """Skip (with the reason l2v gives its users) where the installed transformers cannot read
     the embedded SmolLM2 GGUF's tokenizer faithfully (transformers < 5.6, llm2vec's 4.44 pin)."""
-    from l2v_models.loading import gguf_support_error
+    from l2v_models.checkpoint import gguf_support_error
 
     problem = gguf_support_error("the default model")
     if problem is not None:

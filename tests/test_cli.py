@@ -248,7 +248,7 @@ def test_load_errors_are_one_line_naming_the_file(model_dir, tmp_path, capsys, m
 
 
 def test_debug_shows_the_traceback(model_dir, tmp_path, capsys, monkeypatch):
-    from l2v_models.loading import CheckpointError
+    from l2v_models.checkpoint import CheckpointError
 
     monkeypatch.delenv("L2V_DEBUG", raising=False)
     path = _damaged_models(tmp_path, model_dir)[0][0]

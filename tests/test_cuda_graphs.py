@@ -19,12 +19,12 @@ from test_model import _mistral_7b_two_layers, _triton_config, hf_and_ours, pack
 from tiny import randomize_, tiny_config
 
 from l2v_kernels.reference import positions_from_cu_seqlens
+from l2v_models.checkpoint import from_hf_state_dict
 from l2v_models.config import ModelConfig
 from l2v_models.cuda_graphs import BucketedGraphRunner
 from l2v_models.encoder import LLM2Vec
 from l2v_models.hf_compat import build_hf_model
 from l2v_models.model import POOL_MODES
-from l2v_models.loading import from_hf_state_dict
 from l2v_models.packing import PackedBatch
 
 HAS_CUDA = torch.cuda.is_available()

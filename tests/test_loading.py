@@ -21,9 +21,7 @@ from tiny import (
     tiny_config,
 )
 
-from l2v_models.config import ModelConfig
-from l2v_models.hf_compat import build_hf_model, dtype_kwargs
-from l2v_models.loading import (
+from l2v_models.checkpoint import (
     CheckpointError,
     from_hf_state_dict,
     hf_key_map,
@@ -31,6 +29,8 @@ from l2v_models.loading import (
     load_model,
     to_hf_state_dict,
 )
+from l2v_models.config import ModelConfig
+from l2v_models.hf_compat import build_hf_model, dtype_kwargs
 
 CPU32 = dict(dtype=torch.float32, device="cpu", backend="torch")
 
@@ -210,7 +210,7 @@ def test_name_or_path_resolved_like_llm2vec(tmp_path, base, monkeypatch):
 def smollm2():
     pytest.importorskip("gguf")
     skip_unless_gguf_readable()
-    from l2v_models.loading import default_model_path
+    from l2v_models.checkpoint import default_model_path
 
     try:
         default_model_path()
@@ -222,7 +222,7 @@ def smollm2():
 def test_gguf_default_model_matches_transformers_gguf_loading(smollm2):
     from transformers import AutoModel, LlamaConfig
 
-    from l2v_models.loading import default_model_path
+    from l2v_models.checkpoint import default_model_path
 
     path = default_model_path()
     hf = AutoModel.from_pretrained(
@@ -240,7 +240,8 @@ def test_gguf_default_model_matches_transformers_gguf_loading(smollm2):
 def test_gguf_config_and_tokenizer_cache_is_faithful(tmp_path, monkeypatch):
     """The save_pretrained cache of transformers' GGUF config/tokenizer gives the same objects:
     the first call (empty cache) returns transformers' own conversion, the second the cache."""
-    from l2v_models.loading import _gguf_config_and_tokenizer, default_model_path
+    from l2v_models.checkpoint import default_model_path
+    from l2v_models.checkpoint.gguf import _gguf_config_and_tokenizer
 
     skip_unless_gguf_readable()
     path = default_model_path()
@@ -263,7 +264,7 @@ def test_gguf_needs_a_transformers_that_reads_its_tokenizer(monkeypatch):
     the model does not use: load_model refuses before converting anything, saying why."""
     import transformers
 
-    from l2v_models.loading import default_model_path
+    from l2v_models.checkpoint import default_model_path
 
     try:
         default_model_path()
@@ -277,7 +278,7 @@ def test_gguf_needs_a_transformers_that_reads_its_tokenizer(monkeypatch):
 def test_gguf_tokenizer_is_checked_against_the_file_metadata(tmp_path):
     """A tokenizer that adds (or drops) the BOS against tokenizer.ggml.add_bos_token is refused;
     eos/pad named differently from the file's ids are set from the ids."""
-    from l2v_models.loading import _check_gguf_tokenizer
+    from l2v_models.checkpoint.gguf import _check_gguf_tokenizer
 
     tok = make_tiny_tokenizer()  # prepends <s> (id 1); eos </s> (id 2), no pad
     meta = {"tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.add_bos_token": False}
@@ -347,7 +348,7 @@ def test_sliding_window_and_qwen2_window_flags():
     [
         ({"model_type": "phi3"}, "unsupported architecture model_type='phi3'"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "'yarn'"),
-        ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "'dynamic'"),
+        ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2}}, "'dynamic'"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"attention_bias": True}, "attention_bias"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
@@ -484,7 +485,7 @@ def test_adapter_weight_errors(tmp_path, base):
 
 
 def test_all_targets_constant_matches_loader():
-    from l2v_models.loading import LORA_TARGETS
+    from l2v_models.checkpoint import LORA_TARGETS
 
     assert tuple(ALL_TARGETS) == LORA_TARGETS
 
@@ -594,7 +595,7 @@ def test_unsupported_config_names_the_file(tmp_path, base):
 
 
 def test_damaged_gguf_files_are_named(tmp_path):
-    from l2v_models.loading import _gguf_token_metadata, _GGUFSource
+    from l2v_models.checkpoint.gguf import _gguf_token_metadata, _GGUFSource
 
     config = ModelConfig.from_hf_config(tiny_config("llama"))
     path = tmp_path / "bad.gguf"
@@ -613,7 +614,7 @@ def test_damaged_gguf_files_are_named(tmp_path):
 
 
 def test_truncated_gguf_data_is_named(tmp_path):
-    from l2v_models.loading import default_model_path
+    from l2v_models.checkpoint import default_model_path
 
     try:
         source = default_model_path()

@@ -12,10 +12,10 @@ from helpers import rel_err, skip_unless_gguf_readable
 from tiny import LLAMA3_SCALING, randomize_, tiny_config
 
 from l2v_kernels import reference
+from l2v_models.checkpoint import from_hf_state_dict, load_model, to_hf_state_dict
 from l2v_models.config import ModelConfig
 from l2v_models.hf_compat import build_hf_model, hf_bidirectional
 from l2v_models.model import Transformer, masked_pool_torch, resolve_backend
-from l2v_models.loading import from_hf_state_dict, load_model, to_hf_state_dict
 
 HAS_CUDA = torch.cuda.is_available()
 # Mixed lengths: a single token, awkward sizes, one text much longer than the rest.

@@ -39,8 +39,9 @@ def poisoned_allocations():
 
 
 def assert_accurate(out, truth, same_dtype_ref, dtype, what=""):
-    """out vs the fp64 truth: below docs/architecture.md's bound for dtype and at most 2x the error of the
-    reference computed at the same dtype (plus a small atol for fp32 summation order)."""
+    """out vs the fp64 truth: below docs/architecture.md's bound for dtype and at most 2x the
+    error of the reference computed at the same dtype (plus a small atol for fp32 summation
+    order)."""
     err = rel_err(out, truth)
     base = rel_err(same_dtype_ref, truth)
     assert err < REL_TOL[dtype], f"{what}: rel error {err:.3e} >= {REL_TOL[dtype]:.0e}"

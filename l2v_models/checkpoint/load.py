@@ -1,0 +1,208 @@
+"""load_model: a base model (+ LoRA adapters) -> a ready l2v Transformer, tokenizer, configs.
+
+    loaded = load_model("McGill-NLP/LLM2Vec-Mistral-7B-Instruct-v2-mntp",
+                        "McGill-NLP/LLM2Vec-Mistral-7B-Instruct-v2-mntp-supervised",
+                        dtype=torch.bfloat16, device="cuda")
+
+Accepted bases: a Hugging Face model dir (or hub id), an LLM2Vec `-mntp` dir (config + tokenizer
++ LoRA adapter whose adapter_config names the base weights), a `.gguf` file, or a packaged model
+name (None = "smollm2"). Names and configs are resolved as llm2vec 0.2.3 resolves them (its chat
+templates key on the config's `_name_or_path`; llm2vec_config.json gives encoder defaults).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from l2v_models.checkpoint.convert import convert_weights, resolve_device, resolve_dtype
+from l2v_models.checkpoint.gguf import _gguf_config_and_tokenizer, _GGUFSource, gguf_support_error
+from l2v_models.checkpoint.hub import _SMOLLM2_FILE, DEFAULT_MODEL, PACKAGED_MODELS, _resolve_dir
+from l2v_models.checkpoint.lora import LoraAdapter, read_lora_adapter
+from l2v_models.checkpoint.sources import (
+    CheckpointError,
+    _load_json,
+    _open_checkpoint,
+    _reason,
+    _Source,
+)
+from l2v_models.config import ModelConfig
+from l2v_models.model import Transformer, resolve_backend
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Loaded:
+    """What load_model returns; the encoder needs all of it."""
+
+    model: Transformer
+    config: ModelConfig
+    tokenizer: Any  # a transformers tokenizer, as llm2vec loads it
+    name_or_path: str  # config `_name_or_path` as llm2vec 0.2.3 resolves it (chat templates)
+    hf_config: Any  # the transformers config (its class picks llm2vec's eos suffix)
+    llm2vec_config: dict = field(default_factory=dict)
+
+
+ATTENTION_MODES = ("llm2vec", "bidirectional", "causal")
+
+
+def attention_is_causal(attention: str, config: ModelConfig) -> bool:
+    """Whether the model attends causally: "causal" -> yes, "bidirectional" -> no, "llm2vec" ->
+    as llm2vec 0.2.3 runs the family. llm2vec's Qwen2BiModel never removes the causal mask (its
+    outputs equal the causal Qwen2's to 6e-7, under sdpa and eager attention), so every Qwen2
+    adapter trained with llm2vec learned causal attention: l2v reproduces that by default, and
+    attention="bidirectional" gives a truly bidirectional Qwen2 (what l2v's own recipe trains)."""
+    if attention == "causal":
+        return True
+    if attention == "bidirectional":
+        return False
+    return config.spec.llm2vec_causal
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path.name} not found in {path.parent}")
+    return _load_json(path, path.name)
+
+
+def _llm2vec_name_or_path(base_arg: str, redirected: str | None) -> str:
+    """llm2vec 0.2.3: from_pretrained sets config._name_or_path to the (adapter-redirected) name;
+    then, if the argument is a local dir with config.json, its `_name_or_path` field wins ("" when
+    absent: PretrainedConfig's default)."""
+    if os.path.isdir(base_arg) and os.path.exists(f"{base_arg}/config.json"):
+        config = _load_json(Path(base_arg) / "config.json", "config.json")
+        return str(config.get("_name_or_path", ""))
+    return redirected if redirected is not None else base_arg
+
+
+def _read_llm2vec_config(config_addr: str | None) -> dict:
+    """llm2vec 0.2.3 reads `{peft or base}/llm2vec_config.json` only when that path exists."""
+    if config_addr is not None and os.path.exists(f"{config_addr}/llm2vec_config.json"):
+        return _load_json(Path(config_addr) / "llm2vec_config.json", "llm2vec_config.json")
+    return {}
+
+
+def load_model(
+    base_model_name_or_path=None,
+    peft_model_name_or_path=None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device=None,
+    backend: str = "auto",
+    base_weights_path=None,
+    attention: str = "llm2vec",
+) -> Loaded:
+    """Load tokenizer, configs and weights (adapters merged) for the l2v encoder.
+
+    base_model_name_or_path: HF model dir or hub id, LLM2Vec -mntp dir or hub id, a .gguf file,
+    or None / "smollm2" for the embedded SmolLM2-135M-Instruct.
+    peft_model_name_or_path: a second LoRA adapter (dir or hub id), merged after the -mntp one.
+    dtype: torch.float32 / float16 / bfloat16 or their names (default bf16 on CUDA, fp32 on CPU).
+    device: "cpu", "cuda", "cuda:N" (default CUDA when available).
+    backend: "auto", "triton" or "torch" (see l2v_models.model.resolve_backend).
+    base_weights_path: local copy of the base weights a -mntp adapter names (offline / gated).
+    attention: "llm2vec" (default: as llm2vec 0.2.3 encodes the family: bidirectional, except
+    Qwen2, which llm2vec encodes causally), "bidirectional" or "causal" (see attention_mode).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = DEFAULT_MODEL
+    if str(base_model_name_or_path).lower() in PACKAGED_MODELS:
+        base_model_name_or_path = PACKAGED_MODELS[str(base_model_name_or_path).lower()]()
+    base_arg = str(base_model_name_or_path)
+    adapters: list[LoraAdapter] = []
+
+    if base_arg.endswith(".gguf"):
+        gguf = Path(base_arg).expanduser()
+        if not gguf.is_file():
+            raise FileNotFoundError(f"GGUF file {base_arg!r} not found")
+        if base_weights_path is not None:
+            raise ValueError("base_weights_path applies to -mntp adapter dirs, not to a GGUF file")
+        problem = gguf_support_error(
+            "the default model (SmolLM2-135M-Instruct, a GGUF)"
+            if gguf.name == _SMOLLM2_FILE else f"the GGUF model {base_arg}"
+        )  # fmt: skip
+        if problem is not None:
+            raise RuntimeError(problem)
+        hf_config, tokenizer = _gguf_config_and_tokenizer(gguf)
+        config = ModelConfig.from_hf_config(hf_config)
+        source: _Source = _GGUFSource(gguf, config)
+        name_or_path = base_arg
+    else:
+        base_dir = _resolve_dir(base_arg, "base model")
+        _read_json(base_dir / "config.json", f"base model {base_arg!r}")
+        redirected = None
+        if (base_dir / "adapter_config.json").is_file():  # LLM2Vec -mntp layout
+            mntp = read_lora_adapter(base_dir)
+            adapters.append(mntp)
+            redirected = mntp.base_model_name_or_path
+            weights_arg = str(base_weights_path) if base_weights_path is not None else redirected
+            if not weights_arg:
+                raise ValueError(
+                    f"{base_dir}/adapter_config.json names no base_model_name_or_path; pass "
+                    "base_weights_path= with the base model's weights"
+                )
+            weights_dir = _resolve_dir(
+                weights_arg, f"base weights of the -mntp adapter {base_arg!r}",
+                hint=" (or pass it as base_weights_path=)",
+            )  # fmt: skip
+        else:
+            if base_weights_path is not None:
+                raise ValueError(
+                    f"base_weights_path is only used with an LLM2Vec -mntp dir (one holding "
+                    f"adapter_config.json); {base_arg!r} is a full model"
+                )
+            weights_dir = base_dir
+        cfg_file = weights_dir / "config.json"
+        cfg_file = cfg_file if cfg_file.is_file() else base_dir / "config.json"
+        try:
+            config = ModelConfig.from_hf_config(_read_json(cfg_file, "config"))
+        except CheckpointError:
+            raise
+        except ValueError as e:
+            raise ValueError(f"{cfg_file}: {e}") from None
+        source = _open_checkpoint(weights_dir)
+        try:
+            hf_config = AutoConfig.from_pretrained(str(base_dir))
+            tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+        except Exception as e:
+            raise OSError(
+                f"could not load the config/tokenizer from {base_dir} ({_reason(e)}); the "
+                "directory needs the model's config.json and tokenizer files (tokenizer.json or "
+                "tokenizer.model with tokenizer_config.json)"
+            ) from e
+        name_or_path = _llm2vec_name_or_path(base_arg, redirected)
+
+    if peft_model_name_or_path is not None:
+        peft_dir = _resolve_dir(str(peft_model_name_or_path), "LoRA adapter")
+        adapters.append(read_lora_adapter(peft_dir))
+
+    config = dataclasses.replace(config, causal=attention_is_causal(attention, config))
+    backend = resolve_backend(backend, device, config)
+    state = convert_weights(
+        config, source, adapters=adapters, dtype=dtype, device=device, backend=backend
+    )
+    model = Transformer.from_state_dict(config, state, backend)
+    hf_config.name_or_path = name_or_path  # what llm2vec's model.config._name_or_path holds
+    config_addr = peft_model_name_or_path if peft_model_name_or_path is not None else base_arg
+    return Loaded(
+        model=model,
+        config=config,
+        tokenizer=tokenizer,
+        name_or_path=name_or_path,
+        hf_config=hf_config,
+        llm2vec_config=_read_llm2vec_config(str(config_addr)),
+    )
+
