@@ -228,3 +228,22 @@ def test_attention_option_errors(tmp_path):
     with pytest.raises(ValueError, match="enable_bidirectional=False asks for causal"):
         LLM2Vec.from_pretrained(str(tmp_path), enable_bidirectional=False,
                                 attention="bidirectional")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- llm2vec's text rules
+@pytest.mark.parametrize("mode", ["mean", "eos_token"])
+def test_gemma_encoder_matches_llm2vecs_pipeline(tmp_path, mode):
+    """llm2vec 0.2.3 supports Gemma (GemmaBiModel): its own text rules (eos_token mode appends
+    "<eos>", chosen by GemmaConfig) and padded pipeline, transcribed in test_encoder, against the
+    l2v encoder on the same tiny Gemma checkpoint."""
+    from test_encoder import TEXTS, assert_rows_match, llm2vec_encode, load_hf, mixed_to_pairs
+    from tiny import make_tiny_checkpoint
+
+    from l2v_models.encoder import LLM2Vec
+
+    base = make_tiny_checkpoint(tmp_path, "gemma")
+    enc = LLM2Vec.from_pretrained(str(base), device_map="cpu", pooling_mode=mode)
+    assert enc.config_family == "gemma"
+    ours = enc.encode(TEXTS, show_progress_bar=False, max_tokens_per_batch=40)
+    ref = llm2vec_encode(load_hf(base), enc, mixed_to_pairs(TEXTS), batch_size=4)
+    assert_rows_match(ours, ref)
