@@ -9,9 +9,11 @@ Workload: a seeded mix of requests, 70% queries (one text with the retrieval ins
 tokenizer) they are texts; with a random-weight shape (no tokenizer) they are token ids from
 bench/workloads.py (queries: BOS + 16-token instruction + 10-40 tokens; passages median ~120).
 
-Both servers run the same encoder in this process, one after the other, under uvicorn on a
-loopback port, and are driven by the same asyncio + httpx client in this process (base64
-responses, as the openai client asks for), so client overhead is in every latency, equally:
+Each server runs in a child process (`--serve l2v|naive`, same model, built the same way) under
+uvicorn on a loopback port, one after the other, driven by the same asyncio + httpx client in
+this process (base64 responses, as the openai client asks for; client overhead is in every
+latency, equally). With CUDA both servers replay passes of up to 2048 tokens from CUDA graphs
+(--no-cuda-graphs to compare):
 - `l2v`: l2v_models.serve.create_app (one model worker, texts of all requests packed into
   token-budget batches, waiting at most --max-wait-ms when idle).
 - `naive`: a FastAPI endpoint calling `encode` once per request under a lock (what a
@@ -38,7 +40,10 @@ import base64
 import contextlib
 import json
 import math
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -157,43 +162,88 @@ def naive_app(encoder):
     return app
 
 
-@contextlib.contextmanager
-def serving(app, health_timeout: float = 600.0):
-    """Run `app` under uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
-    import httpx
+def server_settings(args):
+    from l2v_models.serve.app import ServeSettings
+
+    return ServeSettings(
+        max_batch_tokens=args.max_batch_tokens,
+        max_wait_ms=args.max_wait_ms,
+        max_concurrent_requests=100_000,
+        max_client_batch_size=1024,
+    )
+
+
+def serve_forever(args) -> None:
+    """`--serve l2v|naive --port P`: build the encoder and serve it until SIGTERM."""
     import uvicorn
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            log_level="warning",
-            access_log=False,
-            timeout_keep_alive=300,
-            timeout_graceful_shutdown=60,
-        )  # fmt: skip
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
+    from l2v_models.serve.app import create_app
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    encoder, _ = build_encoder(args, graphs=args.cuda_graphs)
+    app = create_app(encoder, server_settings(args)) if args.serve == "l2v" else naive_app(encoder)
+    if args.serve == "naive":  # warm up like the l2v server does (compile, autotune)
+        encoder.engine.embed(_warmup_texts(encoder), mode=encoder.engine_pool_mode)
+    config = uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning",
+                            access_log=False, timeout_keep_alive=300)  # fmt: skip
+    uvicorn.Server(config).run()
+
+
+def _warmup_texts(encoder):
+    from l2v_models.packing import TokenizedTexts
+
+    return TokenizedTexts.whole([[1, 2, 3, 4], [5, 6]])
+
+
+_SERVER_ARGS = ("model", "shape", "device", "threads", "max_batch_tokens", "max_wait_ms")
+
+
+@contextlib.contextmanager
+def server_process(kind: str, args, log_path: Path, health_timeout: float = 900.0):
+    """`kind` ("l2v" or "naive") served by a child process (so the load generator here never
+    competes with it for the GIL) on a free 127.0.0.1 port; yields the base URL; the child is
+    stopped with SIGTERM (then killed) on exit. Its output goes to log_path."""
+    import httpx
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    cmd = [sys.executable, "-m", "bench.serve", "--serve", kind, "--port", str(port)]
+    for name in _SERVER_ARGS:
+        value = getattr(args, name)
+        if value is not None:
+            cmd += [f"--{name.replace('_', '-')}", str(value)]
+    cmd.append("--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs")
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(cmd, cwd=common.REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + health_timeout
         while True:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"the {kind} server exited with {proc.returncode}; see {log_path}"
+                )
             try:
                 if httpx.get(url + "/health", timeout=10).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError(f"server at {url} did not become healthy")
-            time.sleep(0.1)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the {kind} server did not become healthy; see {log_path}")
+            time.sleep(0.2)
         yield url
     finally:
-        server.should_exit = True
-        thread.join(120)
-        sock.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
+        log.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,12 +393,12 @@ def batch_distribution(before: dict, after: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
-def build_encoder(args):
-    """The encoder both servers share: the default model, or a random-weight shape."""
+def build_encoder(args, graphs: bool = False):
+    """The encoder (the default model, or a random-weight shape); graphs: cuda_graphs=True."""
     from l2v_models.encoder import LLM2Vec
 
     if args.shape is None:
-        return LLM2Vec.from_pretrained(args.model, device=args.device), None
+        return LLM2Vec.from_pretrained(args.model, device=args.device, cuda_graphs=graphs), None
     from bench import e2e
     from bench.workloads import model_shape
 
@@ -359,6 +409,8 @@ def build_encoder(args):
     del state
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    if graphs:
+        enc = LLM2Vec.from_model(enc.model, cuda_graphs=True)
     return enc, cfg
 
 
@@ -405,9 +457,7 @@ def body_tokens(encoder, bodies: list) -> list[int]:
     return out
 
 
-def run(args) -> dict:
-    from l2v_models.serve.app import ServeSettings, create_app
-
+def run(args, out: Path) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     encoder, cfg = build_encoder(args)
@@ -415,29 +465,24 @@ def run(args) -> dict:
     bodies = make_requests(args.requests, tokens=tokens, cfg=cfg, seed=0, smoke=args.smoke)
     offline = offline_throughput(encoder, bodies)
     tokens_per_body = body_tokens(encoder, bodies)
-    settings = ServeSettings(
-        max_batch_tokens=args.max_batch_tokens,
-        max_wait_ms=args.max_wait_ms,
-        max_concurrent_requests=100_000,
-        max_client_batch_size=1024,
-    )
+    del encoder  # the servers load their own copy
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     rates_frac = [float(x) for x in args.rates.split(",")]
     result = {"kind": "l2v-serve-bench", "stamp": common.stamp(), "config": vars(args).copy(),
               "offline": offline, "servers": {}, "rows": []}  # fmt: skip
     result["config"]["tokens_input"] = tokens
-    total_inputs = sum(len(b["input"]) for b in bodies)
     result["workload"] = {
         "requests": len(bodies),
-        "inputs": total_inputs,
+        "inputs": sum(len(b["input"]) for b in bodies),
         "query_requests": sum(
-            1 for b in bodies if "instruction" in b or (tokens and len(b["input"]) == 1)
+            1 for b in bodies if len(b["input"]) == 1 and (tokens or "instruction" in b)
         ),  # fmt: skip
         "tokens": offline["tokens"],
     }
     max_rate = None
     for name in ("l2v", "naive"):
-        app = create_app(encoder, settings) if name == "l2v" else naive_app(encoder)
-        with serving(app) as url:
+        with server_process(name, args, out / f"{args.name}_{name}_server.log") as url:
             b1 = batch1_latency(url, bodies, args.batch1, args.timeout)
             closed = closed_loop(url, bodies, tokens_per_body, args.concurrency, args.timeout)
             if max_rate is None:
@@ -500,7 +545,8 @@ def write_report(result: dict, out: Path, name: str) -> Path:
         f"{wl['requests']} requests, {wl['inputs']} inputs, {wl['tokens']} tokens "
         f"({wl['query_requests']} single-query requests, the rest 1-4 passages). "
         f"l2v: --max-batch-tokens {cfg['max_batch_tokens'] or 'default'}, --max-wait-ms "
-        f"{cfg['max_wait_ms']:g}. Client and servers share one process (loopback HTTP).",
+        f"{cfg['max_wait_ms']:g}; CUDA graphs {'on' if cfg['cuda_graphs'] else 'off'}. Each "
+        "server in its own process, the client in another (loopback HTTP).",
         "",
         "## Summary",
         "",
@@ -604,7 +650,17 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
     p.add_argument("--out", default=None, help="output folder (default bench/results)")
     p.add_argument("--name", default="serve")
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="servers replay small passes from CUDA graphs (default: on with CUDA)",
+    )
+    p.add_argument("--serve", choices=("l2v", "naive"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.cuda_graphs is None:
+        args.cuda_graphs = args.device.startswith("cuda")
     gpu = args.device.startswith("cuda")
     if args.requests is None:
         args.requests = 12 if args.smoke else (1000 if gpu else 60)
@@ -617,10 +673,14 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | None:
     args = parse_args(argv)
-    result = run(args)
-    md = write_report(result, common.out_dir(args.out), args.name)
+    if args.serve is not None:  # a child process: one server
+        serve_forever(args)
+        return None
+    out = common.out_dir(args.out)
+    result = run(args, out)
+    md = write_report(result, out, args.name)
     print(md.read_text())
     return result
 

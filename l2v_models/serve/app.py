@@ -150,8 +150,14 @@ class ServerState:
 
     async def warm_up(self) -> None:
         """One pass through the whole path (tokenizer, worker, model); on CUDA also a pass of
-        a full token budget, so a budget that does not fit in memory fails now."""
+        a full token budget, so a budget that does not fit in memory fails now, and with
+        cuda_graphs every graph bucket the budget can use is captured first (no capture or
+        autotuning lands in a request)."""
         try:
+            if self.engine.cuda_graphs:  # the worker is idle: nothing is admitted before ready
+                loop = asyncio.get_running_loop()
+                n = await loop.run_in_executor(None, self._capture_graphs)
+                logger.info("l2v serve: captured %d CUDA graph buckets", n)
             if self.has_tokenizer:
                 texts, _ = await self.tokenize(["l2v warm-up", ["Represent this text", "warm-up"]])
             else:
@@ -170,6 +176,14 @@ class ServerState:
             logger.exception("l2v serve: %s", self.error)
             if self.on_fatal is not None:
                 self.on_fatal(self.error)
+
+    def _capture_graphs(self) -> int:
+        import torch
+
+        runner = self.engine.graph_runner()
+        top = min(self.max_batch_tokens, runner.max_tokens)
+        with torch.cuda.device(self.engine.device), torch.inference_mode():
+            return len(runner.warmup((self.batcher.mode,), (False,), max_tokens=top))
 
     def close(self, timeout: float | None = 60.0) -> None:
         self.ready = False

@@ -40,6 +40,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     model.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
     model.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
                        help="kernels: triton (CUDA) or torch (default: auto)")  # fmt: skip
+    model.add_argument("--cuda-graphs", action="store_true",
+                       help="replay passes of up to 2048 tokens / 64 texts from CUDA graphs "
+                       "(CUDA + triton backend; captured at start-up): small passes are "
+                       "launch-bound without them")  # fmt: skip
     net = p.add_argument_group("network")
     net.add_argument(
         "--host",
@@ -176,6 +180,7 @@ def cmd_serve(args) -> int:
             torch_dtype=args.dtype,
             device_map=args.device,
             backend=args.backend,
+            cuda_graphs=args.cuda_graphs,
         )
         failure: list[str] = []
         server = None
