@@ -359,6 +359,8 @@ def test_cli_eval_tiny_model(tiny_model, tmp_path, capsys, monkeypatch):
 def test_cli_eval_errors(capsys, monkeypatch, tmp_path):
     rc = cli.main(["eval", "--tasks", "lee,nope"])
     assert rc == 2 and "unknown task nope" in capsys.readouterr().err
+    rc = cli.main(["eval", "--limit", "2"])
+    assert rc == 2 and "--limit at least 3" in capsys.readouterr().err
     rc = cli.main(["eval", "--references", "bm25"])
     assert rc == 2 and "unknown reference bm25" in capsys.readouterr().err
     monkeypatch.setenv(wn.WORDNET_ENV, str(tmp_path))

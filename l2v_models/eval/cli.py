@@ -149,8 +149,8 @@ def cmd_eval(args) -> int:
     task_names = _split(args.tasks, tuple(TASKS), "task")
     ref_names = _split(args.references, REFERENCES, "reference")
     for name, value in (("--limit", args.limit), ("--bootstrap", args.bootstrap)):
-        if value is not None and value < (2 if name == "--limit" else 1):
-            raise UsageError(f"{name} must be a positive integer (--limit at least 2), got {value}")
+        if value is not None and value < (3 if name == "--limit" else 1):
+            raise UsageError(f"{name} must be a positive integer (--limit at least 3), got {value}")
     output = Path(args.output) if args.output else None
     if output is not None and not output.parent.exists():
         raise UsageError(f"output directory {output.parent} does not exist")
