@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of every Triton kernel variant l2v launches, for a GPU target, no GPU needed.
+"""Ahead-of-time compile of every Triton kernel variant l2v launches, for a GPU target, no GPU.
 
     python -m bench.aot_check [--fast] [--arch 90a] [--json PATH] [--filter REGEX]
 
@@ -266,7 +266,7 @@ def _candidates(launch: Launch) -> list[dict]:
     if not isinstance(launch.kernel, Autotuner):
         return [dict(launch.kwargs)]
     tuner = launch.kernel
-    tuner.nargs = dict(zip(tuner.arg_names, launch.args))
+    tuner.nargs = dict(zip(tuner.arg_names, launch.args, strict=False))
     configs = tuner.prune_configs(dict(launch.kwargs)) if len(tuner.configs) > 1 else tuner.configs
     return [{**launch.kwargs, **c.all_kwargs()} for c in configs]
 
