@@ -95,3 +95,35 @@ def test_attention_size_class_is_in_the_key():
     assert classes["batch-1 query"] == classes["batch-8 queries"] != classes["packed queries"]
     assert classes["6-text test batch"] != classes["batch-1 query"]
     assert len(set(classes.values())) == 5, classes
+
+
+def test_interpreter_compat_patches_only_the_old_conversion():
+    """Triton <= 3.6's interpreter turns scalar arguments into ints with int(array), which
+    numpy >= 2.4 refuses for 1-element arrays; _interp_compat squeezes them first. On a Triton
+    that already does (3.8), nothing is patched. (tests/run_gpu_stack.sh runs the kernel tests
+    on triton 3.6 + numpy 2.4, where the patch is what makes them pass.)"""
+    import numpy as np
+
+    from l2v_kernels import _interp_compat
+
+    def old(tensor, scope):
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    def new(tensor, scope):
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    assert _interp_compat._needs_patch(old) and not _interp_compat._needs_patch(new)
+
+    class Handle:
+        data = np.array([7], dtype=np.int32)
+
+    class Scalar:
+        handle = Handle()
+
+    assert _interp_compat._index(Scalar()) == 7
+    from triton.runtime import interpreter
+
+    patched = _interp_compat.install()
+    assert patched == _interp_compat._installed
+    if not patched:  # this Triton converts correctly by itself
+        assert not _interp_compat._needs_patch(interpreter._patch_lang_tensor)
