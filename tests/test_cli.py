@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -274,3 +275,29 @@ def test_unexpected_errors_are_one_line_too(model_dir, capsys, monkeypatch):
     rc, out, err = run(["info"], capsys)
     assert rc == 1 and out == "" and err.count("\n") == 1
     assert err.startswith("l2v: error: internal error (KeyError") and "--debug" in err
+
+
+# ------------------------------------------------------------------ set-up noise (./run.sh)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_run_sh_help_prints_the_usage_only():
+    proc = subprocess.run(["bash", str(ROOT / "run.sh"), "help"], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert "./run.sh encode" in proc.stdout and "./run.sh test" in proc.stdout
+    assert "set -euo" not in proc.stdout and "#" not in proc.stdout.splitlines()[0]
+
+
+def test_run_sh_installs_numpy_before_the_build():
+    """setup.py imports torch, which warns "Failed to initialize NumPy" without numpy."""
+    lines = (ROOT / "run.sh").read_text().splitlines()
+    build = next(i for i, line in enumerate(lines) if "--no-build-isolation -e" in line)
+    numpy = [i for i, line in enumerate(lines) if re.search(r"pip install[^#]*\bnumpy\b", line)]
+    assert numpy and min(numpy) < build
+
+
+def test_pyproject_license_is_an_spdx_string():
+    """A TOML-table license makes setuptools print a deprecation warning at every install."""
+    text = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^license = "Apache-2.0"$', text, re.M), "license must be an SPDX string"
