@@ -281,6 +281,8 @@ class ServerState:
             gone.cancel()
         if result in done:
             return result.result()
+        # Nobody awaits the rows any more: mark their (dropped) outcome as seen.
+        result.add_done_callback(lambda f: f.cancelled() or f.exception())
         dropped = self.batcher.cancel(job)
         logger.info("l2v serve: client went away; dropped %d queued texts", dropped)
         raise ApiError(499, "client closed the request")
