@@ -20,7 +20,6 @@ from l2v_models.hf_compat import build_hf_model
 from l2v_models.loading import load_model, to_hf_state_dict
 from l2v_models.packing import TokenizedTexts, pack
 from l2v_models.train.data import DataError, DataIndex, Example
-from l2v_models.train.lora import LoraOps
 from l2v_models.train.objectives import mask_tokens, mntp_loss, train_forward
 from l2v_models.train.trainer import TrainConfig, Trainer, latest_checkpoint, load_for_training
 
@@ -420,7 +419,12 @@ def test_cli_trains_resumes_and_reports_errors(base, text_file, tmp_path, capsys
 # ------------------------------------------------------------------------------ real model
 @pytest.mark.slow
 def test_three_stages_on_smollm2(tmp_path):
-    """Two steps of each stage on the embedded SmolLM2-135M (tied LM head, GGUF base)."""
+    """Two steps of each stage on the embedded SmolLM2-135M (GGUF base, tied LM head), loaded
+    once: the MNTP adapter is merged in place before SimCSE and supervised (merge_adapter_,
+    what load_for_training(extra_peft=...) does), and l2v's loader gives the same embeddings."""
+    from l2v_models.loading import read_lora_adapter
+    from l2v_models.train.lora import merge_adapter_
+
     skip_unless_gguf_readable()
     text = tmp_path / "t.txt"
     text.write_text("\n".join(sentences(16, 3)) + "\n")
@@ -431,11 +435,14 @@ def test_three_stages_on_smollm2(tmp_path):
     loaded = load_for_training(None, dtype=torch.float32, device="cpu")
     trainer = Trainer(loaded, TrainConfig("mntp", steps=2, batch_size=4, max_length=16))
     assert trainer.lm_head is trainer.model.embed  # tied
-    trainer.fit(trainer.batches([text]), output=tmp_path / "mntp", progress=False)
-    assert isinstance(trainer.ops, LoraOps)
+    history = trainer.fit(trainer.batches([text]), output=tmp_path / "mntp", progress=False)
+    assert all(np.isfinite(h["loss"]) for h in history)
+    probe = sentences(3, 9, 3, 6)  # under max_length: both encoders see the same ids
+    after_mntp = trainer.embed(probe)
+    merge_adapter_(loaded.model, read_lora_adapter(tmp_path / "mntp"))
     for stage, data in (("simcse", text), ("supervised", triples)):
-        loaded = load_for_training(None, tmp_path / "mntp", dtype=torch.float32, device="cpu")
         trainer = Trainer(loaded, TrainConfig(stage, steps=2, batch_size=4, max_length=16))
+        assert rel_err(trainer.embed(probe), after_mntp) < 1e-4  # merged == unmerged (30 layers)
         history = trainer.fit(trainer.batches([data]), output=tmp_path / stage, progress=False)
         assert all(np.isfinite(h["loss"]) for h in history)
         cfg = json.loads((tmp_path / stage / "adapter_config.json").read_text())
