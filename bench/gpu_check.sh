@@ -30,7 +30,7 @@
 #   --case REGEX        the kernel steps time only the cases whose "group impl" matches REGEX;
 #                       implies --only kernels unless --only is given
 #   --e2e-workloads L   workloads of the e2e steps (comma list of passages,queries,long)
-#   --budget SECONDS    the whole run, start-up and packing included (default 420)
+#   --budget SECONDS    the whole run, start-up and packing included (default 420; --quick: 240)
 #
 # Output: OUT_DIR (the argument, else $L2V_BENCH_OUT, else bench/results/). --pack (automatic when
 # OUT_DIR is the device tool's $OUT, which returns at most 8 files): the results are collected in a
@@ -51,7 +51,7 @@ declare -A CAP=([build]=90 [model]=40 [e2e-mistral]=130 [tests]=55 [tests-compil
                 [kernel-attention]=20 [kernel-gemm]=20 [e2e-smollm2]=20 [summary]=10)
 RESERVE=10  # start-up (5) and the final packing (5)
 
-usage() { sed -n '2,46p' "$0"; }
+usage() { sed -n '2,44p' "$0" | sed -e 's/^# //' -e 's/^#$//'; }
 die() { echo "gpu_check.sh: $*" >&2; exit 2; }
 
 BUDGET=420 ONLY="" TESTS="" CASE="" E2E_WORKLOADS="" PACK=auto OUT_ARG=""
@@ -67,6 +67,7 @@ while (( $# )); do
     --case=*) CASE=${1#*=} ;;
     --e2e-workloads) E2E_WORKLOADS=${2:-}; shift ;;
     --e2e-workloads=*) E2E_WORKLOADS=${1#*=} ;;
+    --quick) BUDGET=240 ;;  # the old name of a short run (./run.sh bench --quick)
     --pack) PACK=1 ;;
     --no-pack) PACK=0 ;;
     -h|--help) usage; exit 0 ;;
