@@ -33,6 +33,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from l2v_kernels._checks import check_cu_seqlens, check_tensor, interpreting, sync_allowed
@@ -139,7 +140,7 @@ def layer_forward(ops, layer: Layer, x, xn, next_norm, b: BatchTables, c: ModelC
     """One layer: (x, its input norm xn) -> (x', next_norm(x')). See the module docstring."""
     T = x.shape[0]
     q, k, v = split_qkv(ops.linear(xn, layer.wqkv, layer.bqkv), c)
-    ops.rotary_(q, k, b, local, layer.q_norm, layer.k_norm)
+    q, k = ops.rotary(q, k, b, local, layer.q_norm, layer.k_norm)
     o = ops.attention(q, k, v, b, local).reshape(T, c.q_size)
     if c.sandwich_norms:
         hn, h = ops.norm_add_norm(ops.linear(o, layer.wo), x, layer.post_attn_norm,
@@ -174,6 +175,9 @@ class Transformer(nn.Module):
         self.rope_cos = self.rope_sin = None
         self.rope_local_cos = self.rope_local_sin = None
         self.ops = None  # the ops table: build_ops(), once the weights are real
+        # Training: recompute each layer in the backward pass instead of keeping its
+        # activations (torch.utils.checkpoint); only when autograd is recording.
+        self.gradient_checkpointing = False
 
     @classmethod
     def from_state_dict(
@@ -284,9 +288,14 @@ class Transformer(nn.Module):
             x = x * torch.tensor(c.embed_scale, dtype=x.dtype, device=x.device)
         n = len(self.layers)
         xn = ops.rms_norm(x, self.layers[0].attn_norm if n else self.norm)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             next_norm = self.layers[i + 1].attn_norm if i + 1 < n else self.norm
-            x, xn = layer_forward(ops, layer, x, xn, next_norm, b, c, c.layer_is_local(i))
+            args = (ops, layer, x, xn, next_norm, b, c, c.layer_is_local(i))
+            if recompute:
+                x, xn = torch.utils.checkpoint.checkpoint(layer_forward, *args, use_reentrant=False)
+            else:
+                x, xn = layer_forward(*args)
         return xn
 
     def pool(

@@ -9,7 +9,7 @@ Both have the same methods (the layer body in l2v_models.model never asks which 
     norm_add_norm(x, residual, w_a, w_b) -> (y, h)   h = residual + norm_a(x); y = norm_b(h)
     linear(x, w, bias=None, residual=None) -> y      x @ w.T (+ bias) (+ residual)
     gated_mlp(x, w_gate_up) -> y                     act(x @ gate.T) * (x @ up.T)
-    rotary_(q, k, batch, local, q_norm, k_norm)      RoPE in place (per-head norms first)
+    rotary(q, k, batch, local, q_norm, k_norm)       RoPE (per-head norms first) -> (q, k)
     attention(q, k, v, batch, local) -> o            bidirectional (or causal) per text
     pool(hidden, mask, cu_seqlens, mode, normalize)  masked pooling -> fp32 [B, D]
 
@@ -94,8 +94,11 @@ class TorchOps:
 
     backend = "torch"
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, *, attn_dropout: float = 0.0):
         self.c = config
+        # Dropout on the attention probabilities while `training` (the trainer's SimCSE stage).
+        self.attn_dropout = attn_dropout
+        self.training = False
 
     def prepare(self, b: BatchTables, device: torch.device) -> None:
         """Padded-view index and attention masks, once per forward (read by every layer)."""
@@ -139,15 +142,14 @@ class TorchOps:
         gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
         return _activation(gate, self.c.hidden_act) * up
 
-    def rotary_(self, q, k, b: BatchTables, local: bool, q_norm=None, k_norm=None):
+    def rotary(self, q, k, b: BatchTables, local: bool, q_norm=None, k_norm=None):
+        """New tensors (autograd needs the inputs of the norms unchanged)."""
         cos, sin = b.rope(local)
         pos = b.positions.long()
         c, s = cos[pos][:, None, :], sin[pos][:, None, :]
         if q_norm is not None:
-            q.copy_(self.rms_norm(q, q_norm))
-            k.copy_(self.rms_norm(k, k_norm))
-        q.copy_(_rotate(q, c, s))
-        k.copy_(_rotate(k, c, s))
+            q, k = self.rms_norm(q, q_norm), self.rms_norm(k, k_norm)
+        return _rotate(q, c, s), _rotate(k, c, s)
 
     def attention(self, q, k, v, b: BatchTables, local: bool):
         allowed = b.allowed[local]
@@ -162,13 +164,17 @@ class TorchOps:
         kp = padded(k).repeat_interleave(groups, dim=1)
         vp = padded(v).repeat_interleave(groups, dim=1)
         scale = self.c.softmax_scale
+        p = self.attn_dropout if self.training else 0.0
         if self.c.attn_softcap is None:
-            out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=allowed, scale=scale)
+            out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=allowed, dropout_p=p,
+                                                 scale=scale)  # fmt: skip
         else:  # Gemma-2: scale, cap, mask, softmax in fp32 (as transformers' eager path)
             cap = self.c.attn_softcap
             scores = torch.tanh((qp.float() @ kp.float().transpose(-1, -2)) * scale / cap) * cap
-            scores = scores.masked_fill(~allowed, float("-inf"))
-            out = (scores.softmax(-1).to(vp.dtype) @ vp).to(q.dtype)
+            probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+            if p > 0:
+                probs = F.dropout(probs, p, training=True)
+            out = (probs.to(vp.dtype) @ vp).to(q.dtype)
         return out.transpose(1, 2).reshape(n_seq * L, q.shape[1], q.shape[2])[b.pad_index]
 
     def pool(self, hidden, mask, cu_seqlens, mode="mean", normalize=False):
@@ -279,11 +285,12 @@ class TritonOps:
     def gated_mlp(self, x, w_gate_up):
         return self._swiglu(x, w_gate_up, self.c.hidden_act)
 
-    def rotary_(self, q, k, b: BatchTables, local: bool, q_norm=None, k_norm=None):
+    def rotary(self, q, k, b: BatchTables, local: bool, q_norm=None, k_norm=None):
+        """In place on the fused qkv buffer (one read and one write of q and k)."""
         cos, sin = b.rope(local)
-        self._rotary(q, k, cos, sin, b.positions, q, k, q_norm_weight=q_norm,
-                     k_norm_weight=k_norm, norm_eps=self.c.rms_norm_eps,
-                     norm_weight_offset=self.c.norm_offset)  # fmt: skip
+        return self._rotary(q, k, cos, sin, b.positions, q, k, q_norm_weight=q_norm,
+                            k_norm_weight=k_norm, norm_eps=self.c.rms_norm_eps,
+                            norm_weight_offset=self.c.norm_offset)  # fmt: skip
 
     def attention(self, q, k, v, b: BatchTables, local: bool):
         c = self.c

@@ -150,3 +150,24 @@ def test_bad_ids_and_settings_refused_before_running(model):
         engine.embed(TokenizedTexts.whole([[1]]), max_texts=0)
     with pytest.raises(TypeError, match="Engine runs an l2v_models.model.Transformer"):
         Engine(object())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """The trainer's memory option: recomputing each layer in backward changes nothing."""
+    from l2v_models.ops import TorchOps
+
+    model = hf_and_ours(tiny_config("gemma3"))[1]
+    ids = torch.randint(0, 256, (19,), generator=torch.Generator().manual_seed(0))
+    cu = torch.tensor([0, 12, 19], dtype=torch.int32)
+    grads = []
+    for recompute in (False, True):
+        model.gradient_checkpointing = recompute
+        model.build_ops(TorchOps(model.config))
+        model.embed.requires_grad_(True)
+        model(ids, cu, 12).square().sum().backward()
+        grads.append(model.embed.grad.clone())
+        model.embed.grad = None
+        model.embed.requires_grad_(False)
+    model.gradient_checkpointing = False
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0])

@@ -625,3 +625,34 @@ def test_truncated_gguf_data_is_named(tmp_path):
         cut.write_bytes(f.read(8 << 20))
     with pytest.raises(CheckpointError, match=r"cut.gguf is truncated: tensor .* ends at byte"):
         load_model(str(cut), **CPU32)
+
+
+def test_mntp_adapter_on_a_packaged_gguf_base(tmp_path):
+    """An -mntp folder whose adapter names a packaged model (what `l2v train mntp` writes for
+    the default SmolLM2): the weights come from the GGUF, the adapter is merged."""
+    skip_unless_gguf_readable()
+    from safetensors.torch import save_file
+
+    from l2v_models.checkpoint import load_model
+    from l2v_models.checkpoint.gguf import _gguf_config_and_tokenizer
+    from l2v_models.checkpoint.hub import default_model_path
+
+    hf_config, tokenizer = _gguf_config_and_tokenizer(default_model_path())
+    mntp = tmp_path / "mntp"
+    hf_config.save_pretrained(mntp)
+    tokenizer.save_pretrained(mntp)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 576, generator=g), torch.randn(576, 2, generator=g)
+    prefix = "base_model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b},
+              str(mntp / "adapter_model.safetensors"))  # fmt: skip
+    (mntp / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+        "base_model_name_or_path": "smollm2",
+    }))  # fmt: skip
+    plain = load_model(None, **CPU32).model
+    merged = load_model(str(mntp), **CPU32).model
+    q = plain.config.q_size
+    delta = merged.layers[0].wqkv[:q] - plain.layers[0].wqkv[:q]
+    torch.testing.assert_close(delta, 2.0 * (b @ a), rtol=1e-4, atol=1e-4)
+    assert torch.equal(merged.layers[1].wqkv, plain.layers[1].wqkv)

@@ -89,6 +89,23 @@ def _read_llm2vec_config(config_addr: str | None) -> dict:
     return {}
 
 
+def _gguf_weights(name: str) -> Path | None:
+    """The GGUF file an -mntp adapter's base names, when it names a packaged model (e.g. the
+    "smollm2" that `l2v train` writes for the default) or a .gguf file; else None."""
+    if name.lower() in PACKAGED_MODELS:
+        path = PACKAGED_MODELS[name.lower()]()
+    elif name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {name!r} (the -mntp adapter's base) not found")
+    else:
+        return None
+    problem = gguf_support_error(f"the GGUF base {name}")
+    if problem is not None:
+        raise RuntimeError(problem)
+    return path
+
+
 def load_model(
     base_model_name_or_path=None,
     peft_model_name_or_path=None,
@@ -154,26 +171,32 @@ def load_model(
                     f"{base_dir}/adapter_config.json names no base_model_name_or_path; pass "
                     "base_weights_path= with the base model's weights"
                 )
-            weights_dir = _resolve_dir(
+            weights_gguf = _gguf_weights(weights_arg)  # a packaged model or a .gguf file
+            weights_dir = None if weights_gguf is not None else _resolve_dir(
                 weights_arg, f"base weights of the -mntp adapter {base_arg!r}",
                 hint=" (or pass it as base_weights_path=)",
             )  # fmt: skip
         else:
+            weights_gguf = None
             if base_weights_path is not None:
                 raise ValueError(
                     f"base_weights_path is only used with an LLM2Vec -mntp dir (one holding "
                     f"adapter_config.json); {base_arg!r} is a full model"
                 )
             weights_dir = base_dir
-        cfg_file = weights_dir / "config.json"
-        cfg_file = cfg_file if cfg_file.is_file() else base_dir / "config.json"
+        cfg_file = base_dir / "config.json"
+        if weights_dir is not None and (weights_dir / "config.json").is_file():
+            cfg_file = weights_dir / "config.json"
         try:
             config = ModelConfig.from_hf_config(_read_json(cfg_file, "config"))
         except CheckpointError:
             raise
         except ValueError as e:
             raise ValueError(f"{cfg_file}: {e}") from None
-        source = _open_checkpoint(weights_dir)
+        if weights_gguf is not None:
+            source = _GGUFSource(weights_gguf, config)
+        else:
+            source = _open_checkpoint(weights_dir)
         try:
             hf_config = AutoConfig.from_pretrained(str(base_dir))
             tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
