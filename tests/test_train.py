@@ -364,6 +364,27 @@ def test_bad_data_files_are_named(tmp_path):
         DataIndex.scan([tmp_path / "missing.txt"])
 
 
+def test_evaluation_data_is_kept_out(tmp_path):
+    from l2v_models.train.data import refuse_evaluation_files
+
+    path = tmp_path / "mixed.txt"
+    path.write_text("keep me\nan evaluation text\nkeep me too\n")
+    index = DataIndex.scan([path], exclude=lambda e: e.text == "an evaluation text")
+    assert len(index) == 2 and index.excluded == 1 and index.linenos.tolist() == [1, 3]
+    with pytest.raises(DataError, match="every example is evaluation data"):
+        DataIndex.scan([path], exclude=lambda e: True)
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("gensim")  # located, not imported (slow)
+    if spec is None:
+        pytest.skip("the Lee corpus ships with gensim, which is not installed")
+    lee = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / "lee.cor"
+    with pytest.raises(DataError, match="Lee evaluation corpus"):
+        refuse_evaluation_files([path, lee])
+    refuse_evaluation_files([path, lee.with_name("lee_background.cor")])
+
+
 def test_long_lines_policies(base, tmp_path):
     path = tmp_path / "long.txt"
     long_line = " ".join(["cat"] * 40)

@@ -85,6 +85,9 @@ def _add_options(p: argparse.ArgumentParser, stage: str) -> None:
                        help="similarity scale of the loss (default 20 SimCSE, 50 supervised)")
         p.add_argument("--attn-dropout", type=float, default=None,
                        help="attention dropout (default 0.3 SimCSE, 0 supervised)")
+    p.add_argument("--exclude-eval", action="store_true",
+                   help="drop every example with a text that `l2v eval` scores (Lee documents, "
+                   "held-out WordNet definitions and examples, SimLex/WordSim words)")
     p.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data order, masks")
     p.add_argument("--no-shuffle", action="store_true", help="read the data in file order")
     p.add_argument("--gradient-checkpointing", action="store_true",
@@ -109,7 +112,12 @@ def cmd_train(args) -> int:
     from pathlib import Path
 
     from l2v_models.cli import UsageError, _check_gguf_support
-    from l2v_models.train.data import DataError, DataIndex
+    from l2v_models.train.data import (
+        DataError,
+        DataIndex,
+        evaluation_filter,
+        refuse_evaluation_files,
+    )
     from l2v_models.train.trainer import (
         TrainConfig,
         Trainer,
@@ -136,7 +144,11 @@ def cmd_train(args) -> int:
     try:
         config.resolved()  # option errors before the (slow) load
         kind = "triplet" if stage == "supervised" else "text"
-        index = DataIndex.scan(args.data, kind)  # data errors before the load, too
+        refuse_evaluation_files(args.data)
+        exclude = evaluation_filter() if args.exclude_eval else None
+        index = DataIndex.scan(args.data, kind, exclude)  # data errors before the load, too
+        if index.excluded:
+            print(f"--exclude-eval: dropped {index.excluded} examples with evaluation texts")
     except DataError as e:
         raise UsageError(str(e)) from None
     checkpoint = latest_checkpoint(output) if args.resume else None

@@ -106,18 +106,23 @@ class DataIndex:
     offsets: np.ndarray  # int64 [N]
     linenos: np.ndarray  # int64 [N]
 
+    excluded: int = 0  # examples dropped by `exclude`
+
     def __len__(self) -> int:
         return int(self.offsets.shape[0])
 
     @classmethod
-    def scan(cls, paths: Sequence, kind: str = "text") -> DataIndex:
-        """Index and validate every line; DataError for a missing, empty or malformed file."""
+    def scan(cls, paths: Sequence, kind: str = "text",
+             exclude: Callable[[Example], bool] | None = None) -> DataIndex:  # fmt: skip
+        """Index and validate every line; DataError for a missing, empty or malformed file.
+        exclude(example) -> True drops the example (e.g. evaluation_filter())."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         paths = [Path(p) for p in paths]
         if not paths:
             raise DataError("no data files given (--data FILE ...)")
         file_ids, offsets, linenos = [], [], []
+        excluded = 0
         for fid, path in enumerate(paths):
             if not path.exists():
                 raise DataError(f"{path}: data file not found")
@@ -127,16 +132,21 @@ class DataIndex:
             with open(path, "rb") as f:
                 pos = 0
                 for lineno, raw in enumerate(f, 1):
-                    if parse_line(raw, path, lineno, kind) is not None:
+                    example = parse_line(raw, path, lineno, kind)
+                    if example is not None and exclude is not None and exclude(example):
+                        excluded += 1
+                    elif example is not None:
                         file_ids.append(fid)
                         offsets.append(pos)
                         linenos.append(lineno)
                         count += 1
                     pos += len(raw)
             if count == 0:
-                raise DataError(f"{path}: no training examples (the file is empty or blank)")
+                why = "every example is evaluation data" if excluded else "the file is empty"
+                raise DataError(f"{path}: no training examples ({why} or blank)")
         return cls(paths, kind, np.asarray(file_ids, dtype=np.int32),
-                   np.asarray(offsets, dtype=np.int64), np.asarray(linenos, dtype=np.int64))
+                   np.asarray(offsets, dtype=np.int64), np.asarray(linenos, dtype=np.int64),
+                   excluded)
 
     def read(self, i: int, handles: dict) -> Example:
         """Example i (index order), read back by its byte offset."""
@@ -255,3 +265,37 @@ class Batcher:
         used = int(state["used"])
         self._pending = [(example, item, n) for item, n in items][used:]
         self._used = used
+
+
+def evaluation_filter() -> Callable[[Example], bool]:
+    """exclude(example) for DataIndex.scan: True when any of the example's texts (text, query,
+    positive, negative; stripped) is one that `l2v eval` scores: a Lee document, a held-out
+    WordNet synset's definition or example (l2v_models.eval.wordnet.is_heldout), a SimLex or
+    WordSim word. Exact matches only: data built from WordNet should also skip held-out
+    synsets itself (is_heldout). Raises the eval package's DataMissing (what to install) when
+    its data is absent."""
+    from l2v_models.eval.tasks import evaluation_texts
+
+    texts = {t.strip() for t in evaluation_texts()}
+
+    def exclude(example: Example) -> bool:
+        fields = (example.text, example.query, example.positive, example.negative)
+        return any(f is not None and f.strip() in texts for f in fields)
+
+    return exclude
+
+
+def refuse_evaluation_files(paths: Sequence) -> None:
+    """DataError when a data file is an evaluation file of `l2v eval` (the Lee documents,
+    lee.cor, of the installed gensim); never trains on it, whatever the options."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    lee = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / "lee.cor"
+    for p in paths:
+        p = Path(p)
+        if p.exists() and lee.exists() and p.resolve() == lee.resolve():
+            raise DataError(f"{p} is the Lee evaluation corpus of `l2v eval`; never train on it "
+                            "(lee_background.cor is the training half)")  # fmt: skip
