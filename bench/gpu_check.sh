@@ -160,7 +160,7 @@ echo "== python: $VERSIONS"
 
 # --only without build: build anyway when the extension does not import (a fresh machine).
 if [ -n "$ONLY" ] && [ -z "${WANT[build]:-}" ]; then
-  if ! timeout 60 "$PY" -c "import l2v_kernels._C" >/dev/null 2>&1; then
+  if ! timeout 60 "$PY" -c "import torch, l2v_kernels._C" >/dev/null 2>&1; then
     echo "== l2v_kernels._C does not import: adding the build step"
     WANT[build]=1
   fi
@@ -289,7 +289,7 @@ step_build() {
     esac
   fi
   L2V_REQUIRE_EXTENSION=1 run_step build bash -c \
-    '"$0" setup.py -q build_ext --inplace && "$0" -c "import l2v_kernels._C; print(\"l2v_kernels._C loads\")"' \
+    '"$0" setup.py -q build_ext --inplace && "$0" -c "import torch, l2v_kernels._C; print(\"l2v_kernels._C loads\")"' \
     "$PY" || FAILED=1
 }
 

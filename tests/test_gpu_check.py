@@ -57,7 +57,7 @@ case "$1" in
   -c)
     case "$2" in
       *get_device_capability*) echo 90; exit 0 ;;
-      "import l2v_kernels._C"*)  # FAKE_EXT_RC: the extension does not import until built
+      "import torch, l2v_kernels._C"*)  # FAKE_EXT_RC: no extension until the build step
         log "ext-import"; [ -e "$FAKE_DIR/running_build" ] && exit 0; exit "${FAKE_EXT_RC:-0}" ;;
       *kernel_bench_main*) step=kernel-$3; log "case-filter $3 $4"; out=$(arg --out "$@") ;;
       *) exit 0 ;;
