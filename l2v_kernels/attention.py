@@ -134,7 +134,7 @@ def _attn_loop(
     K, V, KM,
     stride_kt, stride_vt, stride_ml,
     n_start, n_stop, k_end, t_rows, qk_scale,
-    offs_d, win_left, win_right, cap_scale,
+    offs_d, win_left, win_right, cap_scale, skip_at, skip_by,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PADDED: tl.constexpr,
     MASKED: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
@@ -142,9 +142,14 @@ def _attn_loop(
     < n_stop. MASKED: the blocks may hold keys >= k_end (and, when causal, keys after a row's
     token; with WINDOW, keys outside a row's window). PADDED: keys whose padding-mask entry is
     False are skipped. SOFTCAP: qk becomes tanh(qk * cap_scale), qk_scale then holds
-    softcap * log2(e)."""
+    softcap * log2(e). WINDOW and MASKED: blocks from skip_at on are moved by skip_by, so one loop
+    walks both masked edges of the window (one loop body: fewer registers than two)."""
     offs_n = tl.arange(0, BLOCK_N)
-    for start_n in range(n_start, n_stop, BLOCK_N):
+    for start_v in range(n_start, n_stop, BLOCK_N):
+        if WINDOW and MASKED:
+            start_n = start_v + (start_v >= skip_at).to(tl.int32) * skip_by
+        else:
+            start_n = start_v
         offs_k = start_n + offs_n
         k_ptrs = K + offs_k[:, None] * stride_kt + offs_d[None, :]
         v_ptrs = V + offs_k[:, None] * stride_vt + offs_d[None, :]
@@ -289,7 +294,6 @@ def _attn_fwd_kernel(
     # row (those blocks need no causal / window mask).
     k_start = k_lo
     k_end = k_hi
-    full_lo = k_lo
     full_hi = k_hi
     if CAUSAL:
         k_end = tl.minimum(k_end, t_last + 1)  # no row of the block sees a key past t_last
@@ -299,28 +303,36 @@ def _attn_fwd_kernel(
         k_end = tl.minimum(k_end, t_last + win_right + 1)
         full_lo = tl.maximum(k_start, t_last - win_left)
         full_hi = tl.minimum(full_hi, t_first + win_right + 1)
-        # Masked blocks up to the first key every row sees; the last one may reach past it.
+        # Masked blocks from k_start up to the first key every row sees (pre_end), unmasked
+        # blocks [pre_end, pre_end + skip), masked blocks from there to k_end: the two masked
+        # edges run as one loop that jumps over the unmasked middle.
         pre_end = k_start + tl.cdiv(tl.maximum(full_lo - k_start, 0), BLOCK_N) * BLOCK_N
+        skip = (tl.maximum(full_hi - pre_end, 0) // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _attn_loop(
             acc, l_i, m_i, q, k_base, v_base, KM, stride_kt, stride_vt, stride_ml,
-            k_start, tl.minimum(pre_end, k_end), k_end, t_rows, qk_scale, offs_d,
-            win_left, win_right, cap_scale,
+            pre_end, pre_end + skip, k_end, t_rows, qk_scale, offs_d,
+            win_left, win_right, cap_scale, 0, 0,
+            BLOCK_N, CAUSAL, PADDED, False, DOT_PREC, WINDOW, SOFTCAP,
+        )
+        acc, l_i, m_i = _attn_loop(
+            acc, l_i, m_i, q, k_base, v_base, KM, stride_kt, stride_vt, stride_ml,
+            k_start, k_end - skip, k_end, t_rows, qk_scale, offs_d,
+            win_left, win_right, cap_scale, pre_end, skip,
             BLOCK_N, CAUSAL, PADDED, True, DOT_PREC, WINDOW, SOFTCAP,
         )
     else:
-        pre_end = k_start
-    n_full = tl.maximum(full_hi - pre_end, 0) // BLOCK_N
-    mid = pre_end + n_full * BLOCK_N
-    acc, l_i, m_i = _attn_loop(
-        acc, l_i, m_i, q, k_base, v_base, KM, stride_kt, stride_vt, stride_ml,
-        pre_end, mid, k_end, t_rows, qk_scale, offs_d, win_left, win_right, cap_scale,
-        BLOCK_N, CAUSAL, PADDED, False, DOT_PREC, WINDOW, SOFTCAP,
-    )
-    acc, l_i, m_i = _attn_loop(
-        acc, l_i, m_i, q, k_base, v_base, KM, stride_kt, stride_vt, stride_ml,
-        mid, k_end, k_end, t_rows, qk_scale, offs_d, win_left, win_right, cap_scale,
-        BLOCK_N, CAUSAL, PADDED, True, DOT_PREC, WINDOW, SOFTCAP,
-    )
+        n_full = tl.maximum(full_hi - k_start, 0) // BLOCK_N
+        mid = k_start + n_full * BLOCK_N
+        acc, l_i, m_i = _attn_loop(
+            acc, l_i, m_i, q, k_base, v_base, KM, stride_kt, stride_vt, stride_ml,
+            k_start, mid, k_end, t_rows, qk_scale, offs_d, win_left, win_right, cap_scale, 0, 0,
+            BLOCK_N, CAUSAL, PADDED, False, DOT_PREC, WINDOW, SOFTCAP,
+        )
+        acc, l_i, m_i = _attn_loop(
+            acc, l_i, m_i, q, k_base, v_base, KM, stride_kt, stride_vt, stride_ml,
+            mid, k_end, k_end, t_rows, qk_scale, offs_d, win_left, win_right, cap_scale, 0, 0,
+            BLOCK_N, CAUSAL, PADDED, True, DOT_PREC, WINDOW, SOFTCAP,
+        )
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     if PADDED:
