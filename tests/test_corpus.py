@@ -447,6 +447,23 @@ def test_instruction_options_exclusive_and_help(capsys):
         assert option in help_text
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--num-workers", "0"], "num_workers must be an int >= 1, got 0"),
+        (["--gpus-per-worker", "2"], "gpus_per_worker must be between 0 and 1"),
+        (["--batch-texts", "0"], "batch_texts must be an int >= 1, got 0"),
+    ],
+)
+def test_bad_settings_are_refused_before_ray(option, message, tmp_path, capsys, monkeypatch):
+    write_jsonl(tmp_path / "a.jsonl", _rows())
+    monkeypatch.setattr(runner, "_start_ray", lambda *a, **k: pytest.fail("Ray started"))
+    rc = cli.main(["encode-corpus", str(tmp_path / "a.jsonl"), "-o", str(tmp_path / "o"),
+                   "--model", str(tmp_path), *option])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_missing_model_path_is_refused_before_ray(tmp_path, capsys, monkeypatch):
     write_jsonl(tmp_path / "a.jsonl", _rows())
     monkeypatch.setattr(runner, "_start_ray", lambda *a, **k: pytest.fail("Ray started"))

@@ -561,7 +561,12 @@ def encode_corpus(
         raise CorpusInputError(f"instruction must be a string, got {type(instruction).__name__}")
     settings = result_settings(model, peft, fields, instruction, normalize, model_kwargs)
     try:
-        _check_resources(num_workers or 1, gpus_per_worker or 0, cpus_per_worker or 1, batch_texts)
+        _check_resources(
+            1 if num_workers is None else num_workers,
+            0 if gpus_per_worker is None else gpus_per_worker,
+            1 if cpus_per_worker is None else cpus_per_worker,
+            batch_texts,
+        )
     except ValueError as e:
         raise CorpusInputError(str(e)) from None
     files = scan_inputs(inputs, fields, rows_per_chunk=batch_texts)
