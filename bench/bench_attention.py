@@ -22,7 +22,8 @@ nothing. Cases run in tiers so a time budget loses the expensive baselines first
 for every group, then varlen_attn for every group, then FlexAttention (one compile per group).
 Local attention and soft-capping (Gemma-2/3), after the groups above:
 - "window512 B.. L..": Gemma-3-4B heads (Hq 8 / Hkv 4 / D 256), L in 2048, 4096, 8192 (32k tokens
-  per batch), window=(511, 511) (sliding_window 512 made bidirectional): "l2v" (window, key
+  per batch), window=(512, 512): Gemma-3-4B made bidirectional (config.json sliding_window 1024;
+  transformers halves it for use_bidirectional_attention: |i - j| <= 512): "l2v" (window, key
   blocks outside it skipped), "l2v_full" (our kernel without the window: what skipping saves),
   "sdpa_efficient_band_mask" (SDPA, boolean [L, L] band mask), "flex_window_mask" (compiled
   FlexAttention, document + window mask_mod: it skips blocks too). FLOPs count the attended
@@ -289,7 +290,7 @@ def _window_cases(L, b, hq, hkv, d, dtype, device, window, *, smoke=False) -> li
     flops = 4.0 * _window_pairs(lengths, *window) * hq * d
     params = {"B": b, "L": L, "tokens": b * L, "max_len": L, "Hq": hq, "Hkv": hkv, "D": d,
               "dtype": str(dtype)[6:], "window": f"{window[0]},{window[1]}"}
-    group = f"attention window{window[0] + 1} B{b} L{L} Hq{hq} Hkv{hkv} D{d}"
+    group = f"attention window{window[0]} B{b} L{L} Hq{hq} Hkv{hkv} D{d}"
 
     def ours(_):
         a = x()
@@ -392,7 +393,7 @@ def cases(smoke: bool) -> list[Case]:
                                 equal=True)
     for L in WINDOW_LENGTHS:
         out += _window_cases(L, WINDOW_TOKENS // L, *GEMMA3_HEADS, torch.bfloat16, "cuda",
-                             (WINDOW - 1, WINDOW - 1))
+                             (WINDOW, WINDOW))
     lengths = mixed_lengths()
     out += _softcap_cases(f"mixed B{len(lengths)} T{sum(lengths)}", lengths, *GEMMA2_HEADS,
                           torch.bfloat16, "cuda", SOFTCAP)

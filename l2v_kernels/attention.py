@@ -505,8 +505,8 @@ def _check_window_softcap(op: str, window, softcap) -> None:
         if not ok:
             raise ValueError(
                 f"{op}: window must be None or (left, right) with ints >= 0 (None on a side = "
-                f"unlimited), got {window!r}; a sliding window of W tokens without causality "
-                "(Gemma-3 bidirectional) is (W - 1, W - 1)"
+                f"unlimited), got {window!r}; e.g. Gemma-3 made bidirectional with config.json "
+                "sliding_window W is (W // 2, W // 2)"
             )
     if softcap is not None and not (
         isinstance(softcap, numbers.Real) and not isinstance(softcap, bool)
@@ -539,7 +539,10 @@ def flash_attn_varlen(
     only when i - left <= j <= i + right (ints >= 0; None on a side = unlimited; combined with
     causal when causal=True). Key blocks outside every row's window are skipped, so a text of
     length T costs O(T * (left + right)). Gemma-3 made bidirectional (transformers'
-    use_bidirectional_attention=True) allows |i - j| < sliding_window: window=(W - 1, W - 1).
+    use_bidirectional_attention=True, as EmbeddingGemma) masks |i - j| < config.sliding_window
+    after Gemma3Config has replaced config.json's W by W // 2 + 1: window=(W // 2, W // 2)
+    (EmbeddingGemma, W = 512: (256, 256)). Causal sliding windows (Gemma-2, causal Gemma-3,
+    Mistral) see i - W < j <= i: window=(W - 1, 0) with causal=True.
     softcap (> 0, Gemma-2): scores s = (q . k) * softmax_scale become softcap * tanh(s / softcap)
     before the mask and the softmax (transformers' Gemma2 order).
     Same definition as l2v_kernels.reference.attention_varlen."""

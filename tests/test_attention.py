@@ -237,7 +237,7 @@ def test_padded_empty_input():
 WINDOW_CASES = [
     # dtype, lengths, hq, hkv, d, window, causal
     (torch.float32, [1, 17, 97, 3, 40], 9, 3, 64, (5, 5), False),  # window << BLOCK_N
-    (torch.float16, [1, 17, 97, 3, 40], 9, 3, 64, (31, 31), False),  # BLOCK_N - 1: Gemma-3 W=32
+    (torch.float16, [1, 17, 97, 3, 40], 9, 3, 64, (31, 31), False),  # BLOCK_N - 1
     (torch.float16, [70, 130], 4, 2, 64, (33, 0), True),  # left > BLOCK_N, causal
     (torch.float32, [70, 130], 4, 2, 128, (40, 7), True),  # causal: right side irrelevant
     (torch.float32, [23, 61], 4, 4, 64, (200, 200), False),  # wider than every text
@@ -513,8 +513,8 @@ def test_gpu_cuda_graph_replay():
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "lengths,window,causal",
-    [([2048, 700, 4096], (511, 511), False),  # Gemma-3 bidirectional, sliding_window 512
-     ([8192], (511, 511), False),
+    [([2048, 700, 4096], (256, 256), False),  # EmbeddingGemma: config sliding_window 512
+     ([8192], (512, 512), False),  # Gemma-3-4B made bidirectional: config sliding_window 1024
      ([3000, 1000], (1023, 0), True),
      ([300, 5, 2000], (100, 4000), False)],
 )
