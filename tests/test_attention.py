@@ -340,6 +340,23 @@ def test_varlen_softcap(dtype, lengths, hq, hkv, d, causal, softcap, window, sca
         assert rel_err(_ref_varlen(q, k, v, cu, causal, scale, window), ref) > 10 * REL_TOL[dtype]
 
 
+@pytest.mark.parametrize("w", [512, 7, 10])
+def test_window_rule_matches_transformers_bidirectional_gemma3(w):
+    """The documented rule: Gemma-3 with use_bidirectional_attention=True and config.json
+    sliding_window W masks exactly window=(W // 2, W // 2) (transformers' own mask function)."""
+    gemma3 = pytest.importorskip("transformers.models.gemma3.modeling_gemma3")
+    overlay = getattr(gemma3, "_bidirectional_window_overlay", None)
+    if overlay is None:
+        pytest.skip("this transformers has no bidirectional Gemma-3")
+    from transformers import Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(sliding_window=w, use_bidirectional_attention=True)
+    n = 2 * w + 9
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    hf = overlay(cfg.sliding_window)(0, 0, i, j)
+    assert torch.equal(hf, reference._window_allowed(n, n, (w // 2, w // 2), "cpu"))
+
+
 def test_window_and_softcap_validation():
     a = _good()
     for bad in ((1,), (1, 2, 3), (-1, 3), (2.0, 3), (True, 3), 5, "4,4"):
