@@ -10,10 +10,11 @@ tokenizer) they are texts; with a random-weight shape (no tokenizer) they are to
 bench/workloads.py (queries: BOS + 16-token instruction + 10-40 tokens; passages median ~120).
 
 Each server runs in a child process (`--serve l2v|naive`, same model, built the same way) under
-uvicorn on a loopback port, one after the other, driven by the same asyncio + httpx client in
-this process (base64 responses, as the openai client asks for; client overhead is in every
-latency, equally). With CUDA both servers replay passes of up to 2048 tokens from CUDA graphs
-(--no-cuda-graphs to compare):
+uvicorn on a loopback port, one after the other, driven by the same load generator: asyncio +
+httpx in `--client-procs` processes (default 4 with CUDA, else 1: one Python client process
+may itself cap the load a fast server sees), base64 responses as the openai client asks for;
+client overhead is in every latency, equally. With CUDA both servers replay passes of up to
+2048 tokens from CUDA graphs (--no-cuda-graphs to compare):
 - `l2v`: l2v_models.serve.create_app (one model worker, texts of all requests packed into
   token-budget batches, waiting at most --max-wait-ms when idle).
 - `naive`: a FastAPI endpoint calling `encode` once per request under a lock (what a
@@ -283,10 +284,81 @@ def batch1_latency(url: str, bodies: list, n: int, timeout: float) -> list[float
     return asyncio.run(go())
 
 
-def closed_loop(url: str, bodies: list, tokens: list, concurrency: int, timeout: float) -> dict:
-    """All requests, `concurrency` in flight at a time: the server's max throughput.
-    tokens: each body's token count (the same for every server)."""
+class Clients:
+    """The load generator: `procs` client processes (1: this process), each an asyncio + httpx
+    loop over its share of the requests, so one Python process's overhead does not cap the load
+    a fast server sees. Requests go round-robin to processes; each process starts at a common
+    wall-clock time."""
 
+    def __init__(self, procs: int):
+        self.procs = max(1, int(procs))
+        self.pool = None
+        if self.procs > 1:
+            import concurrent.futures
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("spawn")
+            self.pool = concurrent.futures.ProcessPoolExecutor(self.procs, mp_context=ctx)
+            # Start and import in every worker now, not inside a timed run.
+            list(self.pool.map(time.sleep, [0.5] * self.procs))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def _map(self, fn, parts: list[tuple]) -> list:
+        if self.pool is None:
+            return [fn(*parts[0])]
+        return list(self.pool.map(fn, *zip(*parts, strict=True)))
+
+    def _start_at(self) -> float:
+        return time.time() + (0.5 if self.pool is not None else 0.05)
+
+    def closed_loop(self, url, bodies, tokens, concurrency: int, timeout: float) -> dict:
+        """All requests, `concurrency` in flight at a time (in all): the max throughput.
+        tokens: each body's token count (the same for every server)."""
+        start_at = self._start_at()
+        per = max(1, concurrency // self.procs)
+        parts = [([bodies[i] for i in range(k, len(bodies), self.procs)],
+                  [tokens[i] for i in range(k, len(bodies), self.procs)],
+                  url, per, timeout, start_at) for k in range(self.procs)]  # fmt: skip
+        done = self._map(_closed_part, parts)
+        wall = max(d["end"] for d in done) - start_at
+        ok, n_tokens = sum(d["ok"] for d in done), sum(d["tokens"] for d in done)
+        errors = sum(d["errors"] for d in done)
+        return {"ok": ok, "tokens": n_tokens, "errors": errors, "seconds": wall,
+                "req_per_s": ok / wall, "tokens_per_s": n_tokens / wall}  # fmt: skip
+
+    def open_loop(self, url, bodies, tokens, rate: float, seed: int, timeout: float) -> dict:
+        """Poisson arrivals at `rate` requests/s (open loop: arrivals never wait for
+        responses). Latency = response time - scheduled arrival."""
+        rng = np.random.default_rng(seed)
+        gaps = rng.exponential(1.0 / rate, size=len(bodies))
+        arrivals = (np.cumsum(gaps) - gaps[0]).tolist()
+        start_at = self._start_at()
+        parts = [([bodies[i] for i in range(k, len(bodies), self.procs)],
+                  [tokens[i] for i in range(k, len(bodies), self.procs)],
+                  [arrivals[i] for i in range(k, len(bodies), self.procs)],
+                  url, timeout, start_at) for k in range(self.procs)]  # fmt: skip
+        results = [r for part in self._map(_open_part, parts) for r in part]
+        ok = [r for r in results if r[1] == 200]
+        lat = np.array([r[0] for r in ok]) if ok else np.array([float("nan")])
+        span = max(r[3] for r in results) - start_at
+        return {
+            "offered_req_per_s": rate,
+            "requests": len(bodies),
+            "ok": len(ok),
+            "errors": len(bodies) - len(ok),
+            "achieved_req_per_s": len(ok) / span,
+            "tokens_per_s": sum(r[2] for r in ok) / span,
+            "p50_ms": float(np.percentile(lat, 50) * 1e3),
+            "p90_ms": float(np.percentile(lat, 90) * 1e3),
+            "p99_ms": float(np.percentile(lat, 99) * 1e3),
+            "max_ms": float(lat.max() * 1e3),
+        }
+
+
+def _closed_part(bodies, tokens, url, concurrency, timeout, start_at) -> dict:
     async def go():
         todo = list(range(len(bodies)))
         done = {"ok": 0, "tokens": 0, "errors": 0}
@@ -301,52 +373,30 @@ def closed_loop(url: str, bodies: list, tokens: list, concurrency: int, timeout:
                     done["errors"] += 1
 
         async with _client(url, timeout) as http:
-            t0 = time.perf_counter()
+            await asyncio.sleep(max(0.0, start_at - time.time()))
             await asyncio.gather(*(worker(http) for _ in range(concurrency)))
-            wall = time.perf_counter() - t0
-        return {**done, "seconds": wall, "req_per_s": done["ok"] / wall,
-                "tokens_per_s": done["tokens"] / wall}  # fmt: skip
+        return {**done, "end": time.time()}
 
     return asyncio.run(go())
 
 
-def open_loop(url: str, bodies: list, tokens: list, rate: float, seed: int, timeout: float) -> dict:
-    """Poisson arrivals at `rate` requests/s (open loop: arrivals never wait for responses).
-    Latency = response time - scheduled arrival."""
-    rng = np.random.default_rng(seed)
-    gaps = rng.exponential(1.0 / rate, size=len(bodies))
-    arrivals = np.cumsum(gaps) - gaps[0]
+def _open_part(bodies, tokens, arrivals, url, timeout, start_at) -> list[tuple]:
+    """[(latency s, status, tokens, end wall time)] per request of this share."""
 
     async def go():
-        loop = asyncio.get_running_loop()
         async with _client(url, timeout) as http:
-            t0 = loop.time() + 0.05
 
             async def one(i):
-                due = t0 + float(arrivals[i])
-                await asyncio.sleep(max(0.0, due - loop.time()))
+                due = start_at + arrivals[i]
+                await asyncio.sleep(max(0.0, due - time.time()))
                 try:
                     status = await _post(http, bodies[i])
                 except Exception as e:  # a timeout or reset counts as an error, not a crash
                     status = type(e).__name__
-                return loop.time() - due, status, tokens[i], loop.time()
+                end = time.time()
+                return end - due, status, tokens[i], end
 
-            results = await asyncio.gather(*(one(i) for i in range(len(bodies))))
-        ok = [r for r in results if r[1] == 200]
-        lat = np.array([r[0] for r in ok]) if ok else np.array([float("nan")])
-        span = max(r[3] for r in results) - t0
-        return {
-            "offered_req_per_s": rate,
-            "requests": len(bodies),
-            "ok": len(ok),
-            "errors": len(bodies) - len(ok),
-            "achieved_req_per_s": len(ok) / span,
-            "tokens_per_s": sum(r[2] for r in ok) / span,
-            "p50_ms": float(np.percentile(lat, 50) * 1e3),
-            "p90_ms": float(np.percentile(lat, 90) * 1e3),
-            "p99_ms": float(np.percentile(lat, 99) * 1e3),
-            "max_ms": float(lat.max() * 1e3),
-        }
+            return await asyncio.gather(*(one(i) for i in range(len(bodies))))
 
     return asyncio.run(go())
 
@@ -480,11 +530,22 @@ def run(args, out: Path) -> dict:
         ),  # fmt: skip
         "tokens": offline["tokens"],
     }
+    clients = Clients(args.client_procs)
+    try:
+        _serve_and_measure(args, out, bodies, tokens_per_body, clients, rates_frac, result)
+    finally:
+        clients.close()
+    result["goals"] = goals(result)
+    return result
+
+
+def _serve_and_measure(args, out, bodies, tokens_per_body, clients, rates_frac, result) -> None:
     max_rate = None
     for name in ("l2v", "naive"):
         with server_process(name, args, out / f"{args.name}_{name}_server.log") as url:
             b1 = batch1_latency(url, bodies, args.batch1, args.timeout)
-            closed = closed_loop(url, bodies, tokens_per_body, args.concurrency, args.timeout)
+            closed = clients.closed_loop(url, bodies, tokens_per_body, args.concurrency,
+                                         args.timeout)  # fmt: skip
             if max_rate is None:
                 max_rate = closed["req_per_s"]
             server = {
@@ -495,8 +556,8 @@ def run(args, out: Path) -> dict:
             result["servers"][name] = server
             for k, frac in enumerate(rates_frac):
                 before = scrape(url) if name == "l2v" else None
-                row = open_loop(url, bodies, tokens_per_body, frac * max_rate, seed=100 + k,
-                                timeout=args.timeout)  # fmt: skip
+                row = clients.open_loop(url, bodies, tokens_per_body, frac * max_rate,
+                                        seed=100 + k, timeout=args.timeout)  # fmt: skip
                 row.update(server=name, load=frac, **common.stamp())
                 if before is not None:
                     row["batches"] = batch_distribution(before, scrape(url))
@@ -504,8 +565,6 @@ def run(args, out: Path) -> dict:
                 print(f"[serve bench] {name} at {frac:.2f} x max ({row['offered_req_per_s']:.1f}"
                       f" req/s): p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, "
                       f"{row['errors']} errors", flush=True)  # fmt: skip
-    result["goals"] = goals(result)
-    return result
 
 
 def goals(result: dict) -> list[dict]:
@@ -546,7 +605,8 @@ def write_report(result: dict, out: Path, name: str) -> Path:
         f"({wl['query_requests']} single-query requests, the rest 1-4 passages). "
         f"l2v: --max-batch-tokens {cfg['max_batch_tokens'] or 'default'}, --max-wait-ms "
         f"{cfg['max_wait_ms']:g}; CUDA graphs {'on' if cfg['cuda_graphs'] else 'off'}. Each "
-        "server in its own process, the client in another (loopback HTTP).",
+        f"server in its own process, the load generator in {cfg['client_procs']} other "
+        "process(es) (loopback HTTP).",
         "",
         "## Summary",
         "",
@@ -643,6 +703,12 @@ def parse_args(argv=None):
     p.add_argument("--requests", type=int, default=None, help="requests per load level")
     p.add_argument("--rates", default=None, help="fractions of l2v's max throughput")
     p.add_argument("--concurrency", type=int, default=None, help="closed-loop clients")
+    p.add_argument(
+        "--client-procs",
+        type=int,
+        default=None,
+        help="load-generator processes (default: 4 with CUDA, else 1)",
+    )
     p.add_argument("--batch1", type=int, default=None, help="sequential single queries")
     p.add_argument("--max-batch-tokens", type=int, default=None)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
@@ -668,6 +734,8 @@ def parse_args(argv=None):
         args.rates = "0.5,1.0" if args.smoke else "0.25,0.5,0.75,1.0"
     if args.concurrency is None:
         args.concurrency = 8 if args.smoke else (256 if gpu else 16)
+    if args.client_procs is None:
+        args.client_procs = 4 if gpu else 1
     if args.batch1 is None:
         args.batch1 = 3 if args.smoke else 20
     return args

@@ -79,3 +79,36 @@ def test_workload_is_seeded_and_mixed():
     t = serve.make_requests(50, tokens=True, cfg=cfg, seed=0, smoke=False)
     assert all(isinstance(x[0], int) for b in t for x in b["input"])
     assert all(0 <= i < cfg["vocab_size"] for b in t for x in b["input"] for i in x)
+
+
+def test_random_weight_shape_with_token_ids_and_two_client_processes(tmp_path):
+    """The GPU mode's path on the CPU: a random-weight shape (no tokenizer, token-id inputs),
+    two load-generator processes."""
+    threads = torch.get_num_threads()
+    try:
+        argv = [
+            "--shape",
+            "smoke",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--requests",
+            "6",
+            "--rates",
+            "1.0",
+            "--batch1",
+            "2",
+            "--concurrency",
+            "4",
+            "--client-procs",
+            "2",
+        ]
+        result = serve.main(argv + ["--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert result["config"]["tokens_input"] and result["config"]["client_procs"] == 2
+    for r in result["rows"]:
+        assert r["ok"] == r["requests"] == 6 and r["errors"] == 0
+    assert result["servers"]["l2v"]["max"]["ok"] == 6
+    assert "load generator in 2 other process(es)" in (tmp_path / "serve.md").read_text()
