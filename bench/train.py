@@ -122,7 +122,7 @@ def load_weights(args, device, dtype):
     from bench.workloads import model_shape
 
     if args.model is not None:
-        from l2v_models.loading import load_model, to_hf_state_dict
+        from l2v_models.checkpoint import load_model, to_hf_state_dict
 
         loaded = load_model(args.model, dtype=dtype, device=device, backend="torch")
         state = {k: v.clone() for k, v in to_hf_state_dict(loaded.model).items()}
@@ -142,8 +142,8 @@ class L2VSide:
     name = "l2v"
 
     def __init__(self, args, hf_config, state, lm_head, device, dtype):
+        from l2v_models.checkpoint import Loaded, from_hf_state_dict
         from l2v_models.config import ModelConfig
-        from l2v_models.loading import Loaded, from_hf_state_dict
         from l2v_models.train.trainer import TrainConfig, Trainer
 
         config = ModelConfig.from_hf_config(hf_config)

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from helpers import rel_err, skip_unless_gguf_readable
 from tiny import make_lora_adapter, make_tiny_checkpoint
 
+from l2v_models.checkpoint import load_model, to_hf_state_dict
 from l2v_models.hf_compat import build_hf_model
-from l2v_models.loading import load_model, to_hf_state_dict
 from l2v_models.packing import TokenizedTexts, pack
 from l2v_models.train.data import DataError, DataIndex, Example
 from l2v_models.train.objectives import mask_tokens, mntp_loss, train_forward
@@ -443,7 +443,7 @@ def test_three_stages_on_smollm2(tmp_path):
     """Two steps of each stage on the embedded SmolLM2-135M (GGUF base, tied LM head), loaded
     once: the MNTP adapter is merged in place before SimCSE and supervised (merge_adapter_,
     what load_for_training(extra_peft=...) does), and l2v's loader gives the same embeddings."""
-    from l2v_models.loading import read_lora_adapter
+    from l2v_models.checkpoint import read_lora_adapter
     from l2v_models.train.lora import merge_adapter_
 
     skip_unless_gguf_readable()

@@ -23,11 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from l2v_kernels.reference import positions_from_cu_seqlens
-from l2v_models.model import layer_forward
-from l2v_models.ops import BatchTables
 from l2v_models.packing import PackedBatch
 
 MASK_POLICIES = ("bert", "all")
@@ -35,38 +31,12 @@ MASK_POLICIES = ("bert", "all")
 
 def train_forward(model, batch: PackedBatch, *, checkpointing: bool = False) -> torch.Tensor:
     """Final-norm hidden states [T, H] of a packed batch through `model` with its current ops
-    table (LoraOps while training), with autograd. checkpointing: recompute each layer in the
-    backward pass (torch.utils.checkpoint, RNG state preserved, so dropout masks repeat)."""
-    if not checkpointing:
-        return model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, batch.positions,
-                     check_inputs=False)  # fmt: skip
-    # Transformer.forward's loop, each layer under torch.utils.checkpoint (tests hold the two
-    # paths to the same result).
-    c = model.config
-    window = c.sliding_window
-    if window is not None and batch.max_seqlen > window:
-        raise ValueError(
-            f"max_seqlen={batch.max_seqlen} exceeds the model's sliding window ({window})"
-        )
-    if batch.max_seqlen > model.rope_cos.shape[0]:
-        model._build_rope(1 << (batch.max_seqlen - 1).bit_length())
-    positions = batch.positions
-    if positions is None:
-        positions = positions_from_cu_seqlens(batch.cu_seqlens, batch.input_ids.shape[0])
-    b = BatchTables(batch.cu_seqlens, batch.max_seqlen, positions, model.rope_cos,
-                    model.rope_sin, model.rope_local_cos, model.rope_local_sin)  # fmt: skip
-    ops = model.ops
-    ops.prepare(b, model.device)
-    x = F.embedding(batch.input_ids, model.embed)
-    if c.embed_scale is not None:
-        x = x * torch.tensor(c.embed_scale, dtype=x.dtype, device=x.device)
-    n = len(model.layers)
-    xn = ops.rms_norm(x, model.layers[0].attn_norm if n else model.norm)
-    for i, layer in enumerate(model.layers):
-        next_norm = model.layers[i + 1].attn_norm if i + 1 < n else model.norm
-        x, xn = checkpoint(layer_forward, ops, layer, x, xn, next_norm, b, c,
-                           c.layer_is_local(i), use_reentrant=False)  # fmt: skip
-    return xn
+    table (LoraOps while training), with autograd when enabled. checkpointing: recompute each
+    layer in the backward pass (Transformer.gradient_checkpointing: torch.utils.checkpoint per
+    layer, RNG state preserved, so dropout masks repeat)."""
+    model.gradient_checkpointing = checkpointing
+    return model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, batch.positions,
+                 check_inputs=False)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ MNTP

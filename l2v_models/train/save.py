@@ -9,7 +9,7 @@
 
 Keys are those PEFT writes for an adapter on a bare *Model (llm2vec applies its adapters to
 LlamaBiModel etc.), so PEFT's PeftModel.from_pretrained(AutoModel..., DIR), llm2vec and l2v's
-loading.read_lora_adapter all read them. Files are written to a temporary folder first and
+checkpoint.read_lora_adapter all read them. Files are written to a temporary folder first and
 moved in one by one, so a reader never sees a half-written weight file.
 """
 

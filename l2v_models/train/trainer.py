@@ -156,16 +156,19 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 # ------------------------------------------------------------------------------ loading
-def load_for_training(model=None, peft=None, *, dtype=None, device=None, extra_peft=()):
-    """l2v_models.loading.load_model on the torch backend (training needs autograd), with
+def load_for_training(model=None, peft=None, *, dtype=None, device=None, extra_peft=(),
+                      attention: str = "bidirectional"):  # fmt: skip
+    """l2v_models.checkpoint.load_model on the torch backend (training needs autograd), with
     `peft` (a previous stage's adapter) merged; `extra_peft` adapters are merged after it (a
     chain longer than load_model's). An adapter whose shapes do not fit the base raises
-    ValueError saying so. Returns the Loaded (model in the given dtype: default bf16 on CUDA,
-    fp32 on CPU)."""
-    from l2v_models.loading import load_model, read_lora_adapter
+    ValueError saying so. attention: "bidirectional" (LLM2Vec's recipe, every family, Qwen2
+    included), or load_model's "llm2vec" / "causal". Returns the Loaded (model in the given
+    dtype: default bf16 on CUDA, fp32 on CPU)."""
+    from l2v_models.checkpoint import load_model, read_lora_adapter
 
     try:
-        loaded = load_model(model, peft, dtype=dtype, device=device, backend="torch")
+        loaded = load_model(model, peft, dtype=dtype, device=device, backend="torch",
+                            attention=attention)  # fmt: skip
         for path in extra_peft:
             merge_adapter_(loaded.model, read_lora_adapter(Path(path)))
     except ValueError as e:
@@ -181,7 +184,7 @@ def load_for_training(model=None, peft=None, *, dtype=None, device=None, extra_p
 
 
 def _base_arg(model) -> str:
-    from l2v_models.loading import DEFAULT_MODEL
+    from l2v_models.checkpoint import DEFAULT_MODEL
 
     return DEFAULT_MODEL if model is None else str(model)
 
@@ -189,29 +192,31 @@ def _base_arg(model) -> str:
 def read_lm_head(model_arg, loaded) -> torch.Tensor:
     """The LM head [V, H] for MNTP: the input embeddings where the config ties them (SmolLM2,
     Gemma), else `lm_head.weight` of the base checkpoint (an -mntp dir's base weights)."""
-    from l2v_models import loading
+    from l2v_models.checkpoint import PACKAGED_MODELS, read_lora_adapter
+    from l2v_models.checkpoint.hub import _resolve_dir
+    from l2v_models.checkpoint.sources import _checkpoint_files, _load_bin, _safe_open
 
     model = loaded.model
     if getattr(loaded.hf_config, "tie_word_embeddings", True):
         return model.embed
     arg = _base_arg(model_arg)
-    if arg.endswith(".gguf") or arg.lower() == loading.DEFAULT_MODEL:
+    if arg.endswith(".gguf") or arg.lower() in PACKAGED_MODELS:
         raise ValueError(f"{arg}: MNTP on an untied GGUF model is not supported (its LM head "
                          "is not read); pass the Hugging Face model directory")  # fmt: skip
-    directory = loading._resolve_dir(arg, "base model")
+    directory = _resolve_dir(arg, "base model")
     if (directory / "adapter_config.json").is_file():  # an -mntp dir: the base weights
-        base = loading.read_lora_adapter(directory).base_model_name_or_path
-        directory = loading._resolve_dir(str(base), "base weights")
-    fmt, files = loading._checkpoint_files(directory)
+        base = read_lora_adapter(directory).base_model_name_or_path
+        directory = _resolve_dir(str(base), "base weights")
+    fmt, files = _checkpoint_files(directory)
     for f in files:
         if fmt == "safetensors":
-            handle = loading._safe_open(f)
+            handle = _safe_open(f)
             for key in ("lm_head.weight", "model.lm_head.weight"):
                 if key in handle.keys():
                     w = handle.get_tensor(key)
                     return w.to(device=model.device, dtype=model.dtype)
         else:
-            state = loading._load_bin(f)
+            state = _load_bin(f)
             if "lm_head.weight" in state:
                 return state["lm_head.weight"].to(device=model.device, dtype=model.dtype)
     raise ValueError(
@@ -224,7 +229,7 @@ def read_lm_head(model_arg, loaded) -> torch.Tensor:
 class Trainer:
     """Trains one LoRA adapter of one stage on a loaded model (see the module docstring).
 
-    loaded: l2v_models.loading.Loaded on the torch backend (load_for_training). config: the
+    loaded: l2v_models.checkpoint.Loaded on the torch backend (load_for_training). config: the
     run's TrainConfig. lm_head: MNTP's LM head [V, H] (default: read_lm_head(model_arg)).
     mask_token_id: MNTP's mask token (default: from the tokenizer; needed without one, as in
     benchmarks on token ids)."""
@@ -572,12 +577,13 @@ def latest_checkpoint(output) -> Path | None:
 
 
 def _adapter_base_name(model_arg: str) -> str:
-    """adapter_config's base_model_name_or_path: "smollm2" for the default; a local dir or
-    GGUF as an absolute path (loads from any working directory); a hub id as given."""
-    from l2v_models.loading import DEFAULT_MODEL
+    """adapter_config's base_model_name_or_path: a packaged model's name ("smollm2" for the
+    default); a local dir or GGUF as an absolute path (loads from any working directory); a hub
+    id as given."""
+    from l2v_models.checkpoint import PACKAGED_MODELS
 
-    if model_arg.lower() == DEFAULT_MODEL:
-        return DEFAULT_MODEL
+    if model_arg.lower() in PACKAGED_MODELS:
+        return model_arg.lower()
     path = Path(model_arg).expanduser()
     if path.exists():
         return str(path.resolve())
