@@ -36,7 +36,8 @@
 # OUT_DIR is the device tool's $OUT, which returns at most 8 files): the results are collected in a
 # scratch folder and, after every step (and every L2V_SNAPSHOT_S seconds, default 20, while a step
 # runs), OUT_DIR/results.tar.gz is replaced atomically by a new archive of all of it, next to
-# SUMMARY.md (the steps so far and their results) and gpu_check.log (the log, written as it goes).
+# SUMMARY.md (PROGRESS.md: the steps so far and their results, until bench.plots' SUMMARY.md
+# exists) and gpu_check.log (the log, written as it goes).
 # At the end e2e.md and three PNGs join them: 7 files, 8 while an archive is being replaced. A kill
 # at any moment leaves every step that had finished in OUT_DIR.
 #
@@ -51,7 +52,7 @@ declare -A CAP=([build]=90 [model]=40 [e2e-mistral]=130 [tests]=55 [tests-compil
                 [kernel-attention]=20 [kernel-gemm]=20 [e2e-smollm2]=20 [summary]=10)
 RESERVE=10  # start-up (5) and the final packing (5)
 
-usage() { sed -n '2,44p' "$0" | sed -e 's/^# //' -e 's/^#$//'; }
+usage() { sed -n '2,/^set -uo pipefail/{/^#/p}' "$0" | sed -e 's/^# //' -e 's/^#$//'; }
 die() { echo "gpu_check.sh: $*" >&2; exit 2; }
 
 BUDGET=420 ONLY="" TESTS="" CASE="" E2E_WORKLOADS="" PACK=auto OUT_ARG=""
@@ -190,14 +191,10 @@ done
 # Replace DEST atomically by SRC's content (the temporary name is the only 8th file there can be).
 put() { cp -f "$1" "$2.part" && mv -f "$2.part" "$2"; }
 
-# SUMMARY.md while the run goes on: the steps so far and what each produced.
+# PROGRESS.md: the steps so far and what each produced (OUT_DIR's SUMMARY.md until bench.plots
+# has written this run's SUMMARY.md; the script never writes SUMMARY.md itself).
 progress_summary() {
   local f
-  # Once bench.plots has written this run's SUMMARY.md, that one stays.
-  if [ -f "$RES/SUMMARY.md" ] && head -1 "$RES/SUMMARY.md" | grep -q '^# l2v GPU check: ' \
-     && [ "$(stat -c %Y "$RES/SUMMARY.md")" -ge "$START_EPOCH" ]; then
-    return 0
-  fi
   {
     echo "# l2v GPU check ($1)"
     echo
@@ -225,7 +222,17 @@ progress_summary() {
       echo
       sed -e 's/^# /### /' -e 's/^## /#### /' "$f"
     done
-  } > "$RES/SUMMARY.md.part" && mv -f "$RES/SUMMARY.md.part" "$RES/SUMMARY.md"
+  } > "$RES/PROGRESS.md.part" && mv -f "$RES/PROGRESS.md.part" "$RES/PROGRESS.md"
+}
+
+# This run's SUMMARY.md from bench.plots when the summary step wrote it, else PROGRESS.md.
+summary_file() {
+  if [ -f "$RES/SUMMARY.md" ] && [ "$(stat -c %Y "$RES/SUMMARY.md")" -ge "$START_EPOCH" ] \
+     && head -1 "$RES/SUMMARY.md" | grep -q '^# l2v GPU check: '; then
+    echo "$RES/SUMMARY.md"
+  else
+    echo "$RES/PROGRESS.md"
+  fi
 }
 
 # Everything finished so far into OUT_DIR: one archive replaced atomically, SUMMARY.md beside it.
@@ -236,7 +243,7 @@ snapshot() {
   if tar -czf "$OUT_DIR/results.tar.gz.part" -C "$SCRATCH" results 2>/dev/null; then
     mv -f "$OUT_DIR/results.tar.gz.part" "$OUT_DIR/results.tar.gz"
   fi
-  put "$RES/SUMMARY.md" "$OUT_DIR/SUMMARY.md"
+  put "$(summary_file)" "$OUT_DIR/SUMMARY.md"
 }
 
 # run_step NAME CMD...: run CMD until NAME's deadline; record rc, seconds, status; snapshot.
@@ -393,5 +400,5 @@ fi
 exec 1>&3 2>&4 3>&- 4>&-
 for _ in $(seq 25); do kill -0 "$TEE_PID" 2>/dev/null || break; sleep 0.2; done
 snapshot "finished"
-[ -f "$RES/SUMMARY.md" ] && cat "$RES/SUMMARY.md"
+cat "$(summary_file)"
 exit "$FAILED"
