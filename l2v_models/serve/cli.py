@@ -212,7 +212,7 @@ def cmd_serve(args) -> int:
 def _check_gguf(model: str | None) -> None:
     if model is not None and model.lower() != "smollm2" and not model.endswith(".gguf"):
         return
-    from l2v_models.loading import gguf_support_error
+    from l2v_models.checkpoint import gguf_support_error
 
     problem = gguf_support_error("the default model" if model is None else f"the model {model}")
     if problem is not None:
