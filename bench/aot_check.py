@@ -1,6 +1,6 @@
 """Ahead-of-time compile of every Triton kernel variant l2v launches, for a GPU target, no GPU.
 
-    python -m bench.aot_check [--fast] [--arch 90a] [--json PATH] [--filter REGEX]
+    python -m bench.aot_check [--fast] [--fp32] [--arch 90a] [--json PATH] [--filter REGEX]
 
 The kernels' own launchers (the unchecked `<op>_fwd` functions the model's hot loop calls) are
 run on CPU tensors of the real model shapes (bench.workloads: Mistral-7B, Llama-2-7B,
@@ -14,7 +14,8 @@ spill bytes, Triton's metadata the shared memory.
 
 A bf16 / fp16 variant fails when it spills (local memory traffic in the inner loop: registers
 are the budget of a tile) or needs more shared memory than the target has per block (H100 /
-H200: 227 KiB). fp32 variants (a testing dtype, never the model's) are reported only.
+H200: 227 KiB). fp32 variants (a testing dtype, never the model's; --fp32) are reported only:
+without tensor cores their dots spill tens of KB and take ptxas minutes per attention variant.
 --fast: the autotuned kernels of the Mistral-7B model path in bf16 (varlen attention at the
 passages size, the SwiGLU GEMM's query and large M classes): under a minute on two cores, run by
 the test suite.
@@ -176,10 +177,12 @@ def record_model_ops(rec: Recorder, name: str, cfg: dict, dtype):
                  mode, cu)  # fmt: skip
 
 
-def record_all(fast: bool) -> list[Launch]:
+def record_all(fast: bool, fp32: bool = False) -> list[Launch]:
     rec = Recorder()
     models = ["mistral-7b"] if fast else list(MODEL_SHAPES)
-    dtypes = [torch.bfloat16] if fast else [torch.bfloat16, torch.float16, torch.float32]
+    dtypes = [torch.bfloat16] if fast else [torch.bfloat16, torch.float16]
+    if fp32:  # the testing dtype: FMA dots, minutes of ptxas per attention variant
+        dtypes.append(torch.float32)
     with rec.recording():
         for name in models:
             cfg = MODEL_SHAPES[name]
@@ -379,6 +382,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="90a", help="target compute capability (default 90a)")
     ap.add_argument("--json", default=None, help="write every variant's numbers here")
     ap.add_argument("--filter", default=None, help="only launches whose label matches REGEX")
+    ap.add_argument("--fp32", action="store_true",
+                    help="also the fp32 variants (a testing dtype; reported, never failing)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("bench.aot_check: unset TRITON_INTERPRET (it compiles real GPU kernels, "
@@ -390,7 +395,7 @@ def main(argv=None) -> int:
     target = GPUTarget("cuda", cap, 64)
     shared_limit = SHARED_LIMIT.get(cap, 227 * 1024)
     t0 = time.perf_counter()
-    launches = record_all(args.fast)
+    launches = record_all(args.fast, args.fp32)
     print(f"[aot] triton {triton.__version__}, target sm_{args.arch}, {len(launches)} launches "
           f"recorded; compiling every distinct variant", flush=True)  # fmt: skip
     variants = compile_variants(launches, target, args.filter,

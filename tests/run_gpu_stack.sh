@@ -17,11 +17,13 @@ cd "$(dirname "$0")/.."
 REPO=$(pwd)
 VENV=${L2V_GPUSTACK_VENV:-$(dirname "$REPO")/venv-gpustack}
 PKGS=(torch==2.11.0 triton==3.6.0 numpy transformers==5.17.0 safetensors huggingface_hub tqdm
-      pytest peft gguf httpx setuptools wheel ninja)
+      pytest peft gguf httpx "setuptools>=77,<82" wheel ninja)
 
-if ! "$VENV/bin/python" -c "import torch, triton, numpy, transformers, pytest" 2>/dev/null; then
-  echo "[gpu-stack] creating $VENV (${PKGS[*]})" >&2
-  python3 -m venv "$VENV"
+# (setuptools >= 77 reads pyproject.toml's SPDX license string; torch 2.11 wants < 82)
+if ! "$VENV/bin/python" -c "import torch, triton, numpy, transformers, pytest, setuptools
+assert int(setuptools.__version__.split('.')[0]) >= 77" 2>/dev/null; then
+  echo "[gpu-stack] setting up $VENV (${PKGS[*]})" >&2
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PKGS[@]}"
 fi
 "$VENV/bin/python" - <<'EOF' >&2
