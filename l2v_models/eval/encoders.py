@@ -93,7 +93,13 @@ class L2VEncoder:
         self.batch_tokens = batch_tokens
         self.encoder = None
         self.load_seconds = 0.0
-        self.info: dict = {"model": model or "smollm2 (embedded default)", "peft": peft}
+        self.info: dict = {
+            "model": model or "smollm2 (embedded default)",
+            "peft": peft,
+            # as requested; replaced by the real ones once loaded (cached rows keep these)
+            "device": self.kwargs.get("device_map") or "auto",
+            "dtype": self.kwargs.get("torch_dtype") or "auto",
+        }
 
     def load(self):
         if self.encoder is None:
@@ -212,6 +218,7 @@ class MiniLMEncoder:
         self.info = {
             "model": f"sentence-transformers/all-MiniLM-L6-v2 (PyPI {MINILM_PACKAGE})",
             "dtype": "float32",
+            "device": device or "auto",
         }
 
     def load(self):
