@@ -349,7 +349,7 @@ def test_cli_eval_tiny_model(tiny_model, tmp_path, capsys, monkeypatch):
             "seconds",
             "versions",
         } <= set(r)
-        assert np.isfinite(r["value"]) and r["seconds"] >= 0
+        assert np.isfinite(r["value"]) and r["seconds"] >= 0 and r["cpu_seconds"] >= 0
     assert rows[0]["model_info"]["device"] == "cpu" and rows[0]["versions"]["torch"]
     units = {r["task"]: r["bootstrap_unit"] for r in rows}
     assert units == {"lee": "document", "wordnet": "item", "wordsim": "item"}

@@ -37,7 +37,8 @@ class Row:
     role: str  # "model" or "reference"
     n: int  # scored items (pairs or queries)
     n_texts: int
-    seconds: float  # encoding time of this task's texts (load excluded)
+    seconds: float  # wall time to encode this task's texts (load excluded)
+    cpu_seconds: float  # process CPU time of the same (all threads)
     cached: bool
     data_source: str
     bootstrap_unit: str  # what the interval resamples: item (pair or query) or document
@@ -127,25 +128,28 @@ def _cache_path(cache: Path, encoder, task, items) -> Path:
 
 
 def encode_task(encoder, task, instructions: bool, cache: Path | None):
-    """(predictions float64 [n items], encode seconds, cached?) for one encoder on one task.
-    With a cache folder, encoders that offer cache_key() reuse earlier predictions."""
+    """(predictions float64 [n items], encode wall seconds, encode CPU seconds, cached?) for one
+    encoder on one task. CPU seconds are this process's (all threads): on a shared machine they
+    say more than wall time. With a cache folder, encoders that offer cache_key() reuse earlier
+    predictions (and report the seconds of the run that made them)."""
     items = task.items(instructions=instructions)
     path = None
     if cache is not None and hasattr(encoder, "cache_key") and encoder.cache_key() is not None:
         path = _cache_path(cache, encoder, task, items)
         if path.is_file():
             with np.load(path) as f:
-                return f["pred"], float(f["seconds"]), True
-    t0 = time.perf_counter()
+                cpu = float(f["cpu_seconds"]) if "cpu_seconds" in f.files else float("nan")
+                return f["pred"], float(f["seconds"]), cpu, True
+    t0, c0 = time.perf_counter(), time.process_time()
     emb = encoder.encode(items)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     pred = task.predict(emb)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, pred=pred, seconds=seconds)
+        np.savez(tmp, pred=pred, seconds=seconds, cpu_seconds=cpu_seconds)
         tmp.replace(path)
-    return pred, seconds, False
+    return pred, seconds, cpu_seconds, False
 
 
 def evaluate(
@@ -176,7 +180,7 @@ def evaluate(
         for task in tasks:
             if log:
                 log(f"[eval] {encoder.name} on {task.name} ({task.n_texts} texts)")
-            pred, seconds, cached = encode_task(encoder, task, instructions, cache)
+            pred, seconds, cpu_seconds, cached = encode_task(encoder, task, instructions, cache)
             preds[encoder.name, task.name] = pred
             for metric, fn in task.metrics.items():
                 value = fn(pred, task.gold)
@@ -195,6 +199,7 @@ def evaluate(
                         task.n_items,
                         task.n_texts,
                         seconds,
+                        cpu_seconds,
                         cached,
                         task.source,
                         unit(task),
@@ -269,7 +274,7 @@ def format_table(report: Report) -> str:
     secs = {(r.model, r.task): r for r in report.rows}
     lines += [
         "",
-        "encode seconds (texts of each task; model load excluded)",
+        "encode seconds, wall (process CPU), texts of each task, model load excluded",
         "",
         "| model | " + " | ".join(tasks) + " |",
         "| --- |" + " ---: |" * len(tasks),
@@ -278,7 +283,11 @@ def format_table(report: Report) -> str:
         values = []
         for task in tasks:
             r = secs.get((model, task))
-            values.append("" if r is None else f"{r.seconds:.1f}" + (" (cached)" * r.cached))
+            values.append(
+                ""
+                if r is None
+                else f"{r.seconds:.1f} ({r.cpu_seconds:.1f})" + (" cached" * r.cached)
+            )
         lines.append(f"| {model} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
