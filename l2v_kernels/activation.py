@@ -90,10 +90,6 @@ def gated_act_fwd(
     return out
 
 
-# TODO(alias): the old private name, until l2v_models/ uses gated_act_fwd.
-_gated_act_fwd = gated_act_fwd
-
-
 def gated_act(x: torch.Tensor, act: str = "silu") -> torch.Tensor:
     """act(gate) * up for a fused gate|up activation.
 

@@ -455,11 +455,6 @@ def flash_attn_padded_fwd(
     )
 
 
-# TODO(alias): the old private names, until l2v_models/ uses the public ones.
-_flash_attn_varlen_fwd = flash_attn_varlen_fwd
-_flash_attn_padded_fwd = flash_attn_padded_fwd
-
-
 def _check_qkv(op: str, q, k, v, ndim: int, layout: str) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(op, name, t, ndim=ndim, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)

@@ -288,10 +288,6 @@ def gemm_residual_fwd(
     return y if out is None else out.copy_(y)
 
 
-# TODO(alias): the old private name, until l2v_models/ uses gemm_residual_fwd.
-_gemm_residual_fwd = gemm_residual_fwd
-
-
 # ----------------------------------------------------------------------------------------------
 # GEMM + SwiGLU / GELU-tanh gating (Triton)
 # ----------------------------------------------------------------------------------------------
@@ -509,10 +505,6 @@ def gemm_swiglu_fwd(
 
     wrap(kernel)[grid](*args, **consts, M_CLASS=size_class)
     return out
-
-
-# TODO(alias): the old private name, until l2v_models/ uses gemm_swiglu_fwd.
-_gemm_swiglu_launch = gemm_swiglu_fwd
 
 
 def _gemm_swiglu_impl(x: torch.Tensor, w_gate_up: torch.Tensor, act: str) -> torch.Tensor:

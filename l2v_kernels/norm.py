@@ -152,10 +152,6 @@ def rms_norm_fwd(
     return out if residual is None else (out, h_out)
 
 
-# TODO(alias): the old private name, until l2v_models/ uses rms_norm_fwd.
-_rms_norm_fwd = rms_norm_fwd
-
-
 def norm_add_norm_fwd(
     x: torch.Tensor,
     residual: torch.Tensor,

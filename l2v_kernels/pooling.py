@@ -229,10 +229,6 @@ def masked_pool_fwd(
     return out
 
 
-# TODO(alias): the old private name, until l2v_models/ uses masked_pool_fwd.
-_masked_pool_fwd = masked_pool_fwd
-
-
 def masked_pool(
     hidden: torch.Tensor,
     mask: torch.Tensor,

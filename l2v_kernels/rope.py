@@ -205,10 +205,6 @@ def apply_rotary_fwd(
     return q_out, k_out
 
 
-# TODO(alias): the old private name, until l2v_models/ uses apply_rotary_fwd.
-_apply_rotary_fwd = apply_rotary_fwd
-
-
 def apply_rotary(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -2,8 +2,7 @@
 module.
 
 Each launcher is exported from l2v_kernels, allocates its output when out is None, writes into
-(and returns) the `out` it is given, and agrees with its checked public op. The old private names
-stay as plain aliases until l2v_models/ has switched (then this test's ALIASES goes too).
+(and returns) the `out` it is given, and agrees with its checked public op.
 CPU: Triton interpreter (fp16/fp32), tiny shapes.
 """
 
@@ -30,17 +29,6 @@ LAUNCHERS = {
     "gemm_residual_fwd": gemm,
     "gemm_swiglu_fwd": gemm,
 }
-# TODO(alias): drop with the aliases once l2v_models/ uses the public names.
-ALIASES = {
-    "_flash_attn_varlen_fwd": (attention, "flash_attn_varlen_fwd"),
-    "_flash_attn_padded_fwd": (attention, "flash_attn_padded_fwd"),
-    "_rms_norm_fwd": (norm, "rms_norm_fwd"),
-    "_apply_rotary_fwd": (rope, "apply_rotary_fwd"),
-    "_masked_pool_fwd": (pooling, "masked_pool_fwd"),
-    "_gated_act_fwd": (activation, "gated_act_fwd"),
-    "_gemm_residual_fwd": (gemm, "gemm_residual_fwd"),
-    "_gemm_swiglu_launch": (gemm, "gemm_swiglu_fwd"),
-}
 
 
 def _randn(*shape, dtype=torch.float32, seed=0):
@@ -56,12 +44,6 @@ def test_exported_documented_with_out(name):
             n.endswith("_out")]  # apply_rotary_fwd has two outputs: q_out, k_out
     assert outs and all(p.default is None for p in outs)
     assert "guarantee" in fn.__doc__  # says what the caller must guarantee
-
-
-@pytest.mark.parametrize("old", sorted(ALIASES))
-def test_old_private_names_are_aliases(old):
-    module, new = ALIASES[old]
-    assert getattr(module, old) is getattr(module, new)
 
 
 def _same(name, got, want):
