@@ -19,8 +19,8 @@ import numpy as np
 from l2v_models.eval.wordnet import DataMissing
 
 GENSIM_HINT = (
-    "it ships in the gensim wheel's test data: pip install gensim (./run.sh setup installs it "
-    "with l2v's [eval] extra)"
+    "the data ships in the gensim wheel's test data: pip install gensim (./run.sh setup installs "
+    "it with l2v's [eval] extra)"
 )
 
 
@@ -28,7 +28,7 @@ def gensim_test_data_dir() -> Path:
     """gensim/test/test_data of the installed gensim (not imported)."""
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
-        raise DataMissing(f"gensim is not installed; the evaluation data {GENSIM_HINT}")
+        raise DataMissing(f"gensim is not installed; {GENSIM_HINT}")
     return Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data"
 
 
