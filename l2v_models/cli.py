@@ -199,6 +199,54 @@ def _check_gguf_support(model: str | None) -> None:
         raise UsageError(f"{problem} (--model DIR)")
 
 
+# ------------------------------------------------------------------------------ model options
+def add_model_options(parser, *, device_help: str | None = None, model_note: str = "") -> None:
+    """The model options every command shares (`l2v encode`, serve, encode-corpus, eval):
+    --model, --peft, --pooling, --max-length, --dtype, --device, --backend, --attention,
+    --batch-tokens. `encoder_kwargs(args)` turns them into LLM2Vec.from_pretrained keywords."""
+    parser.add_argument("--model", "-m", default=None,
+                        help="base model: HF dir or hub id, LLM2Vec -mntp dir, .gguf file, or a "
+                        "packaged model (smollm2, gemma3-270m; default: smollm2)"
+                        + model_note)  # fmt: skip
+    parser.add_argument("--peft", default=None,
+                        help="LoRA adapter dir or hub id (e.g. -supervised)")  # fmt: skip
+    parser.add_argument("--pooling", default=None, choices=POOLING_CHOICES,
+                        help="pooling mode (default: llm2vec_config.json, else mean)")  # fmt: skip
+    parser.add_argument("--max-length", type=int, default=None, help="token limit per text")
+    parser.add_argument("--dtype", default=None,
+                        help="float32, bfloat16, float16 or auto (default: bf16 on CUDA, fp32 "
+                        "on CPU)")  # fmt: skip
+    parser.add_argument("--device", default=None,
+                        help=device_help or "cpu, cuda or cuda:N (default: cuda if any)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
+                        help="kernels: triton (CUDA) or torch (default: auto)")  # fmt: skip
+    parser.add_argument("--attention", default=None,
+                        choices=("llm2vec", "bidirectional", "causal"),
+                        help="llm2vec (default: as llm2vec runs the family: bidirectional, Qwen2 "
+                        "causal), bidirectional or causal")  # fmt: skip
+    parser.add_argument("--batch-tokens", type=int, default=None, metavar="N",
+                        help="real tokens per forward pass (default: 16384 on CUDA, 4096 on "
+                        "CPU)")  # fmt: skip
+
+
+POOLING_CHOICES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
+
+
+def encoder_kwargs(args) -> dict:
+    """LLM2Vec.from_pretrained keywords (besides model and peft) from add_model_options' options;
+    the ones not given are left out (the encoder's defaults apply)."""
+    kwargs = dict(
+        pooling_mode=args.pooling,
+        max_length=args.max_length,
+        torch_dtype=args.dtype,
+        device_map=args.device,
+        backend=args.backend,
+        attention=args.attention,
+        max_tokens_per_batch=args.batch_tokens,
+    )
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
 def cmd_encode(args) -> int:
     output = check_output_path(args.output)
     items = gather_texts(args)  # inputs are checked before the (slow) model load
@@ -207,13 +255,7 @@ def cmd_encode(args) -> int:
 
     t0 = time.perf_counter()
     encoder = LLM2Vec.from_pretrained(
-        args.model,
-        peft_model_name_or_path=args.peft,
-        pooling_mode=args.pooling,
-        max_length=args.max_length,
-        torch_dtype=args.dtype,
-        device_map=args.device,
-        backend=args.backend,
+        args.model, peft_model_name_or_path=args.peft, **encoder_kwargs(args)
     )
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -221,7 +263,6 @@ def cmd_encode(args) -> int:
         items,
         show_progress_bar=not args.quiet,
         normalize_embeddings=args.normalize,
-        max_tokens_per_batch=args.batch_tokens,
     )
     encode_s = time.perf_counter() - t1
     if output is not None:
@@ -337,31 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "numbers)")  # fmt: skip
     enc.add_argument("--jsonl", action="store_true", help="read --input as JSONL whatever its name")
     enc.add_argument("--output", "-o", metavar="FILE", help="write embeddings to .npy or .jsonl")
-    enc.add_argument("--model", "-m", default=None,
-                     help="base model: HF dir or hub id, LLM2Vec -mntp dir, .gguf file "
-                     "(default: the embedded SmolLM2)")  # fmt: skip
-    enc.add_argument("--peft", default=None, help="LoRA adapter dir or hub id (e.g. -supervised)")
-    enc.add_argument("--pooling", default=None,
-                     choices=("mean", "weighted_mean", "eos_token", "last_token", "bos_token"),
-                     help="pooling mode (default: llm2vec_config.json, else mean)")  # fmt: skip
     enc.add_argument("--instruction", default=None,
                      help="instruction for every text that has none of its own")  # fmt: skip
-    enc.add_argument("--max-length", type=int, default=None, help="token limit per text")
-    enc.add_argument(
-        "--dtype",
-        default=None,
-        help="float32, bfloat16, float16 or auto (default: bf16 on CUDA, fp32 on CPU)",
-    )
-    enc.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
-    enc.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
-                     help="kernels: triton (CUDA) or torch (default: auto)")  # fmt: skip
-    enc.add_argument(
-        "--batch-tokens",
-        type=int,
-        default=None,
-        metavar="N",
-        help="real tokens per forward pass (default: 16384 on CUDA, 4096 on CPU)",
-    )
+    add_model_options(enc)
     enc.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     enc.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     enc.set_defaults(func=cmd_encode)

@@ -80,43 +80,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="N",
         help="rows per Ray batch (default: 1024)",
     )
-    # The model options of `l2v encode`.
-    p.add_argument(
-        "--model",
-        "-m",
-        default=None,
-        help="base model: HF dir or hub id, LLM2Vec -mntp dir, .gguf file (default: "
-        "the embedded SmolLM2); every worker must be able to read it",
-    )
-    p.add_argument("--peft", default=None, help="LoRA adapter dir or hub id (e.g. -supervised)")
-    p.add_argument(
-        "--pooling",
-        default=None,
-        choices=("mean", "weighted_mean", "eos_token", "last_token", "bos_token"),
-        help="pooling mode (default: llm2vec_config.json, else mean)",
-    )
-    p.add_argument("--max-length", type=int, default=None, help="token limit per text")
-    p.add_argument(
-        "--dtype",
-        default=None,
-        help="float32, bfloat16, float16 or auto (default: bf16 on CUDA, fp32 on CPU)",
-    )
-    p.add_argument(
-        "--device", default=None, help="cpu or cuda (default: the worker's GPU, else cpu)"
-    )
-    p.add_argument(
-        "--backend",
-        default="auto",
-        choices=("auto", "triton", "torch"),
-        help="kernels: triton (CUDA) or torch (default: auto)",
-    )
-    p.add_argument(
-        "--batch-tokens",
-        type=int,
-        default=None,
-        metavar="N",
-        help="real tokens per forward pass (default: 16384 on CUDA, 4096 on CPU)",
-    )
+    from l2v_models.cli import add_model_options
+
+    add_model_options(p, device_help="cpu or cuda (default: the worker's GPU, else cpu)",
+                      model_note="; every worker must be able to read it")  # fmt: skip
     p.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_encode_corpus)
@@ -139,7 +106,7 @@ def _check_model_paths(args, usage_error) -> None:
 
 
 def cmd_encode_corpus(args) -> int:
-    from l2v_models.cli import UsageError, _check_gguf_support
+    from l2v_models.cli import UsageError, _check_gguf_support, encoder_kwargs
 
     try:
         import pyarrow  # noqa: F401
@@ -155,16 +122,7 @@ def cmd_encode_corpus(args) -> int:
 
     _check_model_paths(args, UsageError)
     _check_gguf_support(args.model)
-    model_kwargs = dict(
-        pooling_mode=args.pooling,
-        max_length=args.max_length,
-        torch_dtype=args.dtype,
-        backend=args.backend,
-        max_tokens_per_batch=args.batch_tokens,
-    )
-    if args.device is not None:
-        model_kwargs["device_map"] = args.device
-    model_kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
+    model_kwargs = encoder_kwargs(args)
     fields = Fields(id=args.id_field, text=args.text_field, instruction=args.instruction_field)
     try:
         result = encode_corpus(
