@@ -186,24 +186,27 @@ def similarity_table(items: list, embeddings) -> str:
 
 # ------------------------------------------------------------------------------ commands
 def _check_gguf_support(model: str | None) -> None:
-    """Refuse a GGUF model (the default is one) before the slow load when the installed
+    """Refuse a GGUF model (the packaged ones are) before the slow load when the installed
     transformers cannot read its tokenizer (load_model checks again)."""
-    if model is not None and model.lower() != "smollm2" and not model.endswith(".gguf"):
-        return
-    from l2v_models.checkpoint import gguf_support_error
+    from l2v_models.checkpoint import PACKAGED_MODELS, gguf_support_error
 
-    what = "the default model (SmolLM2-135M-Instruct, a GGUF)" if model is None or (
-        model.lower() == "smollm2") else f"the GGUF model {model}"  # fmt: skip
+    name = "smollm2" if model is None else model
+    if name.lower() not in PACKAGED_MODELS and not name.endswith(".gguf"):
+        return
+    what = f"the model {name}" + (" (the default)" if model is None else "")
     problem = gguf_support_error(what)
     if problem is not None:
         raise UsageError(f"{problem} (--model DIR)")
 
 
 # ------------------------------------------------------------------------------ model options
-def add_model_options(parser, *, device_help: str | None = None, model_note: str = "") -> None:
+def add_model_options(
+    parser, *, device_help: str | None = None, model_note: str = "", batching: bool = True
+) -> None:
     """The model options every command shares (`l2v encode`, serve, encode-corpus, eval):
-    --model, --peft, --pooling, --max-length, --dtype, --device, --backend, --attention,
-    --batch-tokens. `encoder_kwargs(args)` turns them into LLM2Vec.from_pretrained keywords."""
+    --model, --peft, --pooling, --dtype, --device, --backend, --attention, and with batching
+    --max-length and --batch-tokens (the server names those as limits of its own).
+    `encoder_kwargs(args)` turns them into LLM2Vec.from_pretrained keywords."""
     parser.add_argument("--model", "-m", default=None,
                         help="base model: HF dir or hub id, LLM2Vec -mntp dir, .gguf file, or a "
                         "packaged model (smollm2, gemma3-270m; default: smollm2)"
@@ -212,7 +215,6 @@ def add_model_options(parser, *, device_help: str | None = None, model_note: str
                         help="LoRA adapter dir or hub id (e.g. -supervised)")  # fmt: skip
     parser.add_argument("--pooling", default=None, choices=POOLING_CHOICES,
                         help="pooling mode (default: llm2vec_config.json, else mean)")  # fmt: skip
-    parser.add_argument("--max-length", type=int, default=None, help="token limit per text")
     parser.add_argument("--dtype", default=None,
                         help="float32, bfloat16, float16 or auto (default: bf16 on CUDA, fp32 "
                         "on CPU)")  # fmt: skip
@@ -224,9 +226,12 @@ def add_model_options(parser, *, device_help: str | None = None, model_note: str
                         choices=("llm2vec", "bidirectional", "causal"),
                         help="llm2vec (default: as llm2vec runs the family: bidirectional, Qwen2 "
                         "causal), bidirectional or causal")  # fmt: skip
-    parser.add_argument("--batch-tokens", type=int, default=None, metavar="N",
-                        help="real tokens per forward pass (default: 16384 on CUDA, 4096 on "
-                        "CPU)")  # fmt: skip
+    if batching:
+        parser.add_argument("--max-length", type=int, default=None,
+                            help="token limit per text")  # fmt: skip
+        parser.add_argument("--batch-tokens", type=int, default=None, metavar="N",
+                            help="real tokens per forward pass (default: 16384 on CUDA, 4096 "
+                            "on CPU)")  # fmt: skip
 
 
 POOLING_CHOICES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
@@ -237,12 +242,12 @@ def encoder_kwargs(args) -> dict:
     the ones not given are left out (the encoder's defaults apply)."""
     kwargs = dict(
         pooling_mode=args.pooling,
-        max_length=args.max_length,
+        max_length=getattr(args, "max_length", None),
         torch_dtype=args.dtype,
         device_map=args.device,
         backend=args.backend,
         attention=args.attention,
-        max_tokens_per_batch=args.batch_tokens,
+        max_tokens_per_batch=getattr(args, "batch_tokens", None),
     )
     return {k: v for k, v in kwargs.items() if v is not None}
 

@@ -26,20 +26,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "/v1/models and /metrics (Prometheus). Texts of concurrent requests share forward "
         "passes (continuous token-budget batching); results equal `l2v encode`.",
     )
+    from l2v_models.cli import add_model_options
+
     model = p.add_argument_group("model (as in `l2v encode`)")
-    model.add_argument("--model", "-m", default=None,
-                       help="base model: HF dir or hub id, LLM2Vec -mntp dir, .gguf file "
-                       "(default: the embedded SmolLM2)")  # fmt: skip
-    model.add_argument("--peft", default=None, help="LoRA adapter dir or hub id")
-    model.add_argument("--pooling", default=None,
-                       choices=("mean", "weighted_mean", "eos_token", "last_token", "bos_token"),
-                       help="pooling mode (default: llm2vec_config.json, else mean)")  # fmt: skip
-    model.add_argument("--dtype", default=None,
-                       help="float32, bfloat16, float16 or auto (default: bf16 on CUDA, fp32 on "
-                       "CPU)")  # fmt: skip
-    model.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
-    model.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
-                       help="kernels: triton (CUDA) or torch (default: auto)")  # fmt: skip
+    add_model_options(model, batching=False)  # --max-length / --batch-tokens: limits below
     model.add_argument("--cuda-graphs", action="store_true",
                        help="replay passes of up to 2048 tokens / 64 texts from CUDA graphs "
                        "(CUDA + triton backend; captured at start-up): small passes are "
@@ -135,6 +125,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_serve(args) -> int:
     import logging
 
+    from l2v_models.cli import _check_gguf_support, encoder_kwargs
+
     settings_kwargs = dict(
         max_batch_tokens=args.max_batch_tokens,
         max_batch_texts=args.max_batch_texts,
@@ -162,7 +154,7 @@ def cmd_serve(args) -> int:
         ) from None
     settings = ServeSettings(**settings_kwargs)
     settings.check()  # option errors before the (slow) model load
-    _check_gguf(args.model)
+    _check_gguf_support(args.model)
     # Bind before loading the model: a taken port fails in a second, not after the load.
     sock = _bind(args.host, args.port)
     logging.getLogger("l2v").setLevel(args.log_level.upper())
@@ -174,14 +166,9 @@ def cmd_serve(args) -> int:
         from l2v_models.encoder import LLM2Vec
 
         encoder = LLM2Vec.from_pretrained(
-            args.model,
-            peft_model_name_or_path=args.peft,
-            pooling_mode=args.pooling,
-            torch_dtype=args.dtype,
-            device_map=args.device,
-            backend=args.backend,
-            cuda_graphs=args.cuda_graphs,
-        )
+            args.model, peft_model_name_or_path=args.peft, cuda_graphs=args.cuda_graphs,
+            **encoder_kwargs(args),
+        )  # fmt: skip
         failure: list[str] = []
         server = None
 
@@ -207,16 +194,6 @@ def cmd_serve(args) -> int:
     if failure:
         raise RuntimeError(failure[0])
     return 0
-
-
-def _check_gguf(model: str | None) -> None:
-    if model is not None and model.lower() != "smollm2" and not model.endswith(".gguf"):
-        return
-    from l2v_models.checkpoint import gguf_support_error
-
-    problem = gguf_support_error("the default model" if model is None else f"the model {model}")
-    if problem is not None:
-        raise ValueError(f"{problem} (--model DIR)")
 
 
 def _bind(host: str, port: int):
