@@ -225,6 +225,16 @@ def test_task_predictions_toy_and_sparse_dense_agree():
     np.testing.assert_array_equal(ranks, np.ones(60))
 
 
+def test_instructions_go_to_queries_only():
+    wordnet = tasks.get_task("wordnet").load(limit=5)
+    items = wordnet.items(instructions=True)
+    assert all(isinstance(i, list) and i[0] == wordnet.instruction for i in items[:5])
+    assert items[5:] == wordnet.docs  # the examples are documents: no instruction
+    assert wordnet.items() == wordnet.queries + wordnet.docs
+    lee = tasks.get_task("lee").load(limit=3)  # symmetric task: every text gets it
+    assert [i[1] for i in lee.items(instructions=True)] == lee.texts
+
+
 class _RandomEncoder:
     """Random vectors: correlation with humans ~0 (the floor a real encoder must clear)."""
 
@@ -322,6 +332,7 @@ def test_cli_eval_tiny_model(tiny_model, tmp_path, capsys, monkeypatch):
             "tfidf",
             "--bootstrap",
             "50",
+            "--instructions",
             "--output",
             str(out_json),
         ]
@@ -354,6 +365,7 @@ def test_cli_eval_tiny_model(tiny_model, tmp_path, capsys, monkeypatch):
     units = {r["task"]: r["bootstrap_unit"] for r in rows}
     assert units == {"lee": "document", "wordnet": "item", "wordsim": "item"}
     assert len(result["comparisons"]) == 6  # 3 tasks x 2 metrics, model - tfidf
+    assert result["settings"]["instructions"] is True
 
 
 def test_cli_eval_errors(capsys, monkeypatch, tmp_path):

@@ -109,7 +109,7 @@ class PairTask(Task):
     unique, a/b int64 [P] indices into texts, gold float64 [P]."""
 
     metrics = _CORRELATIONS
-    instruction = "Retrieve semantically similar text"
+    instruction = "Retrieve semantically similar text:"
 
     def _set(self, texts: list[str], a, b, gold) -> None:
         self.texts = texts
@@ -200,7 +200,7 @@ class WordNetTask(Task):
     )
     source = "Debian wordnet-base: /usr/share/wordnet/data.{noun,verb,adj,adv} (WordNet 3.0)"
     licence = "WordNet 3.0 licence (Princeton University; permissive, BSD-like)"
-    instruction = "Given a dictionary definition, retrieve a sentence that uses the defined word"
+    instruction = "Given a dictionary definition, retrieve a sentence that uses the defined word:"
     metrics = {
         "recall@1": lambda ranks, gold: metrics.recall_at_k(ranks, 1),
         "mrr@10": lambda ranks, gold: metrics.mrr_at_k(ranks, 10),
