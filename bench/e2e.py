@@ -25,6 +25,9 @@ plus the run's peak above what was resident before), the cosine of our embedding
 baseline's on the same texts; and latency p50/p99 at batch 1 and 8 on the query workload with
 the weight-read floor (weight bytes / measured copy bandwidth). Results: <name>.json and
 <name>.md (+ PNG plots via bench/plots.py) in the output folder.
+
+Longer than ~500 lines on purpose: both sides of the end-to-end comparison (l2v and the
+llm2vec-style Hugging Face pipeline), every workload and the budgeted report are one benchmark.
 """
 
 from __future__ import annotations

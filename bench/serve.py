@@ -31,6 +31,9 @@ p99 at 50% load <= 3x batch-1 latency; l2v max throughput >= 90% of offline enco
 
 Output: <out>/<name>.json, <name>.md and <name>_latency.png; each row is stamped with device,
 versions, commit and date.
+
+Longer than ~500 lines on purpose: the load generator, both servers' processes, the closed- and
+open-loop measurements and the report belong to one benchmark run.
 """
 
 from __future__ import annotations

@@ -27,6 +27,10 @@ folded into the scale) and walks over the keys of its own sequence only.
 - `flash_attn_varlen_fwd` / `flash_attn_padded_fwd` are the unchecked launchers for the model's
   hot loop: no host sync, no validation, no data-dependent allocation, so they can be captured in
   a CUDA graph (after one warm-up call, which compiles and autotunes).
+
+Longer than ~500 lines on purpose: one op, one kernel, with its layouts (packed, padded), modes
+(causal, window, soft-cap), tile lists per mode, launchers and checks; splitting it would split
+the kernel from the configurations it was compiled and checked with (bench/aot_check.py).
 """
 
 from __future__ import annotations

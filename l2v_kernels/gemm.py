@@ -14,6 +14,9 @@
 
 `impl` on every op: "auto" (the fused path where it can run and pays off, else torch), "fused"
 (raises RuntimeError saying why when it cannot run), "torch".
+
+Longer than ~500 lines on purpose: the three GEMM-shaped ops share the extension's loading, the
+fallback rules and the alignment checks (lora_merge_, gemm_residual, gemm_swiglu).
 """
 
 from __future__ import annotations

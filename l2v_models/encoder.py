@@ -50,6 +50,10 @@ captured CUDA graphs, padded to buckets (l2v_models.cuda_graphs; CUDA + triton b
 Attention is as llm2vec runs each family: bidirectional, except Qwen2, which llm2vec 0.2.3
 encodes causally (its Qwen2BiModel keeps the causal mask); enable_bidirectional=False makes any
 family causal, and l2v's attention="bidirectional" makes Qwen2 truly bidirectional.
+
+Longer than ~500 lines on purpose: it is llm2vec 0.2.3's `LLM2Vec` contract in one place
+(from_pretrained's keywords, encode, tokenize, forward, save and the text helpers, each with the
+llm2vec behaviour it reproduces or changes); engine, text rules and checkpoints live elsewhere.
 """
 
 from __future__ import annotations

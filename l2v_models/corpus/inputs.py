@@ -17,6 +17,10 @@ violation raises `CorpusInputError` naming the file, the row (JSONL: the line) a
 Each `InputFile` carries its row count, the SHA-256 of its ids in order (what outputs are
 verified against) and its chunks: contiguous row ranges of about `rows_per_chunk` rows (Parquet:
 whole row groups) that `read_chunk` reads on a worker with the same parser.
+
+Longer than ~500 lines on purpose: every input check (formats, fields, ids, empty files, globs)
+runs before any model work and names file and row, and the workers read chunks with the same
+parser, so the two live together.
 """
 
 from __future__ import annotations

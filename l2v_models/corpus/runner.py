@@ -25,6 +25,10 @@ l2v adds what a corpus job needs around it (`encode_corpus`):
   which the next run deletes. One run per output directory at a time.
 - Embeddings equal `LLM2Vec.encode` of the same texts: each actor runs
   `encoder.prepare_texts` + `encoder.engine.embed`, whose results do not depend on batching.
+
+Longer than ~500 lines on purpose: the per-file pipeline (plan, Ray Data map_batches, ordered
+writing, atomic rename, verification, manifest, resume) must be read as one piece to see that
+every row is written exactly once; input reading and checking live in corpus/inputs.py.
 """
 
 from __future__ import annotations
