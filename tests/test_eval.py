@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from tiny import make_tiny_checkpoint
+from tiny import make_lora_adapter, make_tiny_checkpoint
 
 from l2v_models import cli
 from l2v_models.eval import data, encoders, metrics, runner, tasks
@@ -366,6 +366,22 @@ def test_cli_eval_tiny_model(tiny_model, tmp_path, capsys, monkeypatch):
     assert units == {"lee": "document", "wordnet": "item", "wordsim": "item"}
     assert len(result["comparisons"]) == 6  # 3 tasks x 2 metrics, model - tfidf
     assert result["settings"]["instructions"] is True
+
+
+def test_cli_eval_adapter_against_its_base(tiny_model, tmp_path, capsys, monkeypatch):
+    """The comparison after `l2v train`: base + adapter is the model row; --name labels it."""
+    monkeypatch.setenv("L2V_CACHE_DIR", str(tmp_path / "cache"))
+    adapter = make_lora_adapter(tmp_path, tiny_model)
+    argv = ["eval", "-q", "--model", tiny_model, "--device", "cpu", "--tasks", "lee"]
+    argv += ["--limit", "6", "--bootstrap", "20", "--references", "none"]
+    assert cli.main(argv + ["--output", str(tmp_path / "base.json")]) == 0
+    assert cli.main(argv + ["--peft", str(adapter), "--name", "trained", "--output",
+                            str(tmp_path / "adapter.json")]) == 0  # fmt: skip
+    capsys.readouterr()
+    base = json.loads((tmp_path / "base.json").read_text())["rows"]
+    tuned = json.loads((tmp_path / "adapter.json").read_text())["rows"]
+    assert tuned[0]["model"] == "trained" and tuned[0]["model_info"]["peft"] == str(adapter)
+    assert tuned[0]["value"] != base[0]["value"]  # the adapter changed the embeddings
 
 
 def test_cli_eval_errors(capsys, monkeypatch, tmp_path):
