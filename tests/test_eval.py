@@ -196,6 +196,22 @@ def test_gensim_readers_real_files():
         data.gensim_file("no-such-file.txt")
 
 
+def test_polarity_reader_and_knn_known_answer():
+    texts, labels = data.polarity_sentences()
+    assert len(texts) == 200 and labels.sum() == 100 and set(labels.tolist()) == {0, 1}
+    assert any("\u2014" in t for t in texts)  # Windows-1252 0x97 read as an em dash
+    task = tasks.get_task("polarity")
+    task.texts, task.labels = ["a", "b", "c", "d"], np.array([0, 0, 1, 1])
+    task.gold, task.k = task.labels.astype(float), 1
+    emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.8, 0.2]])
+    # nearest other: 0->1 (right), 1->0 (right), 2->3 (right), 3->1 (label 0: wrong)
+    np.testing.assert_array_equal(task.predict(emb), [1, 1, 1, 0])
+    assert task.score(task.predict(emb)) == {"accuracy@9nn": 0.75}
+    full = tasks.get_task("polarity").load()
+    assert 0.5 <= full.score(full.predict(encoders.TfidfEncoder().encode(full.items())))[
+        "accuracy@9nn"] < 0.7  # 0.55 measured: bag of words is near chance here  # fmt: skip
+
+
 def test_evaluation_texts_hold_the_eval_data():
     texts = tasks.evaluation_texts()
     assert set(data.lee_documents()) <= texts
@@ -325,7 +341,7 @@ def test_cli_eval_tiny_model(tiny_model, tmp_path, capsys, monkeypatch):
             "--device",
             "cpu",
             "--tasks",
-            "lee,wordnet,wordsim",
+            "lee,wordnet,wordsim,polarity",
             "--limit",
             "8",
             "--references",
@@ -345,7 +361,7 @@ def test_cli_eval_tiny_model(tiny_model, tmp_path, capsys, monkeypatch):
     assert {(r["model"], r["task"]) for r in rows} == {
         (m, t)
         for m in (tiny_model.rstrip("/").split("/")[-1], "tfidf")
-        for t in ("lee", "wordnet", "wordsim")
+        for t in ("lee", "wordnet", "wordsim", "polarity")
     }
     for r in rows:
         assert {
@@ -363,8 +379,8 @@ def test_cli_eval_tiny_model(tiny_model, tmp_path, capsys, monkeypatch):
         assert np.isfinite(r["value"]) and r["seconds"] >= 0 and r["cpu_seconds"] >= 0
     assert rows[0]["model_info"]["device"] == "cpu" and rows[0]["versions"]["torch"]
     units = {r["task"]: r["bootstrap_unit"] for r in rows}
-    assert units == {"lee": "document", "wordnet": "item", "wordsim": "item"}
-    assert len(result["comparisons"]) == 6  # 3 tasks x 2 metrics, model - tfidf
+    assert units == {"lee": "document", "wordnet": "item", "wordsim": "item", "polarity": "item"}
+    assert len(result["comparisons"]) == 7  # 3 tasks x 2 metrics + polarity, model - tfidf
     assert result["settings"]["instructions"] is True
 
 

@@ -16,7 +16,7 @@ import sys
 
 REFERENCES = ("tfidf", "minilm", "default")
 DEFAULT_REFERENCES = "tfidf,minilm,default"
-DEFAULT_TASKS = "lee,wordnet,simlex,wordsim"
+DEFAULT_TASKS = "lee,wordnet,simlex,wordsim,polarity"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,9 +25,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="score a model on human-labelled data, with reference rows",
         description="Score an LLM2Vec model on real human-labelled data (the Lee news "
         "similarity judgements, WordNet definition->example retrieval over held-out synsets, "
-        "SimLex-999, WordSim-353) next to reference encoders (TF-IDF, all-MiniLM-L6-v2, the "
-        "untrained default model). Prints a table of metrics with 95 percent bootstrap intervals "
-        "and the model-minus-reference differences; --output writes JSON.",
+        "SimLex-999, WordSim-353, Pang & Lee sentence polarity) next to reference encoders "
+        "(TF-IDF, all-MiniLM-L6-v2, the untrained default model). Prints a table of metrics "
+        "with 95 percent bootstrap intervals and the model-minus-reference differences; "
+        "--output writes JSON.",
     )
     p.add_argument(
         "--model",

@@ -6,6 +6,7 @@ gensim is located, not imported (importing it pulls in scipy and takes seconds):
                           triangle holds the 1,225 judged pairs, the lower one is zero)
     word_pairs("simlex999.txt") -> [(word1, word2, score)]: SimLex-999 (999 pairs), and
     word_pairs("wordsim353.tsv") for WordSim-353 (353 pairs)
+    polarity_sentences() -> (200 movie-review sentences, int64 [200] labels: 1 positive)
 Every reader raises DataMissing with the install command when the file is absent.
 """
 
@@ -85,3 +86,21 @@ def word_pairs(name: str) -> list[tuple[str, str, float]]:
             raise ValueError(f"{path}:{lineno}: expected 3 tab-separated fields, got {line!r}")
         rows.append((parts[0].strip(), parts[1].strip(), float(parts[2])))
     return rows
+
+
+def polarity_sentences() -> tuple[list[str], np.ndarray]:
+    """The 200 sentences of pang_lee_polarity.cor (Pang & Lee's sentence polarity data, lower-
+    cased and tokenized, "__label__pos " / "__label__neg " prefixed, Windows-1252):
+    (texts, int64 [200] labels, 1 = positive, 0 = negative)."""
+    path = gensim_file("pang_lee_polarity.cor")
+    texts, labels = [], []
+    # Windows-1252, like the original release (0x97 is an em dash, 0xe9 an e-acute)
+    for lineno, line in enumerate(path.read_bytes().decode("cp1252").splitlines(), 1):
+        if not line.strip():
+            continue
+        label, _, text = line.strip().partition(" ")
+        if label not in ("__label__pos", "__label__neg") or not text.strip():
+            raise ValueError(f"{path}:{lineno}: expected '__label__pos|neg TEXT', got {line!r}")
+        texts.append(text.strip())
+        labels.append(1 if label == "__label__pos" else 0)
+    return texts, np.asarray(labels, dtype=np.int64)

@@ -17,6 +17,9 @@ is in 49 pairs, so resampling pairs would understate the noise about 1.8x).
              Pearson) of the cosine of the two words' embeddings. gensim wheel.
     wordsim  WordSim-353 (Finkelstein et al. 2002): 353 word pairs rated for relatedness; same
              metrics. gensim wheel.
+    polarity 200 movie-review sentences labelled positive/negative (Pang & Lee 2005): each is
+             classified by the majority label of its 9 nearest other sentences (cosine);
+             accuracy. gensim wheel.
 """
 
 from __future__ import annotations
@@ -235,8 +238,56 @@ class WordNetTask(Task):
         return metrics.target_ranks(scores, np.arange(q)).astype(np.float64)
 
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (LeeTask, WordNetTask, SimLexTask, WordSimTask)}
-DEFAULT_TASKS = ("lee", "wordnet", "simlex", "wordsim")
+class PolarityTask(Task):
+    """Leave-one-out k-nearest-neighbour sentiment classification (k = 9, odd: no tied votes).
+    After load(): texts [N], labels int64 [N], gold = labels; predict -> 1.0 where the majority
+    label of a sentence's k most cosine-similar other sentences is its own label."""
+
+    name = "polarity"
+    k = 9
+    description = (
+        "Pang & Lee sentence polarity: leave-one-out 9-nearest-neighbour accuracy on 200 "
+        "labelled movie-review sentences"
+    )
+    source = "gensim wheel: gensim/test/test_data/pang_lee_polarity.cor (100 pos, 100 neg)"
+    licence = (
+        "no licence stated; from Pang & Lee's sentence polarity dataset v1.0 (2005), shipped in "
+        "the gensim wheel (LGPL-2.1); cite Pang & Lee (2005)"
+    )
+    instruction = "Classify the sentiment of a movie review sentence:"
+    metrics = {"accuracy@9nn": lambda correct, gold: float(np.mean(correct))}
+
+    def load(self, limit: int | None = None) -> PolarityTask:
+        texts, labels = data.polarity_sentences()
+        if limit is not None:  # keep both classes: alternate positives and negatives
+            pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+            keep = np.sort(np.r_[pos[: (limit + 1) // 2], neg[: limit // 2]])
+            texts, labels = [texts[i] for i in keep], labels[keep]
+        self.texts, self.labels = texts, labels
+        self.gold = labels.astype(np.float64)
+        self.n_texts = len(texts)
+        return self
+
+    def items(self, instructions: bool = False) -> list[Item]:
+        return _with_instruction(self.texts, self.instruction, instructions)
+
+    def predict(self, emb) -> np.ndarray:
+        """1.0 where the k-NN vote (other sentences only) gets the label right: float64 [N]."""
+        e = _normalized_rows(emb)
+        sim = _dense(e @ e.T)
+        np.fill_diagonal(sim, -np.inf)  # leave one out
+        k = min(self.k, len(self.texts) - 1)
+        # stable sort on -sim: equal similarities are broken by index, so results are repeatable
+        nearest = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+        votes = self.labels[nearest].sum(axis=1)
+        predicted = (2 * votes > k).astype(np.int64)
+        return (predicted == self.labels).astype(np.float64)
+
+
+TASKS: dict[str, type[Task]] = {
+    t.name: t for t in (LeeTask, WordNetTask, SimLexTask, WordSimTask, PolarityTask)
+}
+DEFAULT_TASKS = ("lee", "wordnet", "simlex", "wordsim", "polarity")
 
 
 def get_task(name: str) -> Task:
