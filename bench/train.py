@@ -19,8 +19,9 @@ Before timing, both compute the loss (SimCSE: and the embeddings) of the first b
 dropout off: `same_result` says they agree (same weights, same data, same work).
 
 Reported per side: real tokens/s (tokens of the texts, padding not counted), padded tokens,
-seconds per step (median of the timed steps), peak memory during the steps (CUDA: the peak
-allocated above the start; CPU: the peak resident set sampled every 2 ms above the start),
+seconds per step (median of the timed steps), peak memory of the steps, warm-up included
+(CUDA: the peak allocated above the start; CPU: the peak resident set above the start, sampled
+every 2 ms, with glibc set to return freed blocks of 64 KiB or more to the OS),
 and l2v's speed-up and memory ratio. Sentence lengths are seeded log-normal (median
 --median-length, clipped to [4, --max-length]); BOS is token 1, never masked or pooled.
 """
@@ -91,6 +92,18 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss())
+        return False
+
+
+def release_freed_memory() -> bool:
+    """glibc: serve every allocation of 64 KiB or more by mmap and unmap it when freed, so the
+    resident set follows live memory (otherwise freed heap memory stays resident and a second
+    side's peak, or a step after a warm-up, reads low). False where that cannot be set."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 65536))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
         return False
 
 
@@ -295,6 +308,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    exact_rss = release_freed_memory()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -314,14 +328,16 @@ def main(argv=None) -> dict:
         losses[name] = side.loss(inputs[0])
         if args.stage == "simcse":
             embeddings[name] = side.embed(inputs[0])
-        for b in inputs[: args.warmup]:
-            side.step(b)
+        gc.collect()
         _sync(device)
         times, cpu_times = [], []
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             start_mem = torch.cuda.memory_allocated(device)
-        with PeakRSS() as rss:
+        with PeakRSS() as rss:  # from the first (warm-up) step on
+            for b in inputs[: args.warmup]:
+                side.step(b)
+            _sync(device)
             for b in inputs[args.warmup :]:
                 t0, c0 = time.perf_counter(), time.process_time()
                 side.step(b)
@@ -342,6 +358,7 @@ def main(argv=None) -> dict:
             "real_tokens": real, "padded_tokens": padded,
             "peak_mem_MiB": peak / 2**20, "first_loss": losses[name],
             "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "rss_follows_frees": exact_rss,
         })  # fmt: skip
         if name != "l2v":
             del side
