@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from l2v_kernels._checks import FLOAT_DTYPES, check_tensor, interpreting
+from l2v_kernels.torch_paths import lora_merge_torch_
 
 log = logging.getLogger(__name__)
 
@@ -130,20 +131,6 @@ def _last_dim_contiguous(t: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def _lora_merge_torch(weight, lora_A, lora_B, scale: float) -> None:
-    """W += scale * B @ A in torch: fp32 product, one rounding; row blocks bound the temporary."""
-    n, k = weight.shape
-    a32, b32 = lora_A.float(), lora_B.float()
-    rows_per_block = max(1, (1 << 24) // max(1, k))
-    for r0 in range(0, n, rows_per_block):
-        rows = weight[r0 : r0 + rows_per_block]
-        delta = b32[r0 : r0 + rows_per_block] @ a32
-        if weight.dtype == torch.float32:
-            rows.add_(delta, alpha=scale)
-        else:
-            rows.copy_(rows.float().add_(delta, alpha=scale))
-
-
 def lora_merge_(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
@@ -181,7 +168,7 @@ def lora_merge_(
         else:
             if impl == "auto":
                 _fallback(op, reason)
-            _lora_merge_torch(weight, lora_A, lora_B, float(scale))
+            lora_merge_torch_(weight, lora_A, lora_B, float(scale))
     return weight
 
 

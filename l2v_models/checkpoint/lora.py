@@ -130,18 +130,14 @@ def read_lora_adapter(path) -> LoraAdapter:
 
 
 def _lora_merge_fn():
-    """l2v_kernels.gemm.lora_merge_ (the extension's kernel, or its torch fallback); on an
-    install without triton, where that module cannot be imported, the same torch math."""
+    """l2v_kernels.gemm.lora_merge_ (the extension's kernel, or its torch path); on an install
+    without triton, where that module cannot be imported, the same torch path directly."""
     try:
         from l2v_kernels.gemm import lora_merge_
 
         return lora_merge_
     except ImportError as e:
+        from l2v_kernels.torch_paths import lora_merge_torch_
+
         logger.debug("l2v: merging LoRA in plain torch (%s)", e)
-
-        def merge_(weight, lora_A, lora_B, scale):  # fp32 weight here: exact fp32 accumulate
-            weight.add_(lora_B.float() @ lora_A.float(), alpha=scale)
-            return weight
-
-        return merge_
-
+        return lora_merge_torch_
