@@ -21,7 +21,8 @@ dropout off: `same_result` says they agree (same weights, same data, same work).
 Reported per side: real tokens/s (tokens of the texts, padding not counted), padded tokens,
 seconds per step (median of the timed steps), peak memory of the steps, warm-up included
 (CUDA: the peak allocated above the start; CPU: the peak resident set above the start, sampled
-every 2 ms, with glibc set to return freed blocks of 64 KiB or more to the OS),
+every 2 ms; with --exact-rss glibc returns freed blocks of 64 KiB or more to the OS, without it
+memory freed by an earlier side or step may stay resident and the second reading is low),
 and l2v's speed-up and memory ratio. Sentence lengths are seeded log-normal (median
 --median-length, clipped to [4, --max-length]); BOS is token 1, never masked or pooled.
 """
@@ -61,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default bf16 on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--exact-rss", action="store_true",
+                   help="CPU: glibc returns freed blocks to the OS, so the peak RSS is that of "
+                   "each side alone (the page faults slow both sides: time in a separate run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true",
                    help="CI: the 2-layer SmolLM2-shaped model, 8 sentences, 1 timed step")
@@ -308,7 +312,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    exact_rss = release_freed_memory()
+    exact_rss = release_freed_memory() if args.exact_rss else False
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
