@@ -292,6 +292,14 @@ def test_runner_comparisons_and_cache(tmp_path):
     )
     assert rand.calls == 2 and all(r.cached for r in again.rows if r.model == "random")
     assert [r.value for r in again.rows] == [r.value for r in report.rows]
+    # a cache entry from before CPU seconds were recorded: "n/a" in the table, null in JSON
+    for path in tmp_path.glob("random-lee-*.npz"):
+        with np.load(path) as f:
+            np.savez(path, pred=f["pred"], seconds=f["seconds"])
+    old = runner.evaluate([rand], [lee], n_resamples=20, cache=tmp_path)
+    assert "(n/a) cached" in runner.format_table(old)
+    runner.write_json(old, tmp_path / "old.json")  # strict JSON: no NaN
+    assert json.loads((tmp_path / "old.json").read_text())["rows"][0]["cpu_seconds"] is None
 
 
 def test_only_the_embedded_default_is_cached():

@@ -286,16 +286,23 @@ def format_table(report: Report) -> str:
             values.append(
                 ""
                 if r is None
-                else f"{r.seconds:.1f} ({r.cpu_seconds:.1f})" + (" cached" * r.cached)
+                else f"{r.seconds:.1f} ({_number(r.cpu_seconds)})" + (" cached" * r.cached)
             )
         lines.append(f"| {model} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
+def _number(x: float) -> str:
+    return f"{x:.1f}" if np.isfinite(x) else "n/a"
+
+
 def to_json(report: Report) -> dict:
+    """Plain JSON (a number that is not finite, e.g. the CPU time of an old cache entry, is
+    null)."""
     rows = []
     for r in report.rows:
-        row = asdict(r)
+        row = {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+               for k, v in asdict(r).items()}  # fmt: skip
         row["versions"] = report.versions
         rows.append(row)
     comparisons = [dict(asdict(c), verdict=c.verdict) for c in report.comparisons]
@@ -311,5 +318,5 @@ def to_json(report: Report) -> dict:
 def write_json(report: Report, path: Path | str) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_json(report), indent=1) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(to_json(report), indent=1, allow_nan=False) + "\n", encoding="utf-8")
     tmp.replace(path)
