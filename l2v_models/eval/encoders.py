@@ -109,6 +109,7 @@ class L2VEncoder:
             self.encoder = LLM2Vec.from_pretrained(self.model_arg, self.peft_arg, **self.kwargs)
             self.load_seconds = time.perf_counter() - t0
             self.info.update(
+                load_seconds=round(self.load_seconds, 2),
                 device=str(self.encoder.device),
                 dtype=str(self.encoder.dtype).replace("torch.", ""),
                 pooling_mode=self.encoder.pooling_mode,
