@@ -6,7 +6,8 @@ Each task turns embeddings into one prediction per scored item, and metrics into
     pred = task.predict(emb)                               # float64 [N_items]
     {name: fn(pred, task.gold) for name, fn in task.metrics.items()}
 The bootstrap resamples items: queries (retrieval), word pairs, or for Lee the documents (each
-is in 49 pairs, so resampling pairs would understate the noise about 1.8x).
+is in 49 pairs, so resampling pairs would understate the noise 1.7-2.8x on
+the reference models).
 
     lee      Lee et al. (2005): 50 news documents, 1,225 pairs judged by humans; Pearson and
              Spearman of cosine vs the mean human score. gensim wheel, test/test_data.
