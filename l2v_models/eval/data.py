@@ -58,8 +58,8 @@ def lee_background_documents() -> list[str]:
 
 
 def lee_similarities() -> np.ndarray:
-    """float64 [50, 50]: the human similarity judgements of the Lee documents (mean of the
-    raters' 1-5 scores mapped to [0.2, 1]); the pairs are its strict upper triangle."""
+    """float64 [50, 50]: the mean human similarity judgements of the Lee documents (values in
+    [0.2, 1] above the diagonal, 1 on it, 0 below); the pairs are its strict upper triangle."""
     path = gensim_file("similarities0-1.txt")
     matrix = np.loadtxt(path, dtype=np.float64)
     if matrix.shape != (50, 50):
