@@ -30,14 +30,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "with 95 percent bootstrap intervals and the model-minus-reference differences; "
         "--output writes JSON.",
     )
-    p.add_argument(
-        "--model",
-        "-m",
-        default=None,
-        help="base model: HF dir or hub id, LLM2Vec -mntp dir, .gguf file "
-        "(default: the embedded SmolLM2)",
-    )
-    p.add_argument("--peft", default=None, help="LoRA adapter dir (e.g. from `l2v train`)")
+    from l2v_models.cli import add_model_options
+
+    add_model_options(p)
     p.add_argument("--name", default=None, help="the model's name in the table")
     p.add_argument(
         "--tasks",
@@ -85,32 +80,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="recompute the reference rows (MiniLM and the default model are cached "
         "under l2v's cache dir)",
     )
-    p.add_argument(
-        "--pooling",
-        default=None,
-        choices=("mean", "weighted_mean", "eos_token", "last_token", "bos_token"),
-        help="pooling mode of the model (default: llm2vec_config.json, else mean)",
-    )
-    p.add_argument("--max-length", type=int, default=None, help="token limit per text")
-    p.add_argument(
-        "--dtype",
-        default=None,
-        help="float32, bfloat16, float16 or auto (default: bf16 on CUDA, fp32 on CPU)",
-    )
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
-    p.add_argument(
-        "--backend",
-        default="auto",
-        choices=("auto", "triton", "torch"),
-        help="kernels: triton (CUDA) or torch (default: auto)",
-    )
-    p.add_argument(
-        "--batch-tokens",
-        type=int,
-        default=None,
-        metavar="N",
-        help="real tokens per forward pass (default: 16384 on CUDA, 4096 on CPU)",
-    )
     p.add_argument("--list", action="store_true", help="list the tasks, their data and licences")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_eval)
@@ -137,7 +106,7 @@ def _split(value: str, allowed, what: str) -> list[str]:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-    from l2v_models.cli import UsageError, _check_gguf_support
+    from l2v_models.cli import UsageError, _check_gguf_support, encoder_kwargs
     from l2v_models.eval import encoders as enc
     from l2v_models.eval import runner
     from l2v_models.eval.tasks import TASKS, get_task
@@ -163,20 +132,12 @@ def cmd_eval(args) -> int:
             tasks.append(get_task(name).load(limit=args.limit))
         except DataMissing as e:
             raise UsageError(f"task {name}: {e}") from None
-    common = dict(
-        torch_dtype=args.dtype,
-        device_map=args.device,
-        backend=args.backend,
-        batch_tokens=args.batch_tokens,
-    )
-    model = enc.L2VEncoder(
-        args.name or _model_name(args),
-        args.model,
-        args.peft,
-        pooling_mode=args.pooling,
-        max_length=args.max_length,
-        **common,
-    )
+    kwargs = encoder_kwargs(args)
+    # The reference "default" row shares the device options, not the model's own settings.
+    common = {k: kwargs.pop(k) for k in ("torch_dtype", "device_map", "backend") if k in kwargs}
+    common["batch_tokens"] = kwargs.pop("max_tokens_per_batch", None)
+    model = enc.L2VEncoder(args.name or _model_name(args), args.model, args.peft, **kwargs,
+                           **common)  # fmt: skip
     _check_gguf_support(args.model)
     encoders = [model]
     for name in ref_names:
