@@ -1,4 +1,4 @@
-"""l2v_models: the LLM2Vec encoder, the engine, the model (every registered family), loading.
+"""l2v_models: the LLM2Vec encoder, the engine, the model (every registered family), checkpoints.
 
 Importing this package is cheap and needs neither triton nor transformers: names are imported
 from their modules on first use.

@@ -34,19 +34,15 @@ def _text(item) -> str:
 
 
 def l2v_cache_dir() -> Path:
-    """l2v's cache dir (l2v_models.checkpoint, formerly l2v_models.loading)."""
-    try:
-        from l2v_models.checkpoint import cache_dir
-    except ImportError:  # before the checkpoint package
-        from l2v_models.loading import cache_dir
+    """l2v's cache dir (l2v_models.checkpoint.cache_dir)."""
+    from l2v_models.checkpoint import cache_dir
+
     return cache_dir()
 
 
 def _default_model_path() -> Path:
-    try:
-        from l2v_models.checkpoint import default_model_path
-    except ImportError:
-        from l2v_models.loading import default_model_path
+    from l2v_models.checkpoint import default_model_path
+
     return default_model_path()
 
 
