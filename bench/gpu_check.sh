@@ -17,6 +17,8 @@
 #   kernel-attention  20  bench.bench_attention
 #   kernel-gemm       20  bench.bench_gemm
 #   e2e-smollm2       20  bench.e2e --quick, SmolLM2-135M shape
+#   serve             60  bench.serve, Mistral-7B shape: l2v serve vs a naive per-request server
+#                         under open-loop load (needs the serve extra: carry its wheels)
 #   summary           10  bench.plots: merged e2e report, PNG plots, SUMMARY.md
 # Every cap but the summary's scales with --budget (10 s of it are kept for start-up and packing).
 # Steps run on a schedule: step i must end by start + 5 + the sum of the caps up to i, so time an
@@ -47,9 +49,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 
-STEPS_ALL="build model e2e-mistral tests tests-compile kernel-attention kernel-gemm e2e-smollm2 summary"
+STEPS_ALL="build model e2e-mistral tests tests-compile kernel-attention kernel-gemm e2e-smollm2 serve summary"
 declare -A CAP=([build]=90 [model]=40 [e2e-mistral]=130 [tests]=55 [tests-compile]=25
-                [kernel-attention]=20 [kernel-gemm]=20 [e2e-smollm2]=20 [summary]=10)
+                [kernel-attention]=20 [kernel-gemm]=20 [e2e-smollm2]=20 [serve]=60 [summary]=10)
 RESERVE=10  # start-up (5) and the final packing (5)
 
 usage() { sed -n '2,/^set -uo pipefail/{/^#/p}' "$0" | sed -e 's/^# //' -e 's/^#$//'; }
@@ -382,6 +384,9 @@ for s in "${SELECTED[@]}"; do
     kernel-attention) kernel_step attention ;;
     kernel-gemm) kernel_step gemm ;;
     e2e-smollm2) e2e_step e2e-smollm2 smollm2-135m "$E2E_SMALL_FLAGS" ;;
+    serve)
+      run_step serve "$PY" -m bench.serve --shape mistral-7b --requests 150 --rates 0.5,1.0 \
+        --out "$RES" --name serve_mistral-7b ;;
     summary)
       run_step summary "$PY" -m bench.plots "$RES" --steps "$STEPS_TSV" --failed "$FAILED" \
         --since "$START_EPOCH" ;;

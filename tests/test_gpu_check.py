@@ -28,7 +28,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 STEPS = ["build", "model", "e2e-mistral", "tests", "tests-compile", "kernel-attention",
-         "kernel-gemm", "e2e-smollm2", "summary"]  # fmt: skip
+         "kernel-gemm", "e2e-smollm2", "serve", "summary"]  # fmt: skip
 # Files each step leaves in the results folder (what a kill must not lose once the step ended).
 STEP_FILES = {
     "build": [],
@@ -39,6 +39,7 @@ STEP_FILES = {
     "kernel-attention": ["attention.json", "attention.md"],
     "kernel-gemm": ["gemm.json", "gemm.md"],
     "e2e-smollm2": ["e2e_smollm2-135m.json", "e2e_smollm2-135m.md"],
+    "serve": ["serve_mistral-7b.json", "serve_mistral-7b.md"],
     "summary": ["e2e.md", "e2e_throughput.png", "attention_tflops.png"],
 }
 
@@ -78,6 +79,7 @@ case "$1" in
         log "e2e-budget $(arg --time-budget "$@")" ;;
       bench.bench_*) step=kernel-${2#bench.bench_}; out=$(arg --out "$@") ;;
       bench.plots) step=summary; out=$3 ;;
+      bench.serve) step=serve; out=$(arg --out "$@"); name=$(arg --name "$@") ;;
     esac ;;
 esac
 [ -n "$step" ] || { echo "fake python: unexpected call: $*" >&2; exit 3; }
@@ -105,6 +107,7 @@ case $step in
       echo "==== 2 passed in 0.1s ===="
     fi ;;
   e2e-*) echo '{"kind": "fake"}' > "$out/$name.json"; echo "# e2e $name" > "$out/$name.md" ;;
+  serve) echo '{"kind": "fake"}' > "$out/$name.json"; echo "# serve" > "$out/$name.md" ;;
   kernel-*) op=${step#kernel-}; echo '{"rows": []}' > "$out/$op.json"
             echo "# $op" > "$out/$op.md" ;;
   summary)
