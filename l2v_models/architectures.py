@@ -110,6 +110,9 @@ class ArchSpec:
     llm2vec_causal: bool = False
     # llm2vec supports the family (its tokenization rules apply; a `-mntp` adapter may exist).
     llm2vec_family: bool = True
+    # What llm2vec appends to a text in eos_token pooling mode. llm2vec picks it by the config
+    # class (isinstance: tokenization.config_family), so a family llm2vec lacks gets none.
+    llm2vec_eos_suffix: str = ""
 
     @property
     def weights(self) -> tuple[str, ...]:
@@ -123,20 +126,21 @@ REGISTRY: dict[str, ArchSpec] = {
         ArchSpec(
             "llama", ("llama",), {**_ATTN, **_PRE_NORM, **_MLP},
             {**_GGUF_COMMON, **_GGUF_PRE_NORM}, gguf_archs=("llama",), gguf_permute_qk=True,
+            llm2vec_eos_suffix=" </s>",
         ),
         ArchSpec(
             "mistral", ("mistral",), {**_ATTN, **_PRE_NORM, **_MLP},
-            {**_GGUF_COMMON, **_GGUF_PRE_NORM},
+            {**_GGUF_COMMON, **_GGUF_PRE_NORM}, llm2vec_eos_suffix=" </s>",
         ),
         ArchSpec(
             "qwen2", ("qwen2",), {**_ATTN, **_QKV_BIAS, **_PRE_NORM, **_MLP},
             {**_GGUF_COMMON, **_GGUF_BIAS, **_GGUF_PRE_NORM}, gguf_archs=("qwen2",),
-            qkv_bias=True, llm2vec_causal=True,
+            qkv_bias=True, llm2vec_causal=True, llm2vec_eos_suffix="<|endoftext|>",
         ),
         ArchSpec(
             "gemma", ("gemma",), {**_ATTN, **_PRE_NORM, **_MLP},
             {**_GGUF_COMMON, **_GGUF_PRE_NORM}, gguf_archs=("gemma",), gguf_norm_plus_one=True,
-            act="gelu_tanh", norm_offset=1.0, embed_scale=True,
+            act="gelu_tanh", norm_offset=1.0, embed_scale=True, llm2vec_eos_suffix="<eos>",
         ),
         ArchSpec(
             "gemma2", ("gemma2",), {**_ATTN, **_SANDWICH, **_MLP},

@@ -33,6 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from l2v_models.architectures import REGISTRY
+
 # llm2vec's instruction/text separator: removed before tokenization, only marks the split.
 SEPARATOR = "!@#$%^&*()"
 
@@ -60,7 +62,6 @@ _FAMILY_BY_CONFIG_CLASS = (
     ("GemmaConfig", "gemma"),
     ("Qwen2Config", "qwen2"),
 )
-_EOS_SUFFIX = {"llama": " </s>", "mistral": " </s>", "gemma": "<eos>", "qwen2": "<|endoftext|>"}
 
 
 def config_family(hf_config: Any) -> str:
@@ -203,8 +204,8 @@ def prepare_for_tokenization(text: str, name_or_path: str, family: str, pooling_
     if pooling_mode == "eos_token":
         if name_or_path == _LLAMA3_BASE:
             text = text.strip() + "<|end_of_text|>"
-        elif family in _EOS_SUFFIX:
-            text = text.strip() + _EOS_SUFFIX[family]
+        elif family in REGISTRY and REGISTRY[family].llm2vec_eos_suffix:
+            text = text.strip() + REGISTRY[family].llm2vec_eos_suffix
     return text
 
 

@@ -247,3 +247,18 @@ def test_gemma_encoder_matches_llm2vecs_pipeline(tmp_path, mode):
     ours = enc.encode(TEXTS, show_progress_bar=False, max_tokens_per_batch=40)
     ref = llm2vec_encode(load_hf(base), enc, mixed_to_pairs(TEXTS), batch_size=4)
     assert_rows_match(ours, ref)
+
+
+def test_llm2vec_text_quirks_per_family():
+    """llm2vec picks its eos_token suffix by the config class: the families it supports map to
+    their spec (and its suffix), the others to none."""
+    from l2v_models import tokenization as tk
+
+    for family, spec in REGISTRY.items():
+        got = tk.config_family(tiny_config(family))
+        if spec.llm2vec_family:
+            assert got == family and spec.llm2vec_eos_suffix
+            text = tk.prepare_for_tokenization("a b", "x", got, "eos_token")
+            assert text == "a b" + spec.llm2vec_eos_suffix
+        else:
+            assert got == "" and not spec.llm2vec_eos_suffix
