@@ -21,6 +21,10 @@ tokens, mask 20% with BERT's 80/10/10 replacement (Mistral: 80%, all replaced by
 token); SimCSE lr 3e-5, batch 128, 128 tokens, attention dropout 0.3, scale 20; supervised
 lr 2e-4, 300 warm-up steps, batch 64, 512 tokens, scale 50; 1000 steps; weight decay 0,
 gradient clipping at 1.0 (transformers' Trainer defaults).
+
+Longer than ~500 lines on purpose: the Trainer is the recipe's one stateful object (optimizer,
+schedule, checkpoints and bit-exact resume, the three stages' batching); objectives, data, LoRA
+and saving live in their own modules.
 """
 
 from __future__ import annotations
