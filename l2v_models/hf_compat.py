@@ -49,11 +49,12 @@ def bidirectional_mask(
 
 
 def hf_bidirectional(model):
-    """Make a transformers Llama/Mistral/Qwen2 *Model* (or *ForCausalLM) bidirectional, in place.
+    """Make a transformers *Model* (or *ForCausalLM) of a supported family bidirectional, in
+    place (SUPPORTED_MODEL_TYPES; Gemma-3 must come from build_hf_model, see the module doc).
 
     After this, model(input_ids, attention_mask=[B, L] padding mask) lets every token attend to
-    every non-pad token of its row. Works with attn_implementation "sdpa" and "eager".
-    Returns the model.
+    every non-pad token of its row (within the window on Gemma-2's local layers). Works with
+    attn_implementation "sdpa" and "eager". Returns the model.
     """
     config = model.config
     model_type = getattr(config, "model_type", None)
