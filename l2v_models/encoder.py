@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from l2v_models import tokenization as tk
-from l2v_models.engine import Engine, check_budget
+from l2v_models.engine import Engine, check_int
 from l2v_models.packing import TokenizedTexts
 
 logger = logging.getLogger(__name__)
@@ -80,24 +80,16 @@ _IGNORED_HF_KWARGS = ("attn_implementation", "low_cpu_mem_usage", "trust_remote_
 _OUR_KWARGS = ("backend", "base_weights_path", "max_tokens_per_batch", "cuda_graphs")
 
 
-def _check_positive_int(name: str, value, allow_none: bool = False, minimum: int = 1):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _check_settings(*, pooling_mode=None, max_length=None, doc_max_length=None,
                     skip_instruction=None, max_tokens_per_batch=None) -> None:  # fmt: skip
     """ValueError for an invalid encoder setting (None = not given)."""
     if pooling_mode is not None and pooling_mode not in tk.POOLING_MODES:
         raise ValueError(f"pooling_mode must be one of {tk.POOLING_MODES}, got {pooling_mode!r}")
-    _check_positive_int("max_length", max_length, allow_none=True)
-    _check_positive_int("doc_max_length", doc_max_length, allow_none=True, minimum=0)
+    check_int("max_length", max_length)
+    check_int("doc_max_length", doc_max_length, minimum=0)
     if skip_instruction is not None and not isinstance(skip_instruction, (bool, np.bool_)):
         raise ValueError(f"skip_instruction must be a bool, got {skip_instruction!r}")
-    _check_positive_int("max_tokens_per_batch", max_tokens_per_batch, allow_none=True)
+    check_int("max_tokens_per_batch", max_tokens_per_batch)
 
 
 def _parse_device_map(device_map):
@@ -413,7 +405,7 @@ class LLM2Vec:
 
     @max_tokens_per_batch.setter
     def max_tokens_per_batch(self, value) -> None:
-        self.engine.max_tokens_per_batch = check_budget("max_tokens_per_batch", value)
+        self.engine.max_tokens_per_batch = check_int("max_tokens_per_batch", value)
 
     @property
     def cuda_graphs(self) -> bool:

@@ -42,12 +42,12 @@ DEFAULT_TOKENS_PER_BATCH = {"cuda": 16384, "cpu": 4096}
 _FLUSH_BYTES = 64 << 20
 
 
-def check_budget(name: str, value, *, allow_none: bool = True) -> int | None:
-    """A positive int (numpy ints accepted) or None; ValueError naming the setting otherwise."""
+def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = True) -> int | None:
+    """An int >= minimum (numpy ints accepted) or None; ValueError naming the setting otherwise."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -73,8 +73,8 @@ class Engine:
                 f"Engine runs an l2v_models.model.Transformer, got {type(model).__name__}"
             )
         self.model = model
-        self.max_tokens_per_batch = check_budget("max_tokens_per_batch", max_tokens_per_batch)
-        self.max_texts_per_batch = check_budget("max_texts_per_batch", max_texts_per_batch)
+        self.max_tokens_per_batch = check_int("max_tokens_per_batch", max_tokens_per_batch)
+        self.max_texts_per_batch = check_int("max_texts_per_batch", max_texts_per_batch)
         if not isinstance(cuda_graphs, (bool, np.bool_)):
             raise ValueError(f"cuda_graphs must be a bool, got {cuda_graphs!r}")
         self.cuda_graphs = bool(cuda_graphs)
@@ -140,8 +140,8 @@ class Engine:
         self, texts: TokenizedTexts, *, max_tokens: int | None = None, max_texts: int | None = None
     ) -> list[np.ndarray]:
         """The caller's indices of the texts in each forward pass (see packing.plan_batches)."""
-        max_tokens = check_budget("max_tokens_per_batch", max_tokens) or self.token_budget
-        max_texts = check_budget("batch_size", max_texts) or self.max_texts_per_batch
+        max_tokens = check_int("max_tokens_per_batch", max_tokens) or self.token_budget
+        max_texts = check_int("batch_size", max_texts) or self.max_texts_per_batch
         return plan_batches(texts.lengths, max_tokens, max_texts)
 
     def forward(self, batch: PackedBatch, mode: str = "mean", normalize: bool = False):
