@@ -96,7 +96,6 @@ def convert_weights(
     adapters: list[LoraAdapter] = (),
     dtype: torch.dtype,
     device: torch.device,
-    backend: str,
 ) -> dict[str, torch.Tensor]:
     """Stream HF tensors into our fused state dict on `device` in `dtype`, merging adapters."""
     key_map, shapes = hf_key_map(config), hf_shapes(config)
@@ -168,9 +167,8 @@ def from_hf_state_dict(
     dtype = resolve_dtype(dtype, device)
     backend = resolve_backend(backend, device, config)
     state = convert_weights(
-        config, _DictSource(state_dict), adapters=adapters, dtype=dtype, device=device,
-        backend=backend,
-    )  # fmt: skip
+        config, _DictSource(state_dict), adapters=adapters, dtype=dtype, device=device
+    )
     return Transformer.from_state_dict(config, state, backend)
 
 

@@ -214,9 +214,7 @@ def load_model(
 
     config = dataclasses.replace(config, causal=attention_is_causal(attention, config))
     backend = resolve_backend(backend, device, config)
-    state = convert_weights(
-        config, source, adapters=adapters, dtype=dtype, device=device, backend=backend
-    )
+    state = convert_weights(config, source, adapters=adapters, dtype=dtype, device=device)
     model = Transformer.from_state_dict(config, state, backend)
     hf_config.name_or_path = name_or_path  # what llm2vec's model.config._name_or_path holds
     config_addr = peft_model_name_or_path if peft_model_name_or_path is not None else base_arg
