@@ -188,10 +188,16 @@ def similarity_table(items: list, embeddings) -> str:
 def _check_gguf_support(model: str | None) -> None:
     """Refuse a GGUF model (the packaged ones are) before the slow load when the installed
     transformers cannot read its tokenizer (load_model checks again)."""
-    from l2v_models.checkpoint import PACKAGED_MODELS, gguf_support_error
+    from l2v_models.checkpoint import (
+        DEFAULT_MODEL,
+        PACKAGED_ENCODERS,
+        PACKAGED_MODELS,
+        gguf_support_error,
+    )
 
-    name = "smollm2" if model is None else model
-    if name.lower() not in PACKAGED_MODELS and not name.endswith(".gguf"):
+    name = DEFAULT_MODEL if model is None else model
+    packaged = name.lower() in PACKAGED_MODELS or name.lower() in PACKAGED_ENCODERS
+    if not packaged and not name.endswith(".gguf"):
         return
     what = f"the model {name}" + (" (the default)" if model is None else "")
     problem = gguf_support_error(what)
@@ -209,7 +215,8 @@ def add_model_options(
     `encoder_kwargs(args)` turns them into LLM2Vec.from_pretrained keywords."""
     parser.add_argument("--model", "-m", default=None,
                         help="base model: HF dir or hub id, LLM2Vec -mntp dir, .gguf file, or a "
-                        "packaged model (smollm2, gemma3-270m; default: smollm2)"
+                        "packaged model (smollm2-llm2vec: the trained default; smollm2: "
+                        "untrained, also the base of a lone --peft; gemma3-270m)"
                         + model_note)  # fmt: skip
     parser.add_argument("--peft", default=None,
                         help="LoRA adapter dir or hub id (e.g. -supervised)")  # fmt: skip
@@ -256,6 +263,7 @@ def cmd_encode(args) -> int:
     output = check_output_path(args.output)
     items = gather_texts(args)  # inputs are checked before the (slow) model load
     _check_gguf_support(args.model)
+    from l2v_models.checkpoint import model_label
     from l2v_models.encoder import LLM2Vec
 
     t0 = time.perf_counter()
@@ -277,7 +285,7 @@ def cmd_encode(args) -> int:
         return 0
     n, d = emb.shape
     where = f"-> {output}" if output is not None else "(not saved: pass --output FILE.npy)"
-    model = encoder.name_or_path or args.model or "smollm2"
+    model = model_label(args.model, args.peft)
     print(
         f"encoded {n} text{'' if n == 1 else 's'} into [{n}, {d}] float32 {where}; model {model} "
         f"on {encoder.device} ({encoder.dtype}), load {load_s:.1f}s, encode {encode_s:.2f}s "
@@ -336,9 +344,11 @@ def cmd_info(args) -> int:
     except Exception as e:
         rows.append(("backend (auto)", f"unknown ({type(e).__name__}: {e})"))
     try:
-        from l2v_models.checkpoint import default_model_path
+        from l2v_models.checkpoint import DEFAULT_MODEL, default_encoder_dirs, default_model_path
 
-        rows.append(("default model", str(default_model_path())))
+        mntp, second = default_encoder_dirs()
+        rows.append(("default model", f"{DEFAULT_MODEL}: {default_model_path()} + {mntp.name} + "
+                     f"{second.name} adapters ({mntp.parent})"))  # fmt: skip
     except Exception as e:
         rows.append(("default model", f"missing ({e})"))
     width = max(len(k) for k, _ in rows)

@@ -168,7 +168,7 @@ def test_default_model_on_ray_equals_offline_encode(ray_cluster, tmp_path):
     bare = encoder.encode([rows[0]["text"]], show_progress_bar=False).numpy()
     assert cosines(emb[:1], bare)[0] < 0.9999
     meta = pq.read_schema(out / "part-c.parquet").metadata
-    assert meta[b"l2v.dimension"] == b"576" and meta[b"l2v.model"] == b"smollm2"
+    assert meta[b"l2v.dimension"] == b"576" and meta[b"l2v.model"] == b"smollm2-llm2vec"
     info = json.loads(meta[b"l2v.info"])
     assert info["rows"] == 65 and info["source"] == str(files[2])
     assert pq.read_schema(out / "part-c.parquet").field("embedding").type == pa.list_(
@@ -177,7 +177,7 @@ def test_default_model_on_ray_equals_offline_encode(ray_cluster, tmp_path):
     manifest = json.loads((out / "_SUCCESS.json").read_text())
     assert manifest["rows"] == 240 and manifest["files"] == 4 and manifest["dimension"] == 576
     assert [e["rows"] for e in manifest["inputs"]] == [60, 60, 65, 55]
-    assert manifest["model"]["model"] == "smollm2" and manifest["seconds"] > 0
+    assert manifest["model"]["model"] == "smollm2-llm2vec" and manifest["seconds"] > 0
     assert manifest["ray"]["workers"] == 2 and manifest["l2v_version"]
 
 

@@ -348,11 +348,11 @@ def test_accepted_hf_keywords(tiny_dir):
 
 # ------------------------------------------------------------------ the real default model
 @pytest.mark.slow
-def test_default_smollm2_model_orders_similar_texts():
+def test_untrained_smollm2_orders_similar_texts():
     skip_unless_gguf_readable()
-    enc = LLM2Vec.from_pretrained(None, device="cpu")
+    enc = LLM2Vec.from_pretrained("smollm2", device="cpu")
     assert enc.config_family == "llama" and enc.hidden_size == 576
-    # SmolLM2 is not LLM2Vec-trained: bidirectional, its mean-pooled vectors still put close
+    # Untrained SmolLM2 run bidirectionally: its mean-pooled vectors still put close
     # paraphrases well ahead of unrelated sentences (checked to match HF bidirectional).
     sets = [
         ["A cat sits on the mat.", "A cat is sitting on the mat.",
@@ -366,6 +366,44 @@ def test_default_smollm2_model_orders_similar_texts():
     for e in emb:
         close, far1, far2 = float(e[0] @ e[1]), float(e[0] @ e[2]), float(e[1] @ e[2])
         assert close > max(far1, far2) + 0.2, (close, far1, far2)
+
+
+DEMO = ["A cat sits on the mat.", "A kitten rests on a rug.", "Stock markets fell sharply today."]
+
+
+@pytest.mark.slow
+def test_default_model_is_the_shipped_trained_encoder():
+    """None / "smollm2-llm2vec": SmolLM2 + the shipped MNTP and SimCSE + supervised adapters
+    (float16, a few MB); a lone adapter goes on untrained SmolLM2; the README's demo holds."""
+    from safetensors import safe_open
+
+    from l2v_models.checkpoint import default_encoder_dirs
+
+    skip_unless_gguf_readable()
+    mntp, second = default_encoder_dirs()
+    assert {p.name for p in mntp.iterdir()} >= {"adapter_config.json", "config.json",
+                                                "tokenizer.json", "adapter_model.safetensors"}
+    for folder in (mntp, second):
+        weights = folder / "adapter_model.safetensors"
+        assert weights.stat().st_size < 12 * 2**20
+        with safe_open(str(weights), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    default = LLM2Vec.from_pretrained(None, device="cpu")
+    emb = encode(default, DEMO, normalize_embeddings=True)
+    explicit = LLM2Vec.from_pretrained(str(mntp), peft_model_name_or_path=str(second),
+                                       device="cpu")  # fmt: skip
+    assert torch.equal(encode(explicit, DEMO, normalize_embeddings=True), emb)
+    del explicit
+    cat_kitten, cat_stocks = float(emb[0] @ emb[1]), float(emb[0] @ emb[2])
+    assert cat_kitten > cat_stocks + 0.2, (cat_kitten, cat_stocks)
+    untrained = encode(LLM2Vec.from_pretrained("smollm2", device="cpu"), DEMO,
+                       normalize_embeddings=True)  # fmt: skip
+    assert float(untrained[0] @ untrained[1]) < float(untrained[0] @ untrained[2])  # the issue
+    # A lone adapter goes on untrained SmolLM2 (what `l2v train` trains on by default).
+    lone = LLM2Vec.from_pretrained(None, peft_model_name_or_path=str(mntp), device="cpu")
+    assert lone.name_or_path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    with pytest.raises(ValueError, match="already holds its two adapters.*--model smollm2"):
+        LLM2Vec.from_pretrained("smollm2-llm2vec", peft_model_name_or_path=str(mntp))
 
 
 # ------------------------------------------------------------------ issue 9: what a new user hits

@@ -302,10 +302,14 @@ def test_runner_comparisons_and_cache(tmp_path):
     assert json.loads((tmp_path / "old.json").read_text())["rows"][0]["cpu_seconds"] is None
 
 
-def test_only_the_embedded_default_is_cached():
-    assert encoders.L2VEncoder("d").cache_key() is not None
-    assert encoders.L2VEncoder("d", model="smollm2", torch_dtype="float32").is_default()
+def test_only_the_packaged_models_are_cached():
+    default, untrained = encoders.L2VEncoder("d"), encoders.L2VEncoder("u", model="smollm2")
+    assert default.cache_key() is not None and untrained.cache_key() is not None
+    assert default.cache_key() != untrained.cache_key()  # two models, two cache entries
+    assert untrained.is_untrained() and not default.is_untrained()
+    assert encoders.L2VEncoder("d", model="SmolLM2-LLM2Vec").cache_key() == default.cache_key()
     assert encoders.L2VEncoder("x", peft="some/adapter").cache_key() is None  # may be retrained
+    assert not encoders.L2VEncoder("x", peft="some/adapter").is_untrained()  # smollm2 + adapter
     assert encoders.L2VEncoder("x", model="some/dir").cache_key() is None
     assert encoders.L2VEncoder("x", pooling_mode="eos_token").cache_key() is None
 

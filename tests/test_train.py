@@ -468,3 +468,65 @@ def test_three_stages_on_smollm2(tmp_path):
         assert all(np.isfinite(h["loss"]) for h in history)
         cfg = json.loads((tmp_path / stage / "adapter_config.json").read_text())
         assert cfg["base_model_name_or_path"] == "smollm2"
+
+
+# ------------------------------------------------------------------------------ stacking
+def test_stacked_adapter_merges_like_the_chain(base, tmp_path):
+    """stack_adapters([a, b]) is one adapter whose merge equals merging a, then b (the shipped
+    default model stores its SimCSE + supervised chain this way); a float16 copy stays close."""
+    from safetensors import safe_open
+
+    from l2v_models.train.save import stack_adapters
+
+    first = make_lora_adapter(tmp_path, base, rank=4, alpha=8, seed=1, subdir="first")
+    second = make_lora_adapter(tmp_path, base, rank=2, alpha=3, seed=2, subdir="second",
+                               llm2vec_config={"pooling_mode": "mean"})  # fmt: skip
+    stacked = stack_adapters([first, second], tmp_path / "stacked")
+    cfg = json.loads((stacked / "adapter_config.json").read_text())
+    assert cfg["r"] == 6 and cfg["lora_alpha"] == 6 and (stacked / "llm2vec_config.json").is_file()
+    kw = {"dtype": torch.float32, "device": "cpu"}
+    plain = load_for_training(str(base), **kw).model.state_dict()
+    chain = load_for_training(str(base), str(first), extra_peft=[second], **kw).model.state_dict()
+    one = load_for_training(str(base), str(stacked), **kw).model.state_dict()
+    changed = 0
+    for name, weight in chain.items():
+        torch.testing.assert_close(one[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+        changed += not torch.equal(weight, plain[name])
+    assert changed >= 4  # attention and MLP weights of both layers moved
+    half = stack_adapters([stacked], tmp_path / "half", dtype=torch.float16)
+    with safe_open(str(half / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    for name, weight in load_for_training(str(base), str(half), **kw).model.state_dict().items():
+        assert rel_err(weight, one[name]) < 1e-3, name
+    narrow = make_lora_adapter(tmp_path, base, target_modules=["q_proj"], subdir="narrow")
+    with pytest.raises(ValueError, match="other modules"):
+        stack_adapters([first, narrow], tmp_path / "bad")
+
+
+def test_bos_token_is_prepended_saved_and_never_pooled(base, text_file, tmp_path, capsys):
+    """--bos-token: every text starts with the token in training, MNTP saves the tokenizer with
+    it, the encoder loading that -mntp folder does the same, and the token is never pooled."""
+    from l2v_models import LLM2Vec
+    from l2v_models.cli import main
+    from l2v_models.tokenization import join_instruction
+
+    kw = {"dtype": torch.float32, "device": "cpu"}
+    eos = 2  # the tiny tokenizer's </s>, made the first token instead of its <s>
+    loaded = load_for_training(str(base), bos_token="</s>", **kw)
+    assert loaded.tokenizer("the cat")["input_ids"][0] == eos
+    trainer = Trainer(loaded, TrainConfig("mntp", steps=2, batch_size=4), model_arg=str(base))
+    trainer.fit(trainer.batches([text_file]), output=tmp_path / "mntp", progress=False)
+    probe = sentences(4, 12)
+    encoder = LLM2Vec.from_pretrained(str(tmp_path / "mntp"), device="cpu", backend="torch")
+    assert encoder.tokenizer("the cat")["input_ids"][0] == eos
+    ours = encoder.encode(probe, show_progress_bar=False)
+    assert rel_err(ours, trainer.embed(probe)) < 1e-5
+    # The token is attended to, not pooled: the mean covers the text's own tokens only.
+    batch = encoder.tokenize([join_instruction("", probe[0])])  # what encode() tokenizes
+    assert batch["input_ids"][0, 0] == eos and batch["embed_mask"][0, 0] == 0
+    assert batch["embed_mask"][0].sum() == len(encoder.tokenizer(probe[0])["input_ids"]) - 1
+    with pytest.raises(ValueError, match="not a token of this tokenizer"):
+        load_for_training(str(base), bos_token="<nope>", **kw)
+    args = ["train", "simcse", "--model", str(base), "--data", str(text_file), "--output",
+            str(tmp_path / "x"), "--bos-token", "<nope>", "-q"]  # fmt: skip
+    assert main(args) == 2 and "not a token of this tokenizer" in capsys.readouterr().err

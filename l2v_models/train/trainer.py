@@ -161,17 +161,18 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 # ------------------------------------------------------------------------------ loading
 def load_for_training(model=None, peft=None, *, dtype=None, device=None, extra_peft=(),
-                      attention: str = "bidirectional"):  # fmt: skip
+                      attention: str = "bidirectional", bos_token: str | None = None):  # fmt: skip
     """l2v_models.checkpoint.load_model on the torch backend (training needs autograd), with
     `peft` (a previous stage's adapter) merged; `extra_peft` adapters are merged after it (a
-    chain longer than load_model's). An adapter whose shapes do not fit the base raises
-    ValueError saying so. attention: "bidirectional" (LLM2Vec's recipe, every family, Qwen2
-    included), or load_model's "llm2vec" / "causal". Returns the Loaded (model in the given
-    dtype: default bf16 on CUDA, fp32 on CPU)."""
+    chain longer than load_model's). model None: the untrained embedded SmolLM2 ("smollm2").
+    An adapter whose shapes do not fit the base raises ValueError saying so. attention:
+    "bidirectional" (LLM2Vec's recipe, every family, Qwen2 included), or load_model's "llm2vec"
+    / "causal". bos_token: see prepend_special_token.
+    Returns the Loaded (model in the given dtype: default bf16 on CUDA, fp32 on CPU)."""
     from l2v_models.checkpoint import load_model, read_lora_adapter
 
     try:
-        loaded = load_model(model, peft, dtype=dtype, device=device, backend="torch",
+        loaded = load_model(_base_arg(model), peft, dtype=dtype, device=device, backend="torch",
                             attention=attention)  # fmt: skip
         for path in extra_peft:
             merge_adapter_(loaded.model, read_lora_adapter(Path(path)))
@@ -184,13 +185,43 @@ def load_for_training(model=None, peft=None, *, dtype=None, device=None, extra_p
             ) from None
         raise
     loaded.model.requires_grad_(False)
+    if bos_token is not None:
+        prepend_special_token(loaded.tokenizer, bos_token)
     return loaded
 
 
-def _base_arg(model) -> str:
-    from l2v_models.checkpoint import DEFAULT_MODEL
+def prepend_special_token(tokenizer, token: str) -> None:
+    """Make a fast tokenizer put `token` (one of its special tokens) before every text, as
+    Llama's tokenizer puts its BOS, and keep it when saved (MNTP writes the tokenizer into its
+    -mntp folder, so the next stages and the encoder tokenize the same way).
 
-    return DEFAULT_MODEL if model is None else str(model)
+    Why: a decoder's first position is an attention sink whose hidden state is nearly the same
+    for every text; a tokenizer without a BOS (SmolLM2's) makes that position a text token, so
+    mean pooling over a one-word text returns almost the same vector for every word. The
+    prepended token takes the sink, and like any special token it is attended to but never
+    pooled (llm2vec pools the text's own tokens). A no-op when the tokenizer already does it."""
+    from tokenizers import processors
+
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id and token != tokenizer.unk_token:
+        raise ValueError(f"--bos-token {token!r} is not a token of this tokenizer")
+    if tokenizer("a")["input_ids"][:1] == [token_id]:
+        return
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError("--bos-token needs a fast tokenizer (tokenizer.json)")
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{token} $A", pair=f"{token} $A $B:1", special_tokens=[(token, token_id)]
+    )
+    tokenizer.bos_token = token
+    if tokenizer("a")["input_ids"][:1] != [token_id]:
+        raise ValueError(f"could not make this tokenizer prepend {token!r}")
+
+
+def _base_arg(model) -> str:
+    from l2v_models.checkpoint import BASE_MODEL
+
+    return BASE_MODEL if model is None else str(model)
 
 
 def read_lm_head(model_arg, loaded) -> torch.Tensor:
