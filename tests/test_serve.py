@@ -240,7 +240,9 @@ def test_openai_client_matches_offline_encode(default_encoder):
         r = httpx.post(url + "/embed", json={"inputs": texts, "normalize": False},
                        headers=headers, timeout=60)  # fmt: skip
         assert r.status_code == 200, r.text
-        np.testing.assert_allclose(np.array(r.json()), ref, rtol=1e-4, atol=1e-5)
+        # Equal up to fp32 summation order: the server's 16-token passes group texts differently
+        # from encode's (row norms here are ~37-46: 1e-4 absolute is ~3e-6 of a row).
+        np.testing.assert_allclose(np.array(r.json()), ref, rtol=1e-4, atol=1e-4)
         r = httpx.post(url + "/embed", json={"inputs": texts[0], "instruction": instruction},
                        headers=headers, timeout=60)  # fmt: skip
         assert cosines(r.json(), ref_ins[:1])[0] >= COS
