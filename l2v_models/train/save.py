@@ -129,6 +129,9 @@ def stack_adapters(sources, output, *, dtype=None) -> Path:
         state[f"{prefix}.lora_A.weight"] = A.to(out_dtype).contiguous()
         state[f"{prefix}.lora_B.weight"] = B.to(out_dtype).contiguous()
         ranks.add(A.shape[0])
+    if len(ranks) != 1:
+        raise ValueError(f"the stacked ranks differ between modules ({sorted(ranks)}: a "
+                         "rank_pattern in a source); only adapters of one rank stack")  # fmt: skip
     (rank,) = ranks
     config = _load_json(sources[0] / ADAPTER_CONFIG, ADAPTER_CONFIG)
     config.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},

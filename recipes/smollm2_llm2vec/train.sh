@@ -10,11 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 W=${1:-$HOME/l2v-default}
 SHIP=${2:-l2v_models/checkpoint/smollm2_llm2vec}
-L2V=(./run.sh)
 THREADS=${L2V_TRAIN_THREADS:-2}
 mkdir -p "$W"
 ./run.sh setup
-.venv/bin/python recipes/smollm2_llm2vec/make_data.py "$W/data"
+"${L2V_VENV:-.venv}/bin/python" recipes/smollm2_llm2vec/make_data.py "$W/data"
 # LoRA r 8 / alpha 16 (llm2vec: 16 / 32) keeps the shipped files small. SmolLM2's tokenizer has
 # no BOS, so the first text token would be the model's attention sink (nearly the same vector for
 # every text, in the mean of every text): --bos-token gives every text a first token that takes
@@ -23,20 +22,20 @@ LORA=(--lora-r 8 --lora-alpha 16 --seed 0 --threads "$THREADS" --exclude-eval --
       --bos-token "<|endoftext|>")
 
 # 1. MNTP: Wikipedia paragraphs + Lee background news, 20% of tokens masked.
-"${L2V[@]}" train mntp --data "$W/data/mntp.txt" --output "$W/mntp" "${LORA[@]}" \
+./run.sh train mntp --data "$W/data/mntp.txt" --output "$W/mntp" "${LORA[@]}" \
     --steps 100 --batch-tokens 2048 --max-length 128 --lr 2e-4 --warmup-steps 10
 # 2. SimCSE on top of MNTP: sentences of the same text, each its own positive under dropout.
-"${L2V[@]}" train simcse --peft "$W/mntp" --data "$W/data/sentences.txt" --output "$W/simcse" \
+./run.sh train simcse --peft "$W/mntp" --data "$W/data/sentences.txt" --output "$W/simcse" \
     "${LORA[@]}" --steps 90 --batch-size 64 --max-length 32 --lr 3e-4 --warmup-steps 10
 # 3. Supervised on top of MNTP + SimCSE: WordNet, paragraph and article triples with hard
 #    negatives (similarity scale 20, not llm2vec's 50: at 50 this short run got worse on Lee).
-"${L2V[@]}" train supervised --peft "$W/mntp" "$W/simcse" --data "$W/data/supervised.jsonl" \
+./run.sh train supervised --peft "$W/mntp" "$W/simcse" --data "$W/data/supervised.jsonl" \
     --output "$W/supervised" "${LORA[@]}" --steps 100 --batch-size 32 --max-length 64 \
     --lr 2e-4 --warmup-steps 10 --scale 20
 
 # Ship: the MNTP folder (adapter, config, tokenizer) and SimCSE + supervised stacked into one
 # adapter (exactly their chained merge), both in float16.
-.venv/bin/python - "$W" "$SHIP" <<'PY'
+"${L2V_VENV:-.venv}/bin/python" - "$W" "$SHIP" <<'PY'
 import sys
 from pathlib import Path
 
