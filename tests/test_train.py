@@ -527,6 +527,9 @@ def test_bos_token_is_prepended_saved_and_never_pooled(base, text_file, tmp_path
     assert batch["embed_mask"][0].sum() == len(encoder.tokenizer(probe[0])["input_ids"]) - 1
     with pytest.raises(ValueError, match="not a token of this tokenizer"):
         load_for_training(str(base), bos_token="<nope>", **kw)
+    plain = loaded.tokenizer.convert_ids_to_tokens(loaded.tokenizer("cat")["input_ids"][-1])
+    with pytest.raises(ValueError, match="not a special token"):
+        load_for_training(str(base), bos_token=plain, **kw)
     args = ["train", "simcse", "--model", str(base), "--data", str(text_file), "--output",
             str(tmp_path / "x"), "--bos-token", "<nope>", "-q"]  # fmt: skip
     assert main(args) == 2 and "not a token of this tokenizer" in capsys.readouterr().err

@@ -128,6 +128,7 @@ def cmd_train(args) -> int:
         refuse_evaluation_files,
     )
     from l2v_models.train.trainer import (
+        BosTokenError,
         TrainConfig,
         Trainer,
         latest_checkpoint,
@@ -179,9 +180,7 @@ def cmd_train(args) -> int:
     try:
         loaded = load_for_training(args.model, first, extra_peft=more, dtype=args.dtype,
                                    device=args.device, bos_token=args.bos_token)  # fmt: skip
-    except ValueError as e:
-        if "--bos-token" not in str(e):
-            raise
+    except BosTokenError as e:
         raise UsageError(str(e)) from None
     trainer = Trainer(loaded, config, model_arg=args.model)
     batcher = trainer.batches(args.data, index=index)

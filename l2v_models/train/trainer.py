@@ -190,6 +190,10 @@ def load_for_training(model=None, peft=None, *, dtype=None, device=None, extra_p
     return loaded
 
 
+class BosTokenError(ValueError):
+    """--bos-token names a token that cannot be every text's first token (a user error)."""
+
+
 def prepend_special_token(tokenizer, token: str) -> None:
     """Make a fast tokenizer put `token` (one of its special tokens) before every text, as
     Llama's tokenizer puts its BOS, and keep it when saved (MNTP writes the tokenizer into its
@@ -204,18 +208,22 @@ def prepend_special_token(tokenizer, token: str) -> None:
 
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == tokenizer.unk_token_id and token != tokenizer.unk_token:
-        raise ValueError(f"--bos-token {token!r} is not a token of this tokenizer")
+        raise BosTokenError(f"--bos-token {token!r} is not a token of this tokenizer")
+    if token not in tokenizer.all_special_tokens:
+        # A plain token would be pooled like the text's own tokens (only special ones are not).
+        raise BosTokenError(f"--bos-token {token!r} is not a special token of this tokenizer; "
+                            f"its special tokens: {' '.join(tokenizer.all_special_tokens)}")
     if tokenizer("a")["input_ids"][:1] == [token_id]:
         return
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ValueError("--bos-token needs a fast tokenizer (tokenizer.json)")
+        raise BosTokenError("--bos-token needs a fast tokenizer (tokenizer.json)")
     backend.post_processor = processors.TemplateProcessing(
         single=f"{token} $A", pair=f"{token} $A $B:1", special_tokens=[(token, token_id)]
     )
     tokenizer.bos_token = token
     if tokenizer("a")["input_ids"][:1] != [token_id]:
-        raise ValueError(f"could not make this tokenizer prepend {token!r}")
+        raise BosTokenError(f"could not make this tokenizer prepend {token!r}")
 
 
 def _base_arg(model) -> str:
