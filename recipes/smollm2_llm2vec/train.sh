@@ -5,7 +5,7 @@
 #   bash recipes/smollm2_llm2vec/train.sh [WORK_DIR] [SHIP_DIR]
 # WORK_DIR (default ~/l2v-default) gets the data and each stage's adapter, log and summary;
 # SHIP_DIR (default l2v_models/checkpoint/smollm2_llm2vec) gets mntp/ and simcse-supervised/
-# in float16. Every stage is seeded (--seed 0). On a 2-core CPU: about 13 + 20 + 17 minutes.
+# in float16. Every stage is seeded (--seed 0). On a 2-core CPU: about 16 + 20 + 35 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 W=${1:-$HOME/l2v-default}
@@ -30,7 +30,7 @@ LORA=(--lora-r 8 --lora-alpha 16 --seed 0 --threads "$THREADS" --exclude-eval --
 # 3. Supervised on top of MNTP + SimCSE: WordNet, paragraph and article triples with hard
 #    negatives (similarity scale 20, not llm2vec's 50: at 50 this short run got worse on Lee).
 ./run.sh train supervised --peft "$W/mntp" "$W/simcse" --data "$W/data/supervised.jsonl" \
-    --output "$W/supervised" "${LORA[@]}" --steps 100 --batch-size 32 --max-length 64 \
+    --output "$W/supervised" "${LORA[@]}" --steps 250 --batch-size 32 --max-length 64 \
     --lr 2e-4 --warmup-steps 10 --scale 20
 
 # Ship: the MNTP folder (adapter, config, tokenizer) and SimCSE + supervised stacked into one
