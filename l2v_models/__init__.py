@@ -10,6 +10,7 @@ import importlib
 
 _EXPORTS = {
     "LLM2Vec": "encoder",
+    "Embedder": "embedder",
     "Engine": "engine",
     "TokenizedTexts": "packing",
     "PackedBatch": "packing",

@@ -51,45 +51,33 @@ Attention is as llm2vec runs each family: bidirectional, except Qwen2, which llm
 encodes causally (its Qwen2BiModel keeps the causal mask); enable_bidirectional=False makes any
 family causal, and l2v's attention="bidirectional" makes Qwen2 truly bidirectional.
 
-Longer than ~500 lines on purpose: it is llm2vec 0.2.3's `LLM2Vec` contract in one place
-(from_pretrained's keywords, encode, tokenize, forward, save and the text helpers, each with the
-llm2vec behaviour it reproduces or changes); engine, text rules and checkpoints live elsewhere.
+`LLM2Vec` is an l2v_models.embedder.Embedder (text rules + engine + head) with llm2vec's API on
+top: any model l2v runs loads through it (a sentence-transformers folder too, with its own rules;
+llm2vec's settings pooling_mode, doc_max_length and skip_instruction exist for llm2vec models
+only). Beyond llm2vec: `prompt=` / `prompt_name=` and `truncate_dim=` in encode, encode_query /
+encode_document (see l2v_models.embedder). The text rules live in l2v_models.text_rules.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
+from l2v_models import text_rules as tr
 from l2v_models import tokenization as tk
-from l2v_models.engine import Engine, check_int
+from l2v_models.embedder import Embedder
 from l2v_models.packing import TokenizedTexts
 
 logger = logging.getLogger(__name__)
-
-_POOL_OP_MODE = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": "last",
-                 "last_token": "last", "bos_token": "last"}  # fmt: skip
 
 # Keywords transformers' from_pretrained takes that have no meaning for l2v's own kernels.
 _IGNORED_HF_KWARGS = ("attn_implementation", "low_cpu_mem_usage", "trust_remote_code",
                       "use_safetensors", "use_flash_attention_2")  # fmt: skip
 _OUR_KWARGS = ("backend", "base_weights_path", "max_tokens_per_batch", "cuda_graphs")
-
-
-def _check_settings(*, pooling_mode=None, max_length=None, doc_max_length=None,
-                    skip_instruction=None, max_tokens_per_batch=None) -> None:  # fmt: skip
-    """ValueError for an invalid encoder setting (None = not given)."""
-    if pooling_mode is not None and pooling_mode not in tk.POOLING_MODES:
-        raise ValueError(f"pooling_mode must be one of {tk.POOLING_MODES}, got {pooling_mode!r}")
-    check_int("max_length", max_length)
-    check_int("doc_max_length", doc_max_length, minimum=0)
-    if skip_instruction is not None and not isinstance(skip_instruction, (bool, np.bool_)):
-        raise ValueError(f"skip_instruction must be a bool, got {skip_instruction!r}")
-    check_int("max_tokens_per_batch", max_tokens_per_batch)
+_ENCODER_SETTINGS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
 
 
 def _parse_device_map(device_map):
@@ -124,111 +112,44 @@ def _parse_device_map(device_map):
     )
 
 
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    if a.type != b.type:
-        return False
-    if a.type != "cuda":
-        return True
-    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
-    return (a.index if a.index is not None else current) == (
-        b.index if b.index is not None else current
-    )
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+def _rule_setting(name: str):
+    """A property reading and writing the llm2vec rule's setting `name` (AttributeError naming
+    the difference for a model that follows another rule)."""
 
-
-def _as_pair(item) -> tuple[str, str] | None:
-    """An item's (instruction, text): a string, an [instruction, text] pair of strings, or
-    llm2vec's MEDI form [instruction, text, int] (the int, a dataset id, is ignored); else None."""
-    if isinstance(item, str):
-        return "", item
-    if not isinstance(item, (list, tuple, np.ndarray)) or len(item) not in (2, 3):
-        return None
-    if not (isinstance(item[0], str) and isinstance(item[1], str)):
-        return None
-    if len(item) == 3 and not _is_int(item[2]):
-        return None
-    return str(item[0]), str(item[1])
-
-
-def _check_unicode(pairs: Sequence[tuple[str, str]]) -> None:
-    """ValueError naming the item and position of a lone surrogate (not encodable text)."""
-    for i, pair in enumerate(pairs):
-        for part, s in zip(("instruction", "text"), pair, strict=True):
-            try:
-                s.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(
-                    f"sentences[{i}]: the {part} holds a lone surrogate (U+{ord(s[e.start]):04X} "
-                    f"at character {e.start}), which is not valid Unicode text; decode the input "
-                    "correctly (e.g. bytes.decode('utf-8', errors='replace'))"
-                ) from None
-
-
-def _normalize_sentences(sentences) -> tuple[list[tuple[str, str]], bool]:
-    """encode() input -> ([(instruction, text)], squeeze) where squeeze means a bare string.
-
-    Accepted: a string; a list whose items are strings, [instruction, text] pairs of strings or
-    llm2vec's MEDI form [instruction, text, int]; or one bare MEDI item. Anything else (e.g.
-    three strings) is a TypeError naming the item, never a silent drop. A lone surrogate is a
-    ValueError naming the item."""
-    if isinstance(sentences, str):
-        _check_unicode([("", sentences)])
-        return [("", sentences)], True
-    if isinstance(sentences, (bytes, bytearray, dict)) or not hasattr(sentences, "__iter__"):
-        raise TypeError(
-            "sentences must be a string, or a list of strings and [instruction, text] pairs; "
-            f"got {type(sentences).__name__}"
-        )
-    items = list(sentences)
-    # llm2vec's MEDI special case: one bare [instruction, text, int] item.
-    if len(items) == 3 and isinstance(items[0], str) and _as_pair(items) is not None:
-        items = [items]
-    pairs = []
-    for i, item in enumerate(items):
-        pair = _as_pair(item)
-        if pair is None:
-            raise TypeError(
-                f"sentences[{i}] must be a string, an [instruction, text] pair of strings or "
-                f"llm2vec's MEDI form [instruction, text, int]; got {type(item).__name__}: "
-                f"{item!r:.80}"
+    def get(self):
+        if not hasattr(self.rules, name):
+            raise AttributeError(
+                f"{name} is a setting of llm2vec models; this model follows "
+                f"{self.rules.kind}'s text rules"
             )
-        pairs.append(pair)
-    _check_unicode(pairs)
-    return pairs, False
+        return getattr(self.rules, name)
+
+    def set_(self, value):
+        get(self)
+        setattr(self.rules, name, value)
+
+    return property(get, set_, doc=f"llm2vec's {name} (read and written on the text rules).")
 
 
-def empty_text_indices(pairs: Sequence[tuple[str, str]]) -> list[int]:
-    """Indices of the items whose text is empty or whitespace only."""
-    return [i for i, (_, text) in enumerate(pairs) if not text.strip()]
-
-
-def warn_empty_texts(indices: Sequence[int], where: str = "sentences") -> None:
-    """One logging warning naming the empty texts (nothing when there are none)."""
-    if not indices:
-        return
-    shown = ", ".join(map(str, indices[:20])) + (
-        f", ... ({len(indices)} in all)" if len(indices) > 20 else ""
-    )
-    logger.warning(
-        "%d empty text%s at %s[%s]: an empty or whitespace-only text has no content, so its "
-        "embedding is that of its instruction and special tokens (or zeros); drop such texts if "
-        "that is not wanted",
-        len(indices), "" if len(indices) == 1 else "s", where, shown,
-    )  # fmt: skip
-
-
-class LLM2Vec:
+class LLM2Vec(Embedder):
     """llm2vec 0.2.3's `LLM2Vec` on the l2v model. Build with `from_pretrained`.
 
     Attributes llm2vec users touch: model (an l2v_models.model.Transformer), tokenizer,
     pooling_mode, max_length, doc_max_length, skip_instruction (all settable), config (the
     transformers config). Also: name_or_path (what the chat templates key on), device, dtype,
     max_tokens_per_batch (None = DEFAULT_TOKENS_PER_BATCH for the device), cuda_graphs (small
-    batches replayed from CUDA graphs, see l2v_models.cuda_graphs and `graph_runner()`).
+    batches replayed from CUDA graphs, see l2v_models.cuda_graphs and `graph_runner()`), and
+    everything an Embedder has (rules, engine, encode_query, encode_document, describe).
     """
+
+    pooling_mode = _rule_setting("pooling_mode")
+    max_length = _rule_setting("max_length")
+    doc_max_length = _rule_setting("doc_max_length")
+    skip_instruction = _rule_setting("skip_instruction")
+    name_or_path = _rule_setting("name_or_path")
+    config_family = _rule_setting("config_family")
 
     def __init__(
         self,
@@ -239,7 +160,7 @@ class LLM2Vec:
         doc_max_length: int = 400,
         skip_instruction: bool = True,
         *,
-        hf_config: Any = None,
+        hf_config=None,
         name_or_path: str | None = None,
         max_tokens_per_batch: int | None = None,
         cuda_graphs: bool = False,
@@ -249,31 +170,21 @@ class LLM2Vec:
                 f"LLM2Vec wraps an l2v_models.model.Transformer, got {type(model).__name__}; "
                 "load models with LLM2Vec.from_pretrained(...)"
             )
-        self.tokenizer = tokenizer
-        if tokenizer is not None:  # as llm2vec sets them (no padding is ever used here)
-            if getattr(tokenizer, "eos_token", None) is not None:
-                tokenizer.pad_token = tokenizer.eos_token
-            tokenizer.padding_side = "left"
-        self.pooling_mode = pooling_mode
-        self.max_length = max_length
-        self.doc_max_length = doc_max_length
-        self.skip_instruction = skip_instruction
-        self._check_settings(max_tokens_per_batch=max_tokens_per_batch)
-        # The engine runs the model: packing, forward, pooling (CUDA graphs when asked).
-        self.engine = Engine(
-            model, max_tokens_per_batch=max_tokens_per_batch, cuda_graphs=cuda_graphs
-        )
-        self.config = hf_config if hf_config is not None else model.config
         if name_or_path is None:
             name_or_path = str(getattr(hf_config, "_name_or_path", "") or "")
-        self.name_or_path = name_or_path
         # llm2vec tests isinstance(model.config, LlamaConfig/...); without a transformers config
         # (from_model) the l2v architecture name gives the same answer.
-        if hf_config is not None:
-            self.config_family = tk.config_family(hf_config)
-        else:
-            self.config_family = getattr(model.config, "arch", "")
-        self._load_args: dict | None = None
+        family = (tk.config_family(hf_config) if hf_config is not None
+                  else getattr(model.config, "arch", ""))  # fmt: skip
+        rules = tr.Llm2vecRules(
+            tokenizer, name_or_path=name_or_path, config_family=family,
+            pooling_mode=pooling_mode, max_length=max_length, doc_max_length=doc_max_length,
+            skip_instruction=skip_instruction,
+        )  # fmt: skip
+        rules.check()
+        super().__init__(model, rules, hf_config=hf_config,
+                         max_tokens_per_batch=max_tokens_per_batch,
+                         cuda_graphs=cuda_graphs)  # fmt: skip
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -288,7 +199,8 @@ class LLM2Vec:
         """Load like llm2vec 0.2.3's `LLM2Vec.from_pretrained`.
 
         base_model_name_or_path: HF model dir or hub id, an LLM2Vec `-mntp` dir or id, a .gguf
-        file, or None / "smollm2" for the embedded SmolLM2-135M-Instruct.
+        file, a sentence-transformers folder, or None / "smollm2-llm2vec" for the default encoder
+        (see Embedder.from_pretrained for every form).
         peft_model_name_or_path: the second LoRA adapter (supervised / SimCSE); its
         llm2vec_config.json (else the base's) gives the encoder defaults.
         merge_peft: accepted for compatibility; adapters are always merged into the weights.
@@ -300,15 +212,14 @@ class LLM2Vec:
         default, as llm2vec); torch_dtype / dtype (a torch dtype or "float32", "bfloat16",
         "float16", "auto"; default bf16 on CUDA, fp32 on CPU); device_map / device ("cpu",
         "cuda", "cuda:N", "auto", a GPU index, {"": N}; default CUDA when available); l2v's own
-        backend ("auto", "triton", "torch"), attention ("llm2vec", "bidirectional", "causal"),
-        base_weights_path, max_tokens_per_batch,
+        backend ("auto", "triton", "torch"), attention ("llm2vec", "config", "bidirectional",
+        "causal"), base_weights_path, max_tokens_per_batch,
         cuda_graphs (True: batches of up to 2048 tokens and 64 texts replay captured CUDA
         graphs; needs CUDA and the triton backend, else raises).
         attn_implementation, low_cpu_mem_usage, trust_remote_code and use_safetensors are
         accepted and ignored. Anything else raises TypeError.
         """
-        from l2v_models import checkpoint
-
+        del merge_peft  # adapters are always merged
         attention = kwargs.pop("attention", None)
         if not enable_bidirectional:
             if attention not in (None, "causal"):
@@ -317,15 +228,7 @@ class LLM2Vec:
                     f"{attention!r} was given too; pass one of them"
                 )
             attention = "causal"
-        if attention is not None and attention not in checkpoint.ATTENTION_MODES:
-            raise ValueError(
-                f"attention must be one of {checkpoint.ATTENTION_MODES}, got {attention!r}"
-            )
-        encoder_args = {}
-        for key in ("pooling_mode", "max_length", "doc_max_length", "skip_instruction"):
-            value = kwargs.pop(key, None)
-            if value is not None:
-                encoder_args[key] = value
+        settings = {key: kwargs.pop(key, None) for key in _ENCODER_SETTINGS}
         dtype = _pop_alias(kwargs, "torch_dtype", "dtype")
         device = _parse_device_map(_pop_alias(kwargs, "device_map", "device"))
         ours = {key: kwargs.pop(key) for key in _OUR_KWARGS if key in kwargs}
@@ -341,47 +244,10 @@ class LLM2Vec:
                 + (" (hub options: download the model and pass its local directory)"
                    if {"token", "revision", "cache_dir"} & set(kwargs) else "")
             )  # fmt: skip
-        # Validate what can be validated before the (slow) load.
-        max_tokens = ours.pop("max_tokens_per_batch", None)
-        _check_settings(max_tokens_per_batch=max_tokens, **encoder_args)
-        resolved_device = checkpoint.resolve_device(device)
-        checkpoint.resolve_dtype(dtype, resolved_device)
-        cuda_graphs = ours.pop("cuda_graphs", False)
-        if cuda_graphs is True and (
-            resolved_device.type != "cuda" or ours.get("backend", "auto") == "torch"
-        ):  # refused before the (slow) load; the constructor checks the loaded model too
-            raise ValueError(_graphs_refusal(
-                f"the model would run on {resolved_device} with backend="
-                f"{ours.get('backend', 'auto')!r}"
-            ))  # fmt: skip
-        load_args = dict(
-            base_model_name_or_path=base_model_name_or_path,
-            peft_model_name_or_path=peft_model_name_or_path,
-            dtype=dtype,
-            backend=ours.get("backend", "auto"),
-            base_weights_path=ours.get("base_weights_path"),
-            attention=attention or "llm2vec",
-        )
-        loaded = checkpoint.load_model(device=resolved_device, **load_args)
-
-        settings = dict(tk.DEFAULT_ENCODER_ARGS)
-        for key, value in loaded.llm2vec_config.items():
-            if key in settings:
-                settings[key] = value
-            else:
-                logger.warning("l2v: ignoring unknown llm2vec_config.json key %r", key)
-        settings.update(encoder_args)
-        encoder = cls(
-            loaded.model,
-            loaded.tokenizer,
-            hf_config=loaded.hf_config,
-            name_or_path=loaded.name_or_path,
-            max_tokens_per_batch=max_tokens,
-            cuda_graphs=cuda_graphs,
-            **settings,
-        )
-        encoder._load_args = load_args
-        return encoder
+        return super().from_pretrained(
+            base_model_name_or_path, peft_model_name_or_path, dtype=dtype, device=device,
+            attention=attention, **ours, **settings,
+        )  # fmt: skip
 
     @classmethod
     def from_model(cls, model, tokenizer=None, **kwargs) -> LLM2Vec:
@@ -391,47 +257,10 @@ class LLM2Vec:
 
     # ------------------------------------------------------------------ properties
     @property
-    def model(self):
-        """The l2v Transformer (the engine's)."""
-        return self.engine.model
-
-    @model.setter
-    def model(self, model) -> None:
-        self.engine.model = model
-
-    @property
-    def max_tokens_per_batch(self) -> int | None:
-        return self.engine.max_tokens_per_batch
-
-    @max_tokens_per_batch.setter
-    def max_tokens_per_batch(self, value) -> None:
-        self.engine.max_tokens_per_batch = check_int("max_tokens_per_batch", value)
-
-    @property
-    def cuda_graphs(self) -> bool:
-        return self.engine.cuda_graphs
-
-    @property
-    def device(self) -> torch.device:
-        return self.engine.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.engine.dtype
-
-    @property
-    def hidden_size(self) -> int:
-        return self.engine.hidden_size
-
-    @property
     def engine_pool_mode(self) -> str:
-        """The engine's pooling mode for this encoder's pooling_mode ("mean", "weighted_mean" or
-        "last"; eos_token / last_token / bos_token pool one token, picked by the pool spans)."""
-        return _POOL_OP_MODE[self.pooling_mode]
-
-    def graph_runner(self):
-        """The engine's l2v_models.cuda_graphs.BucketedGraphRunner (see Engine.graph_runner)."""
-        return self.engine.graph_runner()
+        """The engine's pooling op for this model ("mean", "weighted_mean", "max" or "last";
+        eos_token / last_token / bos_token pool one token, picked by the pool spans)."""
+        return self.rules.pool_mode
 
     def eval(self) -> LLM2Vec:  # llm2vec is an nn.Module; code calls .eval() on it
         return self
@@ -441,14 +270,8 @@ class LLM2Vec:
         self._place(device)
         return self
 
-    def _check_settings(self, **extra) -> None:
-        _check_settings(
-            pooling_mode=self.pooling_mode,
-            max_length=self.max_length,
-            doc_max_length=self.doc_max_length,
-            skip_instruction=self.skip_instruction,
-            **extra,
-        )
+    def _check_settings(self) -> None:
+        self.rules.check()
 
     # ------------------------------------------------------------------ llm2vec text methods
     def _convert_to_str(self, instruction: str, text: str) -> str:
@@ -501,7 +324,7 @@ class LLM2Vec:
         texts. As in llm2vec, the pooled text part is the last N real tokens, N =
         embed_mask.sum() of the row; without embed_mask every token is pooled."""
         texts = self._texts_from_features(sentence_feature)
-        return self.engine.embed(texts, mode=self.engine_pool_mode)
+        return self.embed(texts)
 
     __call__ = forward  # llm2vec is an nn.Module: model(features) runs forward
 
@@ -600,6 +423,11 @@ class LLM2Vec:
             raise ValueError(
                 "this LLM2Vec has no tokenizer (built with from_model); use encode_token_ids"
             )
+        if not isinstance(self.rules, tr.Llm2vecRules):
+            raise ValueError(
+                f"this is llm2vec's API for llm2vec's text rules; the model follows "
+                f"{self.rules.kind}'s: use encode() / prepare()"
+            )
 
     def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> tk.Tokenized:
         """(instruction, text) pairs -> per text token ids + embed length (llm2vec's rules)."""
@@ -626,34 +454,29 @@ class LLM2Vec:
         *,
         normalize_embeddings: bool = False,
         max_tokens_per_batch: int | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        truncate_dim: int | None = None,
     ):
         """Embed texts -> float32 CPU tensor [N, D] in input order (numpy with convert_to_numpy).
 
-        sentences: a string (-> one embedding, shape [D]), or a list of strings and
-        [instruction, text] pairs. batch_size: at most this many texts per forward pass
-        (default: no limit, the token budget decides). max_tokens_per_batch: real tokens per
+        llm2vec's signature. sentences: a string (-> one embedding, shape [D]), or a list of
+        strings and [instruction, text] pairs. batch_size: at most this many texts per forward
+        pass (default: no limit, the token budget decides). max_tokens_per_batch: real tokens per
         forward pass (default: self.max_tokens_per_batch, else 16384 on CUDA, 4096 on CPU; a
         longer text goes alone). Results do not depend on either, up to rounding.
         device: run there (the model is re-loaded on that device if it lives elsewhere).
-        normalize_embeddings: L2-normalize each embedding.
+        normalize_embeddings: L2-normalize each embedding. prompt / prompt_name: the
+        instruction (prompt) for inputs without one; truncate_dim: keep the first this many
+        features (see l2v_models.embedder).
         """
-        pairs, squeeze = _normalize_sentences(sentences)
-        self._check_settings()
-        if device is not None:
-            self._place(device)
-        out = self.engine.embed(
-            self.prepare_texts(pairs),
-            mode=self.engine_pool_mode,
-            normalize=normalize_embeddings,
-            max_tokens=max_tokens_per_batch,
-            max_texts=batch_size,
-            progress=show_progress_bar,
-        )
-        if squeeze:
-            out = out[0]
-        if convert_to_numpy and not convert_to_tensor:
-            return out.numpy()
-        return out
+        return self._encode(
+            sentences, prompt_name=prompt_name, prompt=prompt, batch_size=batch_size,
+            show_progress_bar=show_progress_bar, convert_to_numpy=convert_to_numpy,
+            convert_to_tensor=convert_to_tensor, device=device,
+            normalize_embeddings=normalize_embeddings, truncate_dim=truncate_dim,
+            max_tokens_per_batch=max_tokens_per_batch,
+        )  # fmt: skip
 
     def encode_token_ids(
         self,
@@ -676,73 +499,20 @@ class LLM2Vec:
         if len(embed_lengths) != n:
             raise ValueError(f"got {n} texts but {len(embed_lengths)} embed lengths")
         texts = self.texts_from_token_ids(input_ids, embed_lengths)
-        return self.engine.embed(
-            texts,
-            mode=self.engine_pool_mode,
-            normalize=normalize_embeddings,
-            max_tokens=max_tokens_per_batch,
-            max_texts=batch_size,
-            progress=show_progress_bar,
-        )
-
-    def prepare_texts(self, sentences) -> TokenizedTexts:
-        """encode()'s input (strings and [instruction, text] pairs) -> the engine's
-        TokenizedTexts, by llm2vec's text rules and this encoder's settings. What the server and
-        the corpus runner call off the model's thread; `engine.embed` then runs them."""
-        pairs, _ = _normalize_sentences(sentences)
-        self._check_settings()
-        warn_empty_texts(empty_text_indices(pairs))
-        tokens = self.tokenize_pairs(pairs)
-        return self.texts_from_token_ids(tokens.input_ids, tokens.embed_lengths)
+        return self.embed(
+            texts, normalize=normalize_embeddings, batch_size=batch_size,
+            max_tokens_per_batch=max_tokens_per_batch, show_progress_bar=show_progress_bar,
+        )  # fmt: skip
 
     def texts_from_token_ids(self, input_ids, embed_lengths) -> TokenizedTexts:
         """Token ids + llm2vec embed lengths -> the engine's TokenizedTexts (pool spans by this
-        encoder's pooling_mode and skip_instruction; see _pool_spans)."""
-        n = len(input_ids)
-        lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=n)
-        starts, counts = self._pool_spans(input_ids, lengths, embed_lengths)
-        return TokenizedTexts(input_ids, starts, counts)
-
-    def _pool_spans(self, input_ids, lengths: np.ndarray, embed_lengths) -> tuple[np.ndarray, ...]:
-        """Per text (start, count) of the pooled tokens, llm2vec's rules (see module doc)."""
-        n_embed = np.minimum(np.asarray(embed_lengths, dtype=np.int64).reshape(-1), lengths)
-        n_embed = np.maximum(n_embed, 0)
-        mode = self.pooling_mode
-        if mode in ("eos_token", "last_token"):
-            return np.maximum(lengths - 1, 0), np.ones_like(lengths)
-        if mode == "bos_token":
-            bos = getattr(self.tokenizer, "bos_token_id", None) if self.tokenizer else None
-            starts = np.array([_first_index(ids, bos) for ids in input_ids], dtype=np.int64)
-            return starts, np.ones_like(lengths)
-        if not self.skip_instruction:
-            return np.zeros_like(lengths), lengths.copy()
-        if mode == "mean":  # N = 0: llm2vec's h[-0:] is the whole (unpadded) sequence
-            counts = np.where(n_embed > 0, n_embed, lengths)
-        else:  # weighted_mean: N = 0 gives zero weights, i.e. zeros, in llm2vec too
-            counts = n_embed
-        return lengths - counts, counts
-
-    def _place(self, device) -> None:
-        """Make the model live on `device`, re-loading it there when it lives elsewhere."""
-        from l2v_models import checkpoint
-
-        target = checkpoint.resolve_device(device)
-        if _same_device(target, self.device):
-            return
-        if self._load_args is None:
+        encoder's pooling_mode and skip_instruction; see text_rules.Llm2vecRules.pool_spans)."""
+        if not isinstance(self.rules, tr.Llm2vecRules):
             raise ValueError(
-                f"the model lives on {self.device} and was not loaded by from_pretrained, so it "
-                f"cannot be moved to {target}; build it on that device"
+                "embed lengths are llm2vec's embed mask; this model follows "
+                f"{self.rules.kind}'s text rules: pass texts to encode() instead"
             )
-        logger.info("l2v: re-loading the model on %s (it was on %s)", target, self.device)
-        self.model = checkpoint.load_model(device=target, **self._load_args).model
-
-
-def _graphs_refusal(problem: str) -> str:
-    return (
-        f"cuda_graphs=True needs the model on a CUDA device with the triton backend, but "
-        f"{problem}; pass cuda_graphs=False (the default)"
-    )
+        return self.rules.texts_from_token_ids(input_ids, embed_lengths)
 
 
 def _pop_alias(kwargs: dict, name: str, alias: str):
@@ -750,13 +520,3 @@ def _pop_alias(kwargs: dict, name: str, alias: str):
     if a is not None and b is not None and a != b:
         raise ValueError(f"got both {name}={a!r} and {alias}={b!r}; pass one")
     return a if a is not None else b
-
-
-def _first_index(ids, token_id) -> int:
-    """Position of the first `token_id` in ids, 0 when absent (or token_id is None)."""
-    if token_id is None:
-        return 0
-    try:
-        return list(ids).index(token_id)
-    except ValueError:
-        return 0

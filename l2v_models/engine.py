@@ -5,8 +5,12 @@
     batch = pack(texts, idx).to(engine.device)               # or drive it batch by batch:
     pooled = engine.forward(batch, mode="mean")              # fp32 [B, D] on the device
 
-The encoder (llm2vec's text rules), the server (continuous batching), the corpus runner (Ray
-actors) and the trainer call this; it knows nothing about instructions or chat templates.
+The embedder (text rules), the server (continuous batching), the corpus runner (Ray actors) and
+the trainer call this; it knows nothing about instructions, prompts or chat templates.
+
+After pooling: the model's head (l2v_models.head: Dense layers, Normalize; none for LLM2Vec
+models), then Matryoshka truncation (`truncate_dim`) and L2 normalization when asked. Without a
+head or truncation, normalization runs inside the pooling kernel.
 
 Contract:
 - `embed` returns rows in the caller's order, whatever the batching: texts are planned into
@@ -29,6 +33,7 @@ import logging
 import numpy as np
 import torch
 
+from l2v_models.head import Head, check_truncate_dim, finish_rows
 from l2v_models.packing import PackedBatch, TokenizedTexts, pack, plan_batches
 
 logger = logging.getLogger(__name__)
@@ -57,7 +62,8 @@ class Engine:
     model: an l2v_models.model.Transformer. max_tokens_per_batch: real tokens per forward pass
     (default 16384 on CUDA, 4096 on CPU; a longer text runs alone). max_texts_per_batch: at most
     this many texts per pass (default: no limit). cuda_graphs: replay small batches from captured
-    CUDA graphs (CUDA + triton backend only; ValueError elsewhere).
+    CUDA graphs (CUDA + triton backend only; ValueError elsewhere). head: what runs after pooling
+    (l2v_models.head.Head; default none).
     """
 
     def __init__(
@@ -67,6 +73,7 @@ class Engine:
         max_tokens_per_batch: int | None = None,
         max_texts_per_batch: int | None = None,
         cuda_graphs: bool = False,
+        head: Head | None = None,
     ):
         if not (hasattr(model, "pool") and hasattr(model, "config") and callable(model)):
             raise TypeError(
@@ -78,6 +85,12 @@ class Engine:
         if not isinstance(cuda_graphs, (bool, np.bool_)):
             raise ValueError(f"cuda_graphs must be a bool, got {cuda_graphs!r}")
         self.cuda_graphs = bool(cuda_graphs)
+        self.head = head if head is not None else Head.identity(model.config.hidden_size)
+        if self.head.in_dim != model.config.hidden_size:
+            raise ValueError(
+                f"the head takes {self.head.in_dim} features but the model gives "
+                f"{model.config.hidden_size}"
+            )
         self._graphs = None
         if self.cuda_graphs:
             self.graph_runner()  # fail now, not at the first batch
@@ -94,6 +107,11 @@ class Engine:
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
+
+    @property
+    def dimension(self) -> int:
+        """Features per output row (after the head, before any truncation)."""
+        return self.head.out_dim
 
     @property
     def vocab_size(self) -> int:
@@ -144,21 +162,31 @@ class Engine:
         max_texts = check_int("batch_size", max_texts) or self.max_texts_per_batch
         return plan_batches(texts.lengths, max_tokens, max_texts)
 
-    def forward(self, batch: PackedBatch, mode: str = "mean", normalize: bool = False):
-        """Pooled fp32 [B, D] of one packed batch on the model's device (no validation, no
+    def forward(
+        self, batch: PackedBatch, mode: str = "mean", normalize: bool = False,
+        truncate_dim: int | None = None,
+    ):  # fmt: skip
+        """Output rows fp32 [B, D] of one packed batch on the model's device: pooled, through the
+        head, truncated to truncate_dim features and L2-normalized when asked (no validation, no
         host sync: build the batch with packing.pack from checked texts)."""
         if mode not in POOL_MODES:
             raise ValueError(f"pooling mode must be one of {POOL_MODES}, got {mode!r}")
         model = self.model
         if batch.device != self.device:
             batch = batch.to(self.device)
+        after = not self.head.is_identity or truncate_dim is not None
+        in_kernel = normalize and not after
         graphs = self.graph_runner() if self.cuda_graphs else None
         if graphs is not None and graphs.fits(batch.num_tokens, batch.num_texts):
-            return graphs(batch, mode, normalize)
-        hidden = model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, batch.positions,
-                       check_inputs=False)  # fmt: skip
-        return model.pool(hidden, batch.pool_mask, batch.cu_seqlens, mode, normalize,
-                          check_inputs=False)  # fmt: skip
+            pooled = graphs(batch, mode, in_kernel)
+        else:
+            hidden = model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, batch.positions,
+                           check_inputs=False)  # fmt: skip
+            pooled = model.pool(hidden, batch.pool_mask, batch.cu_seqlens, mode, in_kernel,
+                                check_inputs=False)  # fmt: skip
+        if not after:
+            return pooled
+        return finish_rows(self.head(pooled), truncate_dim=truncate_dim, normalize=normalize)
 
     def embed(
         self,
@@ -166,22 +194,26 @@ class Engine:
         *,
         mode: str = "mean",
         normalize: bool = False,
+        truncate_dim: int | None = None,
         max_tokens: int | None = None,
         max_texts: int | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Pooled float32 [N, D] CPU rows of all texts, in their order.
+        """Output float32 [N, D] CPU rows of all texts, in their order (D = truncate_dim, else
+        the head's output dimension).
 
-        mode: "mean", "weighted_mean" or "last" over each text's pool span. normalize:
-        L2-normalize each row. max_tokens / max_texts: this call's budgets (default: the
+        mode: "mean", "weighted_mean", "max" or "last" over each text's pool span. normalize:
+        L2-normalize each row (after truncation). truncate_dim: keep the first this many
+        features (Matryoshka). max_tokens / max_texts: this call's budgets (default: the
         engine's). progress: a tqdm bar over the forward passes.
         """
         from tqdm.auto import tqdm
 
         if mode not in POOL_MODES:
             raise ValueError(f"pooling mode must be one of {POOL_MODES}, got {mode!r}")
+        truncate_dim = check_truncate_dim(truncate_dim, self.dimension)
         n = len(texts)
-        out = torch.zeros(n, self.hidden_size, dtype=torch.float32)
+        out = torch.zeros(n, truncate_dim or self.dimension, dtype=torch.float32)
         if n == 0:
             return out
         self.check_token_ids(texts)
@@ -210,7 +242,7 @@ class Engine:
         ):
             for rows in batches:
                 batch = pack(texts, rows).to(device)
-                pooled = self.forward(batch, mode, normalize)
+                pooled = self.forward(batch, mode, normalize, truncate_dim)
                 pending.append((rows, pooled))
                 pending_bytes += pooled.numel() * 4
                 if not cuda or pending_bytes >= _FLUSH_BYTES:

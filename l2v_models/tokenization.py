@@ -78,14 +78,15 @@ def config_family(hf_config: Any) -> str:
     return ""
 
 
-def _token_lengths(tokenizer, texts: Sequence[str], max_length: int) -> list[int]:
-    """len(tokenizer(text, add_special_tokens=False, truncation=True, max_length)) per text."""
+def token_lengths(tokenizer, texts: Sequence[str], max_length: int | None) -> list[int]:
+    """len(tokenizer(text, add_special_tokens=False, truncation=True, max_length)) per text
+    (no truncation when max_length is None)."""
     if not texts:
         return []
     enc = tokenizer(
         list(texts),
         add_special_tokens=False,
-        truncation=True,
+        truncation=max_length is not None,
         max_length=max_length,
         return_attention_mask=False,
     )
@@ -112,7 +113,7 @@ def truncate_by_words(
     (`truncate_by_tokens`), so a non-empty text never becomes empty. False: llm2vec exactly.
     """
     texts = list(texts)
-    lengths = _token_lengths(tokenizer, texts, max_length)
+    lengths = token_lengths(tokenizer, texts, max_length)
     pending = [i for i, n in enumerate(lengths) if n > doc_max_length]
     while pending:
         by_tokens = []
@@ -129,7 +130,7 @@ def truncate_by_words(
             )
         done = set(by_tokens)
         pending = [i for i in pending if i not in done]
-        new_lengths = _token_lengths(tokenizer, [texts[i] for i in pending], max_length)
+        new_lengths = token_lengths(tokenizer, [texts[i] for i in pending], max_length)
         for i, n in zip(pending, new_lengths, strict=True):
             lengths[i] = n
         pending = [i for i in pending if lengths[i] > doc_max_length]
@@ -158,18 +159,18 @@ def truncate_by_tokens(tokenizer, text: str, max_length: int, budget: int) -> tu
             end = max(o[1] for o in offsets)
     except (NotImplementedError, ValueError, TypeError, KeyError):  # slow tokenizer: no offsets
         pass
-    (n,) = _token_lengths(tokenizer, [text[:end]], max_length)
+    (n,) = token_lengths(tokenizer, [text[:end]], max_length)
     if n <= budget:
         return text[:end], n
     lo, hi = 0, end  # count(text[:lo]) <= budget < count(text[:hi])
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        (m,) = _token_lengths(tokenizer, [text[:mid]], max_length)
+        (m,) = token_lengths(tokenizer, [text[:mid]], max_length)
         if m <= budget:
             lo = mid
         else:
             hi = mid
-    (n,) = _token_lengths(tokenizer, [text[:lo]], max_length)
+    (n,) = token_lengths(tokenizer, [text[:lo]], max_length)
     return text[:lo], n
 
 
@@ -184,6 +185,13 @@ def convert_to_str(
     """llm2vec's `LLM2Vec._convert_to_str` for one pair."""
     (text,), _ = truncate_by_words(tokenizer, [text], max_length, doc_max_length)
     return join_instruction(instruction, text)
+
+
+def has_chat_template(name_or_path: str) -> bool:
+    """Whether llm2vec wraps texts of the model with this `_name_or_path` in a chat template."""
+    return name_or_path == _LLAMA3_INSTRUCT or name_or_path in (
+        _INST_WRAPPED + _GEMMA_WRAPPED + _QWEN_WRAPPED
+    )
 
 
 def prepare_for_tokenization(text: str, name_or_path: str, family: str, pooling_mode: str) -> str:
@@ -262,7 +270,7 @@ def tokenize(
                 n_text[i] = n
     todo = [i for i, n in enumerate(n_text) if n is None]
     for i, n in zip(
-        todo, _token_lengths(tokenizer, [text_parts[i] for i in todo], max_length), strict=True
+        todo, token_lengths(tokenizer, [text_parts[i] for i in todo], max_length), strict=True
     ):
         n_text[i] = n
     embed_lengths = [min(n, len(x)) for n, x in zip(n_text, ids, strict=True)]

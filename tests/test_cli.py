@@ -271,7 +271,9 @@ def test_unexpected_errors_are_one_line_too(model_dir, capsys, monkeypatch):
     def boom(args):
         raise KeyError("some_key")
 
-    monkeypatch.setattr(cli, "cmd_info", boom)
+    from l2v_models import info_cli
+
+    monkeypatch.setattr(info_cli, "cmd_info", boom)
     rc, out, err = run(["info"], capsys)
     assert rc == 1 and out == "" and err.count("\n") == 1
     assert err.startswith("l2v: error: internal error (KeyError") and "--debug" in err

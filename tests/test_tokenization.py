@@ -322,7 +322,7 @@ def test_empty_and_whitespace_texts(tok):
 
 def test_batched_calls_equal_single_calls(tok):
     texts = ["hello world", "", "  x ", "The quick brown fox", "supercalifragilistic " * 3]
-    batched = tk._token_lengths(tok, texts, 8)
+    batched = tk.token_lengths(tok, texts, 8)
     single = [
         len(tok(t, add_special_tokens=False, truncation=True, max_length=8)["input_ids"])
         for t in texts

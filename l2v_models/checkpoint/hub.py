@@ -35,6 +35,10 @@ _HUB_META = [
     "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "*.model", "adapter_config.json",
     "adapter_model.safetensors", "llm2vec_config.json",
+    # sentence-transformers folders: the module list, settings, prompts and the modules' own
+    # folders (Pooling, Dense weights, ...).
+    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+    "[0-9]*_*/*",
 ]  # fmt: skip
 
 

@@ -43,6 +43,7 @@ from l2v_models.checkpoint.sources import (
 )
 from l2v_models.config import ModelConfig
 from l2v_models.model import Transformer, resolve_backend
+from l2v_models.st_folder import read_st_folder
 
 logger = logging.getLogger(__name__)
 
@@ -57,21 +58,35 @@ class Loaded:
     name_or_path: str  # config `_name_or_path` as llm2vec 0.2.3 resolves it (chat templates)
     hf_config: Any  # the transformers config (its class picks llm2vec's eos suffix)
     llm2vec_config: dict = field(default_factory=dict)
+    # A sentence-transformers folder's modules (l2v_models.st_folder.StFolder), else None.
+    st_folder: Any = None
+    attention: str = "llm2vec"  # the attention mode the model was loaded with (resolved)
 
 
-ATTENTION_MODES = ("llm2vec", "bidirectional", "causal")
+# llm2vec: as llm2vec 0.2.3 runs the family; config: as the model's config.json says
+# (`is_causal`, `use_bidirectional_attention`); bidirectional / causal: forced.
+ATTENTION_MODES = ("llm2vec", "config", "bidirectional", "causal")
 
 
-def attention_is_causal(attention: str, config: ModelConfig) -> bool:
+def attention_is_causal(attention: str, config: ModelConfig, hf_dict: dict | None = None) -> bool:
     """Whether the model attends causally: "causal" -> yes, "bidirectional" -> no, "llm2vec" ->
-    as llm2vec 0.2.3 runs the family. llm2vec's Qwen2BiModel never removes the causal mask (its
-    outputs equal the causal Qwen2's to 6e-7, under sdpa and eager attention), so every Qwen2
-    adapter trained with llm2vec learned causal attention: l2v reproduces that by default, and
-    attention="bidirectional" gives a truly bidirectional Qwen2 (what l2v's own recipe trains)."""
+    as llm2vec 0.2.3 runs the family, "config" -> as the config.json dict `hf_dict` says.
+
+    llm2vec: llm2vec's Qwen2BiModel never removes the causal mask (its outputs equal the causal
+    Qwen2's to 6e-7, under sdpa and eager attention), so every Qwen2 adapter trained with llm2vec
+    learned causal attention: l2v reproduces that, and attention="bidirectional" gives a truly
+    bidirectional Qwen2 (what l2v's own recipe trains).
+    config (sentence-transformers folders): bidirectional when config.json has `is_causal: false`
+    (read by transformers >= 5.2) or `use_bidirectional_attention: true` (Gemma-3 /
+    EmbeddingGemma), causal otherwise, as transformers builds the model; never guessed from a name.
+    """
     if attention == "causal":
         return True
     if attention == "bidirectional":
         return False
+    if attention == "config":
+        d = hf_dict or {}
+        return not (d.get("is_causal") is False or d.get("use_bidirectional_attention") is True)
     return config.spec.llm2vec_causal
 
 
@@ -123,7 +138,7 @@ def load_model(
     device=None,
     backend: str = "auto",
     base_weights_path=None,
-    attention: str = "llm2vec",
+    attention: str | None = None,
 ) -> Loaded:
     """Load tokenizer, configs and weights (adapters merged) for the l2v encoder.
 
@@ -136,12 +151,15 @@ def load_model(
     device: "cpu", "cuda", "cuda:N" (default CUDA when available).
     backend: "auto", "triton" or "torch" (see l2v_models.model.resolve_backend).
     base_weights_path: local copy of the base weights a -mntp adapter names (offline / gated).
-    attention: "llm2vec" (default: as llm2vec 0.2.3 encodes the family: bidirectional, except
-    Qwen2, which llm2vec encodes causally), "bidirectional" or "causal" (see attention_mode).
+    attention: None (the model's own: "config" for a sentence-transformers folder, else
+    "llm2vec": as llm2vec 0.2.3 encodes the family, bidirectional except Qwen2), "llm2vec",
+    "config", "bidirectional" or "causal" (see attention_is_causal).
+    A sentence-transformers folder (modules.json) is read with l2v_models.st_folder: the decoder
+    comes from its Transformer module's folder, the modules are returned in `st_folder`.
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    if attention not in ATTENTION_MODES:
+    if attention is not None and attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -161,6 +179,8 @@ def load_model(
         base_model_name_or_path = PACKAGED_MODELS[str(base_model_name_or_path).lower()]()
     base_arg = str(base_model_name_or_path)
     adapters: list[LoraAdapter] = []
+    st_folder = None
+    hf_dict: dict = {}
 
     if base_arg.endswith(".gguf"):
         gguf = Path(base_arg).expanduser()
@@ -180,6 +200,9 @@ def load_model(
         name_or_path = base_arg
     else:
         base_dir = _resolve_dir(base_arg, "base model")
+        st_folder = read_st_folder(base_dir)
+        if st_folder is not None:
+            base_dir = st_folder.transformer_dir
         _read_json(base_dir / "config.json", f"base model {base_arg!r}")
         redirected = None
         if (base_dir / "adapter_config.json").is_file():  # LLM2Vec -mntp layout
@@ -208,8 +231,14 @@ def load_model(
         cfg_file = base_dir / "config.json"
         if weights_dir is not None and (weights_dir / "config.json").is_file():
             cfg_file = weights_dir / "config.json"
+        hf_dict = _read_json(cfg_file, "config")
+        if hf_dict.get("auto_map"):
+            raise ValueError(
+                f"{cfg_file}: the model needs its own code (auto_map {sorted(hf_dict['auto_map'])}"
+                "); l2v runs only the architectures it implements"
+            )
         try:
-            config = ModelConfig.from_hf_config(_read_json(cfg_file, "config"))
+            config = ModelConfig.from_hf_config(hf_dict)
         except CheckpointError:
             raise
         except ValueError as e:
@@ -233,7 +262,9 @@ def load_model(
         peft_dir = _resolve_dir(str(peft_model_name_or_path), "LoRA adapter")
         adapters.append(read_lora_adapter(peft_dir))
 
-    config = dataclasses.replace(config, causal=attention_is_causal(attention, config))
+    if attention is None:
+        attention = "config" if st_folder is not None else "llm2vec"
+    config = dataclasses.replace(config, causal=attention_is_causal(attention, config, hf_dict))
     backend = resolve_backend(backend, device, config)
     state = convert_weights(config, source, adapters=adapters, dtype=dtype, device=device)
     model = Transformer.from_state_dict(config, state, backend)
@@ -246,5 +277,7 @@ def load_model(
         name_or_path=name_or_path,
         hf_config=hf_config,
         llm2vec_config=_read_llm2vec_config(str(config_addr)),
+        st_folder=st_folder,
+        attention=attention,
     )
 

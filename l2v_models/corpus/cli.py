@@ -80,9 +80,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="N",
         help="rows per Ray batch (default: 1024)",
     )
-    from l2v_models.cli import add_model_options
+    from l2v_models.model_options import add_model_options
 
-    add_model_options(p, device_help="cpu or cuda (default: the worker's GPU, else cpu)",
+    add_model_options(p, prompts=False, truncate_dim=False,
+                      device_help="cpu or cuda (default: the worker's GPU, else cpu)",
                       model_note="; every worker must be able to read it")  # fmt: skip
     p.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -106,7 +107,8 @@ def _check_model_paths(args, usage_error) -> None:
 
 
 def cmd_encode_corpus(args) -> int:
-    from l2v_models.cli import UsageError, _check_gguf_support, encoder_kwargs
+    from l2v_models.errors import UsageError
+    from l2v_models.model_options import check_model_available, model_kwargs
 
     try:
         import pyarrow  # noqa: F401
@@ -121,8 +123,8 @@ def cmd_encode_corpus(args) -> int:
     from l2v_models.corpus.runner import describe_ray_error, encode_corpus
 
     _check_model_paths(args, UsageError)
-    _check_gguf_support(args.model)
-    model_kwargs = encoder_kwargs(args)
+    check_model_available(args.model)
+    loading = model_kwargs(args)
     fields = Fields(id=args.id_field, text=args.text_field, instruction=args.instruction_field)
     try:
         result = encode_corpus(
@@ -139,7 +141,7 @@ def cmd_encode_corpus(args) -> int:
             batch_texts=args.batch_texts,
             ray_address=args.ray_address,
             progress=not args.quiet,
-            **model_kwargs,
+            **loading,
         )
     except CorpusInputError as e:
         raise UsageError(str(e)) from e

@@ -32,9 +32,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "model-minus-reference differences; "
         "--output writes JSON.",
     )
-    from l2v_models.cli import add_model_options
+    from l2v_models.model_options import add_model_options
 
-    add_model_options(p)
+    add_model_options(p, prompts=False, truncate_dim=False)
     p.add_argument("--name", default=None, help="the model's name in the table")
     p.add_argument(
         "--tasks",
@@ -89,7 +89,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _split(value: str, allowed, what: str) -> list[str]:
-    from l2v_models.cli import UsageError
+    from l2v_models.errors import UsageError
 
     names = [v.strip() for v in value.split(",") if v.strip()]
     if names == ["none"] and what == "reference":
@@ -109,11 +109,12 @@ def cmd_eval(args) -> int:
     from pathlib import Path
 
     from l2v_models.checkpoint import BASE_MODEL
-    from l2v_models.cli import UsageError, _check_gguf_support, encoder_kwargs
+    from l2v_models.errors import UsageError
     from l2v_models.eval import encoders as enc
     from l2v_models.eval import runner
     from l2v_models.eval.tasks import TASKS, get_task
     from l2v_models.eval.wordnet import DataMissing
+    from l2v_models.model_options import check_model_available, model_kwargs
 
     if args.list:
         for name, cls in TASKS.items():
@@ -135,13 +136,13 @@ def cmd_eval(args) -> int:
             tasks.append(get_task(name).load(limit=args.limit))
         except DataMissing as e:
             raise UsageError(f"task {name}: {e}") from None
-    kwargs = encoder_kwargs(args)
+    kwargs = model_kwargs(args)
     # The reference "untrained" row shares the device options, not the model's own settings.
     common = {k: kwargs.pop(k) for k in ("torch_dtype", "device_map", "backend") if k in kwargs}
     common["batch_tokens"] = kwargs.pop("max_tokens_per_batch", None)
     model = enc.L2VEncoder(args.name or _model_name(args), args.model, args.peft, **kwargs,
                            **common)  # fmt: skip
-    _check_gguf_support(args.model)
+    check_model_available(args.model)
     encoders = [model]
     for name in ref_names:
         if name == "tfidf":

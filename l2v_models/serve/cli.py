@@ -26,10 +26,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "/v1/models and /metrics (Prometheus). Texts of concurrent requests share forward "
         "passes (continuous token-budget batching); results equal `l2v encode`.",
     )
-    from l2v_models.cli import add_model_options
+    from l2v_models.model_options import add_model_options
 
     model = p.add_argument_group("model (as in `l2v encode`)")
-    add_model_options(model, batching=False)  # --max-length / --batch-tokens: limits below
+    # --max-length / --batch-tokens are limits below; prompts and dimensions come per request.
+    add_model_options(model, batching=False, prompts=False, truncate_dim=False)
     model.add_argument("--cuda-graphs", action="store_true",
                        help="replay passes of up to 2048 tokens / 64 texts from CUDA graphs "
                        "(CUDA + triton backend; captured at start-up): small passes are "
@@ -126,7 +127,7 @@ def cmd_serve(args) -> int:
     import logging
 
     from l2v_models.checkpoint import model_label
-    from l2v_models.cli import _check_gguf_support, encoder_kwargs
+    from l2v_models.model_options import check_model_available, model_kwargs
 
     settings_kwargs = dict(
         max_batch_tokens=args.max_batch_tokens,
@@ -155,7 +156,7 @@ def cmd_serve(args) -> int:
         ) from None
     settings = ServeSettings(**settings_kwargs)
     settings.check()  # option errors before the (slow) model load
-    _check_gguf_support(args.model)
+    check_model_available(args.model)
     # Bind before loading the model: a taken port fails in a second, not after the load.
     sock = _bind(args.host, args.port)
     logging.getLogger("l2v").setLevel(args.log_level.upper())
@@ -168,7 +169,7 @@ def cmd_serve(args) -> int:
 
         encoder = LLM2Vec.from_pretrained(
             args.model, peft_model_name_or_path=args.peft, cuda_graphs=args.cuda_graphs,
-            **encoder_kwargs(args),
+            **model_kwargs(args),
         )  # fmt: skip
         failure: list[str] = []
         server = None

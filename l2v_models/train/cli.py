@@ -120,7 +120,8 @@ def cmd_train(args) -> int:
     import time
     from pathlib import Path
 
-    from l2v_models.cli import UsageError, _check_gguf_support
+    from l2v_models.errors import UsageError
+    from l2v_models.model_options import check_model_available
     from l2v_models.train.data import (
         DataError,
         DataIndex,
@@ -168,7 +169,7 @@ def cmd_train(args) -> int:
     if not args.resume and (output / "checkpoints").is_dir():
         raise UsageError(f"{output} holds checkpoints of an earlier run: pass --resume to "
                          "continue it, or another --output")  # fmt: skip
-    _check_gguf_support(args.model)
+    check_model_available(args.model)
     if args.threads is not None:
         import torch
 

@@ -1,0 +1,161 @@
+"""What runs after pooling: Dense layers, Normalize, Matryoshka truncation.
+
+    head = Head.from_st_folder(folder, device)      # Dense modules + Normalize of the folder
+    rows = head(pooled)                             # fp32 [B, D] -> fp32 [B, D_out]
+    rows = finish_rows(rows, truncate_dim=256, normalize=True)
+
+The head runs in float32 on the pooled float32 rows, on the model's device: sentence-transformers
+runs Dense in the model's dtype, so in bf16/fp16 l2v's result is the more precise one (in fp32 they
+are the same computation). A model without Dense or Normalize modules has an empty head
+(`Head.identity(dim)`), which returns the rows unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_ACTIVATIONS = {
+    "identity": lambda x: x,
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,
+    "sigmoid": torch.sigmoid,
+    "silu": torch.nn.functional.silu,
+}
+
+
+@dataclass
+class DenseLayer:
+    weight: torch.Tensor  # fp32 [out, in]
+    bias: torch.Tensor | None  # fp32 [out]
+    activation: str  # a key of _ACTIVATIONS
+
+
+class Head:
+    """Dense layers, then an optional L2 normalization (sentence-transformers' Normalize)."""
+
+    def __init__(self, dim: int, layers: list[DenseLayer] | None = None, normalize: bool = False):
+        self.in_dim = dim
+        self.layers = list(layers or [])
+        self.normalize = normalize
+        d = dim
+        for layer in self.layers:
+            if layer.weight.shape[1] != d:
+                raise ValueError(
+                    f"a Dense layer takes {layer.weight.shape[1]} features but gets {d}"
+                )
+            d = layer.weight.shape[0]
+        self.out_dim = d
+
+    @classmethod
+    def identity(cls, dim: int) -> Head:
+        return cls(dim)
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.layers and not self.normalize
+
+    @classmethod
+    def from_st_folder(cls, folder, dim: int, device) -> Head:
+        """The Dense modules (weights read from each module's folder) and Normalize of an
+        l2v_models.st_folder.StFolder whose Transformer gives `dim` features."""
+        from l2v_models.st_folder import StFolderError
+
+        layers = []
+        d = dim
+        for spec in folder.dense:
+            if spec.in_features != d:
+                raise StFolderError(
+                    f"{spec.directory / 'config.json'}: in_features is {spec.in_features} but the "
+                    f"module before it gives {d} features"
+                )
+            state = _read_dense_weights(spec.directory)
+            weight = state.get("linear.weight")
+            bias = state.get("linear.bias")
+            if weight is None or tuple(weight.shape) != (spec.out_features, spec.in_features):
+                got = None if weight is None else tuple(weight.shape)
+                raise StFolderError(
+                    f"{spec.directory}: linear.weight must have shape "
+                    f"{(spec.out_features, spec.in_features)}, got {got}"
+                )
+            if spec.bias and (bias is None or tuple(bias.shape) != (spec.out_features,)):
+                raise StFolderError(f"{spec.directory}: linear.bias missing or of the wrong shape")
+            if not spec.bias and bias is not None:
+                raise StFolderError(
+                    f"{spec.directory}: holds linear.bias but its config says bias false"
+                )
+            layers.append(DenseLayer(
+                weight.to(device=device, dtype=torch.float32),
+                None if bias is None else bias.to(device=device, dtype=torch.float32),
+                spec.activation,
+            ))  # fmt: skip
+            d = spec.out_features
+        return cls(dim, layers, folder.normalize)
+
+    def to(self, device) -> Head:
+        layers = [
+            DenseLayer(layer.weight.to(device),
+                       None if layer.bias is None else layer.bias.to(device), layer.activation)
+            for layer in self.layers
+        ]  # fmt: skip
+        return Head(self.in_dim, layers, self.normalize)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """fp32 [B, in_dim] -> fp32 [B, out_dim]."""
+        x = rows.float()
+        for layer in self.layers:
+            x = torch.nn.functional.linear(x, layer.weight, layer.bias)
+            x = _ACTIVATIONS[layer.activation](x)
+        if self.normalize:
+            x = l2_normalize(x)
+        return x
+
+
+def l2_normalize(rows: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its L2 norm (a zero row stays zero)."""
+    return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def check_truncate_dim(truncate_dim, dim: int) -> int | None:
+    """A valid Matryoshka dimension (1 <= truncate_dim <= dim) or None; ValueError otherwise."""
+    if truncate_dim is None:
+        return None
+    if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int) or truncate_dim < 1:
+        raise ValueError(f"truncate_dim must be a positive integer, got {truncate_dim!r}")
+    if truncate_dim > dim:
+        raise ValueError(
+            f"truncate_dim={truncate_dim} is larger than the model's embedding dimension {dim}"
+        )
+    return truncate_dim
+
+
+def finish_rows(rows: torch.Tensor, *, truncate_dim: int | None, normalize: bool) -> torch.Tensor:
+    """Matryoshka truncation to the first truncate_dim features, then L2 normalization when asked
+    (sentence-transformers' order: truncate, then normalize)."""
+    if truncate_dim is not None and truncate_dim < rows.shape[-1]:
+        rows = rows[..., :truncate_dim]
+    return l2_normalize(rows) if normalize else rows
+
+
+def _read_dense_weights(directory) -> dict[str, torch.Tensor]:
+    from l2v_models.st_folder import StFolderError
+
+    st = directory / "model.safetensors"
+    if st.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st))
+        except Exception as e:
+            raise StFolderError(f"{st}: unreadable safetensors file ({e})") from None
+    binary = directory / "pytorch_model.bin"
+    if binary.is_file():
+        try:
+            return torch.load(binary, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise StFolderError(f"{binary}: unreadable weights file ({e})") from None
+    raise StFolderError(
+        f"{directory}: no model.safetensors or pytorch_model.bin with the Dense layer's weights"
+    )
