@@ -14,6 +14,7 @@ import base64
 import contextlib
 import copy
 import json
+import logging
 import os
 import signal
 import socket
@@ -203,7 +204,7 @@ def test_openai_client_matches_offline_encode(default_encoder):
         client = openai.OpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0, timeout=60)
 
         # No encoding_format: the client asks for base64 and decodes it itself.
-        r = client.embeddings.create(model="smollm2", input=texts)
+        r = client.embeddings.create(model="l2v", input=texts)
         got = np.array([d.embedding for d in r.data])
         assert [d.index for d in r.data] == [0, 1, 2] and r.model == "l2v"
         assert got.shape == ref.shape and cosines(got, ref).min() >= COS
@@ -211,26 +212,26 @@ def test_openai_client_matches_offline_encode(default_encoder):
         lengths = enc.prepare_texts(texts).lengths
         assert r.usage.prompt_tokens == r.usage.total_tokens == int(lengths.sum())
 
-        r = client.embeddings.create(model="smollm2", input=texts, encoding_format="float")
+        r = client.embeddings.create(model="l2v", input=texts, encoding_format="float")
         assert cosines([d.embedding for d in r.data], ref).min() >= COS
 
-        r = client.embeddings.create(model="smollm2", input=texts, encoding_format="base64")
+        r = client.embeddings.create(model="l2v", input=texts, encoding_format="base64")
         raw = np.stack([np.frombuffer(base64.b64decode(d.embedding), "<f4") for d in r.data])
         assert raw.shape == ref.shape and cosines(raw, ref).min() >= COS
 
         r = client.embeddings.create(
-            model="smollm2", input=texts, extra_body={"instruction": instruction}
+            model="l2v", input=texts, extra_body={"instruction": instruction}
         )
         assert cosines([d.embedding for d in r.data], ref_ins).min() >= COS
         ins_lengths = enc.prepare_texts([[instruction, t] for t in texts]).lengths
         assert r.usage.prompt_tokens == int(ins_lengths.sum())
 
-        r = client.embeddings.create(model="smollm2", input=texts[1])  # one string
+        r = client.embeddings.create(model="l2v", input=texts[1])  # one string
         assert len(r.data) == 1 and cosines([r.data[0].embedding], ref[1:2])[0] >= COS
 
         ids = [list(map(int, x)) for x in enc.prepare_texts(texts).input_ids]
         ref_ids = enc.engine.embed(TokenizedTexts.whole(ids)).numpy()
-        r = client.embeddings.create(model="smollm2", input=ids)
+        r = client.embeddings.create(model="l2v", input=ids)
         assert cosines([d.embedding for d in r.data], ref_ids).min() >= COS
 
         assert [m.id for m in client.models.list().data] == ["l2v"]
@@ -250,7 +251,7 @@ def test_openai_client_matches_offline_encode(default_encoder):
         # The API key: wrong or missing -> 401, and the server stays healthy.
         bad = openai.OpenAI(base_url=url + "/v1", api_key="sk-wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError) as err:
-            bad.embeddings.create(model="smollm2", input="hello")
+            bad.embeddings.create(model="l2v", input="hello")
         assert err.value.status_code == 401 and "invalid API key" in str(err.value)
         r = httpx.post(url + "/v1/embeddings", json={"input": "hello"}, timeout=30)
         assert r.status_code == 401 and "missing API key" in r.json()["error"]["message"]
@@ -262,31 +263,31 @@ def test_openai_client_matches_offline_encode(default_encoder):
 LIMITS = dict(max_client_batch_size=4, max_input_tokens=32, payload_limit=4000)
 LONG = "the cat " * 30  # 61 tokens with <s>: over max_input_tokens=32
 ERROR_CASES = [
-    ("/v1/embeddings", b"{not json", 422, "malformed JSON: Expecting property name"),
-    ("/v1/embeddings", b"", 422, "empty request body"),
-    ("/v1/embeddings", [1, 2], 422, "the request body must be a JSON object, got a list"),
-    ("/v1/embeddings", {"model": "m"}, 422, 'missing field "input"'),
-    ("/v1/embeddings", {"input": 5}, 422, '"input" must be a string, a list of strings'),
-    ("/v1/embeddings", {"input": []}, 422, '"input" is an empty list'),
-    ("/v1/embeddings", {"input": ["a", "b", ""]}, 422, "input[2]: empty string"),
-    ("/v1/embeddings", {"input": ["a", 3]}, 422, "input[1]: expected a string like input[0]"),
-    ("/v1/embeddings", {"input": [[1, 2], [3, 256]]}, 422,
+    ("/v1/embeddings", b"{not json", 400, "malformed JSON: Expecting property name"),
+    ("/v1/embeddings", b"", 400, "empty request body"),
+    ("/v1/embeddings", [1, 2], 400, "the request body must be a JSON object, got a list"),
+    ("/v1/embeddings", {"model": "l2v"}, 400, 'missing field "input"'),
+    ("/v1/embeddings", {"input": 5}, 400, '"input" must be a string, a list of strings'),
+    ("/v1/embeddings", {"input": []}, 400, '"input" is an empty list'),
+    ("/v1/embeddings", {"input": ["a", "b", ""]}, 400, "input[2]: empty string"),
+    ("/v1/embeddings", {"input": ["a", 3]}, 400, "input[1]: expected a string like input[0]"),
+    ("/v1/embeddings", {"input": [[1, 2], [3, 256]]}, 400,
      "input[1][1]: token id 256 is outside the vocabulary [0, 256)"),
-    ("/v1/embeddings", {"input": [[1, -1]]}, 422, "input[0][1]: token id -1 is outside"),
-    ("/v1/embeddings", {"input": [[1, 2.5]]}, 422, "input[0][1]: token ids must be integers"),
-    ("/v1/embeddings", {"input": [[1], []]}, 422, "input[1]: empty token-id list"),
-    ("/v1/embeddings", {"input": [[1, 2]], "instruction": "x"}, 422,
+    ("/v1/embeddings", {"input": [[1, -1]]}, 400, "input[0][1]: token id -1 is outside"),
+    ("/v1/embeddings", {"input": [[1, 2.5]]}, 400, "input[0][1]: token ids must be integers"),
+    ("/v1/embeddings", {"input": [[1], []]}, 400, "input[1]: empty token-id list"),
+    ("/v1/embeddings", {"input": [[1, 2]], "instruction": "x"}, 400,
      '"instruction" applies to text inputs only'),
-    ("/v1/embeddings", {"input": "a", "instruction": 3}, 422, '"instruction" must be a string'),
-    ("/v1/embeddings", {"input": "a", "model": 7}, 422, '"model" must be a string'),
-    ("/v1/embeddings", {"input": "a", "encoding_format": "int8"}, 422,
+    ("/v1/embeddings", {"input": "a", "instruction": 3}, 400, '"instruction" must be a string'),
+    ("/v1/embeddings", {"input": "a", "model": 7}, 400, '"model" must be a string'),
+    ("/v1/embeddings", {"input": "a", "encoding_format": "int8"}, 400,
      '"encoding_format" must be "float" or "base64"'),
     ("/v1/embeddings", {"input": "a", "dimensions": 64}, 400,
      '"dimensions"=64 is not supported: LLM2Vec models are not Matryoshka-trained'),
-    ("/v1/embeddings", {"input": "a", "dimensions": "64"}, 422, '"dimensions" must be an integer'),
-    ("/v1/embeddings", {"input": "a", "normalize": "yes"}, 422,
+    ("/v1/embeddings", {"input": "a", "dimensions": "64"}, 400, '"dimensions" must be an integer'),
+    ("/v1/embeddings", {"input": "a", "normalize": "yes"}, 400,
      '"normalize" must be true or false'),
-    ("/v1/embeddings", {"input": "a", "temperature": 1}, 422, "unknown field(s) 'temperature'"),
+    ("/v1/embeddings", {"input": "a", "temperature": 1}, 400, "unknown field(s) 'temperature'"),
     ("/v1/embeddings", {"input": ["a"] * 5}, 413,
      '"input" has 5 inputs but this server takes at most 4 per request'),
     ("/v1/embeddings", {"input": ["word " * 900]}, 413,
@@ -320,12 +321,13 @@ def test_limits_and_errors(limits_server, path, body, status, message):
     assert r.status_code == status, r.text
     assert "Traceback" not in r.text and 'File "' not in r.text
     payload = r.json()
-    if path == "/embed":  # text-embeddings-inference's error shape
+    if path == "/embed":  # text-embeddings-inference's error shape (422 for invalid requests)
         assert message in payload["error"], payload
         assert payload["error_type"] in ("Validation",)
-    else:  # OpenAI's error shape
+    else:  # OpenAI's error shape (400 for invalid requests, as OpenAI and vLLM answer)
         assert message in payload["error"]["message"], payload
-        assert payload["error"]["code"] == status
+        assert payload["error"]["code"] == r.status_code
+        assert payload["error"]["type"] == "invalid_request_error"
     assert_healthy(url)
 
 
@@ -418,6 +420,145 @@ def test_failed_pass_answers_500_and_the_server_recovers(tiny, monkeypatch):
         r = httpx.post(url + "/v1/embeddings", json={"input": ["a dog", "the cat"]}, timeout=30)
         assert r.status_code == 200 and len(r.json()["data"]) == 2
         assert metric(metrics(url), "l2v_requests_total", endpoint="openai", status="500") == 1
+
+
+@contextlib.contextmanager
+def server_logs():
+    """The records the server's loggers (l2v.*, uvicorn.*) emit while the block runs."""
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Collect(logging.DEBUG)
+    loggers = [logging.getLogger("l2v"), logging.getLogger("uvicorn")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        yield records
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+
+
+def bad_text_and_deep_json(name: str) -> list[tuple[bytes, str | None, str]]:
+    """(body, the field the error names, what its message says) for `name` ("input" or
+    "inputs"): lone surrogates (JSON's \\ud800 escapes decode to one; ensure_ascii writes them
+    so) and JSON nested deeper than Python's parser recurses."""
+    deep = b"[" * 5000 + b"]" * 5000  # 10 KB of well-formed JSON
+    return [
+        (json.dumps({name: "\ud800"}).encode(), name, f"{name}: lone UTF-16 surrogate \\ud800"),
+        (json.dumps({name: ["a dog", "the \udc00 cat"]}).encode(), f"{name}[1]",
+         f"{name}[1]: lone UTF-16 surrogate \\udc00 at character 4"),
+        (json.dumps({name: "a dog", "instruction": "Retrieve \ud83d"}).encode(), "instruction",
+         "instruction: lone UTF-16 surrogate \\ud83d at character 9"),
+        (b"[" * 5000, None, "malformed JSON: nested too deeply"),
+        (deep, None, "malformed JSON: nested too deeply"),
+        (b'{"' + name.encode() + b'": ' + deep + b"}", None, "malformed JSON: nested too deeply"),
+    ]  # fmt: skip
+
+
+def test_lone_surrogates_and_deep_json_are_client_errors_without_a_traceback(tiny):
+    """Issue 25 item 3: 400 on /v1 (OpenAI's shape), 422 Validation on /embed (TEI's), naming
+    the field; nothing logged as an error, no 5xx in the metrics, the server stays healthy."""
+    headers = {"Content-Type": "application/json"}
+    with served(tiny) as (url, _), server_logs() as logs:
+        for path, name, status in (("/v1/embeddings", "input", 400), ("/embed", "inputs", 422)):
+            for body, param, message in bad_text_and_deep_json(name):
+                r = httpx.post(url + path, content=body, headers=headers, timeout=30)
+                assert r.status_code == status, (path, body[:60], r.text)
+                if path == "/embed":
+                    assert r.json()["error_type"] == "Validation", r.text
+                    assert r.json()["error"].startswith(message), r.text
+                else:
+                    error = r.json()["error"]
+                    assert error["message"].startswith(message), r.text
+                    assert error["param"] == param and error["type"] == "invalid_request_error"
+        # A valid surrogate pair (an emoji) is text like any other.
+        r = httpx.post(url + "/v1/embeddings", content=json.dumps({"input": "a \U0001f600"}),
+                       headers=headers, timeout=30)  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert_healthy(url)
+        m = metrics(url)
+    n = len(bad_text_and_deep_json("input"))
+    assert metric(m, "l2v_requests_total", endpoint="openai", status="400") == n
+    assert metric(m, "l2v_requests_total", endpoint="tei", status="422") == n
+    statuses = [dict(labels)["status"] for name, labels in m if name == "l2v_requests_total"]
+    assert not [s for s in statuses if s.startswith("5")], statuses
+    errors = [r for r in logs if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+def test_openai_error_shapes_model_names_and_routes(tiny):
+    """Issue 25 item 4: on /v1, OpenAI's statuses and error object (the openai client raises
+    BadRequestError / NotFoundError), 404 model_not_found for a name not served (unless
+    accept_any_model_name), GET /v1/models/{id}, OpenAI's shape on unknown routes and wrong
+    methods; TEI's routes keep TEI's shape; HEAD /health; latency buckets past 60 s."""
+    name = "org/tiny-llm2vec"  # a repo-id-like served name: /v1/models/{id} takes the "/"
+    with served(tiny, served_model_name=name) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
+        with pytest.raises(openai.BadRequestError) as err:
+            client.embeddings.create(model=name, input=["a dog", ""])
+        e = err.value
+        assert e.status_code == 400 and e.type == "invalid_request_error"
+        assert e.param == "input[1]" and "input[1]: empty string" in e.message
+        assert e.body == {"message": e.body["message"], "type": "invalid_request_error",
+                          "param": "input[1]", "code": 400}  # fmt: skip
+
+        with pytest.raises(openai.NotFoundError) as err:
+            client.embeddings.create(model="text-embedding-3-small", input="a dog")
+        e = err.value
+        assert e.status_code == 404 and e.code == "model_not_found"
+        assert e.type == "invalid_request_error" and e.param == "model"
+        assert "'text-embedding-3-small' does not exist on this server" in e.message
+        assert f"it serves {name!r}" in e.message
+        r = client.embeddings.create(model=name, input="a dog")
+        assert r.model == name and len(r.data) == 1
+        r = httpx.post(url + "/v1/embeddings", json={"input": "a dog"}, timeout=30)  # no model
+        assert r.status_code == 200, r.text
+
+        m = client.models.retrieve(name)
+        assert m.id == name and m.object == "model" and m.owned_by == "l2v"
+        with pytest.raises(openai.NotFoundError) as err:
+            client.models.retrieve("other-model")
+        assert err.value.code == "model_not_found"
+
+        # Unknown routes and wrong methods under /v1: OpenAI's error object.
+        with pytest.raises(openai.NotFoundError) as err:
+            client.get("/chat/completions", cast_to=object)
+        assert "no route GET /v1/chat/completions" in err.value.message
+        for method, path, status in (("GET", "/v1/nope", 404), ("GET", "/v1/embeddings", 405),
+                                     ("DELETE", "/v1/models", 405)):  # fmt: skip
+            r = httpx.request(method, url + path, timeout=30)
+            assert r.status_code == status, r.text
+            assert set(r.json()) == {"error"}, r.text
+            error = r.json()["error"]
+            assert error["type"] == "invalid_request_error" and error["code"] == status
+            assert path in error["message"]
+        assert httpx.get(url + "/v1/embeddings").headers["allow"] == "POST"
+        # TEI's routes (and l2v's own) keep TEI's error shape.
+        for method, path, status in (("GET", "/embed", 405), ("GET", "/nope", 404),
+                                     ("POST", "/health", 405)):  # fmt: skip
+            r = httpx.request(method, url + path, timeout=30)
+            assert r.status_code == status, r.text
+            assert set(r.json()) == {"error", "error_type"} and path in r.json()["error"]
+
+        r = httpx.head(url + "/health", timeout=30)
+        assert r.status_code == 200 and r.content == b""
+
+        m = metrics(url)
+        assert metric(m, "l2v_requests_total", endpoint="openai", status="400") == 1
+        assert metric(m, "l2v_requests_total", endpoint="openai", status="404") == 1
+        count = metric(m, "l2v_request_seconds_count", endpoint="openai")
+        for le in ("60.0", "120.0", "300.0", "600.0"):  # every request is under 60 s here
+            assert metric(m, "l2v_request_seconds_bucket", endpoint="openai", le=le) == count > 0
+
+    with served(tiny, served_model_name=name, accept_any_model_name=True) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
+        r = client.embeddings.create(model="text-embedding-3-small", input="a dog")
+        assert r.model == name and len(r.data) == 1
+        assert [x.id for x in client.models.list().data] == [name]
 
 
 # ------------------------------------------------------------------------------ load
@@ -665,7 +806,7 @@ def test_cli_imports_lightly_and_checks_options_before_loading(capsys):
     for option in ("--model", "--peft", "--host", "--port", "--api-key", "--max-batch-tokens",
                    "--max-concurrent-requests", "--max-client-batch-size", "--max-input-tokens",
                    "--payload-limit", "--default-instruction", "--max-wait-ms", "--dtype",
-                   "--device", "--backend", "--pooling"):  # fmt: skip
+                   "--device", "--backend", "--pooling", "--accept-any-model-name"):  # fmt: skip
         assert option in help_text, option
     t0 = time.monotonic()
     assert cli.main(["serve", "--max-batch-tokens", "0"]) == 2

@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI /v1/embeddings, TEI /embed, /health, /v1/models, /metrics.
+"""The FastAPI app: OpenAI /v1/embeddings, TEI /embed, /health, /v1/models[/{id}], /metrics.
 
     app = create_app(encoder, ServeSettings(max_batch_tokens=4096, api_key=None))
     uvicorn.run(app, host="127.0.0.1", port=8000)             # what `l2v serve` does
@@ -10,13 +10,18 @@ threads when truncation is set), and a ServerMetrics registry.
 
 A request, in order: API key (401) -> ready? (503 while the warm-up runs) -> admission (429 at
 once when --max-concurrent-requests are in flight) -> body, at most --payload-limit bytes (413)
--> JSON and fields (422; 413 over --max-client-batch-size; 400 for dimensions) -> tokenized in a
+-> JSON and fields (422 on /embed, 400 on /v1; 413 over --max-client-batch-size; 400 for
+dimensions; 404 model_not_found for a "model" this server does not serve) -> tokenized in a
 tokenizer thread by llm2vec's text rules (the encoder's prepare_texts, max_length =
 --max-input-tokens) -> inputs over the limit are truncated (header X-Truncated-Inputs: how many)
 or, with "truncate": false, refused (413 naming the input) -> queued for the model worker ->
 rows back in input order, L2-normalized unless "normalize": false. A client that disconnects
 while queued has its texts dropped (answered 499 for the log). No stack trace ever reaches a
 client: unexpected errors are logged and answered 500 with a one-line message.
+
+Error shapes: the /v1 routes answer OpenAI's {"error": {message, type, param, code}} (so the
+openai client raises BadRequestError, NotFoundError, ...), unknown /v1 routes and wrong methods
+included; the other routes answer text-embeddings-inference's {"error", "error_type"}.
 
 /health is 200 only once the warm-up pass ran (503 before, and if the warm-up failed). Shutdown
 (uvicorn on SIGTERM / Ctrl-C) stops accepting connections, lets every admitted request finish,
@@ -45,6 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from l2v_models import tokenization as tk
@@ -73,7 +79,8 @@ class ServeSettings:
     truncated, or 413 with "truncate": false. payload_limit: request body bytes (413 above).
     default_instruction: the instruction for text inputs of requests that give none. api_key:
     required as "Authorization: Bearer KEY" on /v1/* and /embed (None: no key). served_model_name:
-    the name in responses and /v1/models. tokenizer_threads: threads tokenizing requests.
+    the name in responses and /v1/models; a request naming another "model" gets 404
+    model_not_found unless accept_any_model_name. tokenizer_threads: threads tokenizing requests.
     """
 
     max_batch_tokens: int | None = None
@@ -86,6 +93,7 @@ class ServeSettings:
     default_instruction: str | None = None
     api_key: str | None = None
     served_model_name: str = "l2v"
+    accept_any_model_name: bool = False
     tokenizer_threads: int = 2
 
     def check(self) -> None:
@@ -100,6 +108,10 @@ class ServeSettings:
             raise ValueError(f"max_wait_ms must be a number >= 0, got {self.max_wait_ms!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (pass None for no key)")
+        if not isinstance(self.accept_any_model_name, bool):
+            raise ValueError(
+                f"accept_any_model_name must be True or False, got {self.accept_any_model_name!r}"
+            )
 
 
 def _check_int(name: str, value) -> None:
@@ -236,6 +248,19 @@ class ServerState:
         ):
             raise ApiError(401, "invalid API key")
 
+    def check_model(self, name) -> None:
+        """ApiError 404 model_not_found for a model name this server does not serve (any name
+        with accept_any_model_name; None, no name given, is fine; a non-string name is left to
+        the request validation)."""
+        served = self.settings.served_model_name
+        if not isinstance(name, str) or name == served or self.settings.accept_any_model_name:
+            return
+        raise _model_not_found(name, served, '; send that name or omit "model"')
+
+    def model_card(self) -> dict:
+        return {"id": self.settings.served_model_name, "object": "model",
+                "created": self.started, "owned_by": "l2v"}  # fmt: skip
+
     def check_ready(self) -> None:
         if self.error is not None:
             raise ApiError(503, f"the server is not healthy: {self.error}")
@@ -342,8 +367,9 @@ class ServerState:
             status = 200
             return response
         except ApiError as e:
-            status = e.status
-            return error_response(e, endpoint)
+            response = error_response(e, endpoint)
+            status = response.status_code
+            return response
         except Exception as e:  # never a stack trace to the client
             logger.exception("l2v serve: unexpected error")
             status = 500
@@ -366,6 +392,7 @@ class ServerState:
             has_tokenizer=self.has_tokenizer,
         )
         if endpoint == "openai":
+            self.check_model(obj.get("model"))
             return parse_openai(obj, hidden_size=self.engine.hidden_size, **common)
         return parse_tei(obj, **common)
 
@@ -400,10 +427,28 @@ class ServerState:
         return Response(content=content, media_type="application/json")
 
 
-def error_response(e: ApiError, endpoint: str) -> JSONResponse:
-    body = e.tei_body() if endpoint == "tei" else e.openai_body()
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-    return JSONResponse(body, status_code=e.status, headers=headers)
+def error_response(e: ApiError, endpoint: str, headers: dict | None = None) -> JSONResponse:
+    """The error in the route's shape: endpoint "tei" (text-embeddings-inference's body and
+    status) or "openai" (OpenAI's body; 400 for what TEI answers 422)."""
+    if endpoint == "tei":
+        body, status = e.tei_body(), e.status
+    else:
+        body, status = e.openai_body(), e.openai_status()
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def _model_not_found(name: str, served: str, hint: str = "") -> ApiError:
+    return ApiError(
+        404, f"the model {name!r:.200} does not exist on this server: it serves {served!r} "
+        f"(GET /v1/models){hint}", "model", code="model_not_found",
+    )  # fmt: skip
+
+
+def _is_openai_path(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -454,6 +499,23 @@ def create_app(encoder, settings: ServeSettings | None = None, *, on_fatal=None)
                   openapi_url=None)  # fmt: skip
     app.state.l2v = state
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """Unknown routes (404), wrong methods (405) and other HTTP errors from the router, in
+        the route's error shape instead of FastAPI's {"detail": ...}."""
+        method, path = request.method, request.url.path[:200]
+        if exc.status_code == 404:
+            message = (f"no route {method} {path}; this server answers POST /v1/embeddings, "
+                       "GET /v1/models, GET /v1/models/{id}, POST /embed, GET /health and "
+                       "GET /metrics")  # fmt: skip
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"method {method} is not allowed on {path} (allowed: {allowed})"
+        else:
+            message = str(exc.detail)
+        endpoint = "openai" if _is_openai_path(request.url.path) else "tei"
+        return error_response(ApiError(exc.status_code, message), endpoint, exc.headers)
+
     @app.post("/v1/embeddings")
     async def openai_embeddings(request: Request) -> Response:
         return await state.embed(request, "openai")
@@ -462,7 +524,7 @@ def create_app(encoder, settings: ServeSettings | None = None, *, on_fatal=None)
     async def tei_embed(request: Request) -> Response:
         return await state.embed(request, "tei")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         if state.error is not None:
             return JSONResponse({"status": "error", "error": state.error}, status_code=503)
@@ -478,11 +540,17 @@ def create_app(encoder, settings: ServeSettings | None = None, *, on_fatal=None)
             state.check_auth(request)
         except ApiError as e:
             return error_response(e, "openai")
-        return JSONResponse({
-            "object": "list",
-            "data": [{"id": state.settings.served_model_name, "object": "model",
-                      "created": state.started, "owned_by": "l2v"}],
-        })  # fmt: skip
+        return JSONResponse({"object": "list", "data": [state.model_card()]})
+
+    @app.get("/v1/models/{model_id:path}")  # :path: served names may hold "/" (a repo id)
+    async def model(request: Request, model_id: str) -> Response:
+        try:
+            state.check_auth(request)
+            if model_id != state.settings.served_model_name:  # whatever accept_any_model_name
+                raise _model_not_found(model_id, state.settings.served_model_name)
+        except ApiError as e:
+            return error_response(e, "openai")
+        return JSONResponse(state.model_card())
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -23,7 +23,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="OpenAI-compatible embedding server",
         description="Serve an LLM2Vec model over HTTP: OpenAI POST /v1/embeddings (plus an "
         '"instruction" field), text-embeddings-inference POST /embed, GET /health, '
-        "/v1/models and /metrics (Prometheus). Texts of concurrent requests share forward "
+        "/v1/models[/ID] and /metrics (Prometheus). Texts of concurrent requests share forward "
         "passes (continuous token-budget batching); results equal `l2v encode`.",
     )
     from l2v_models.model_options import add_model_options
@@ -48,6 +48,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     net.add_argument("--served-model-name", default=None,
                      help="model name in responses and /v1/models (default: --peft, else "
                      "--model, else smollm2-llm2vec)")  # fmt: skip
+    net.add_argument("--accept-any-model-name", action="store_true",
+                     help='answer requests whatever "model" they name (default: a name other '
+                     "than --served-model-name is answered 404 model_not_found, as OpenAI "
+                     "does)")  # fmt: skip
     lim = p.add_argument_group("batching and limits")
     lim.add_argument(
         "--max-batch-tokens",
@@ -140,6 +144,7 @@ def cmd_serve(args) -> int:
         default_instruction=args.default_instruction or None,
         api_key=args.api_key if args.api_key is not None else os.environ.get("L2V_API_KEY") or None,
         served_model_name=args.served_model_name or args.peft or model_label(args.model),
+        accept_any_model_name=args.accept_any_model_name,
         tokenizer_threads=args.tokenizer_threads,
     )
     if not 0 <= args.port <= 65535:

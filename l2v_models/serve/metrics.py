@@ -30,8 +30,10 @@ from prometheus_client import (
     generate_latest,
 )
 
+# Up to 10 minutes: a request queued behind a long backlog (or a client with a long timeout)
+# can wait minutes, and a histogram whose top bucket is 60 s hides how long.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0, 30.0, 60.0)  # fmt: skip
+                    10.0, 30.0, 60.0, 120.0, 300.0, 600.0)  # fmt: skip
 _COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 _TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 

@@ -11,52 +11,69 @@ Two request shapes:
   prompt_name} plus instruction.
 
 `input` / `inputs`: a string, a list of strings, a list of token ids (one input) or a list of
-lists of token ids. Statuses: 422 for malformed JSON, wrong types, empty inputs and token ids
-outside the vocabulary; 413 for more inputs than the server allows; 400 for `dimensions`
-other than the model's width (LLM2Vec models are not Matryoshka-trained).
+lists of token ids. Statuses: 422 for malformed JSON (including JSON nested too deeply and
+strings holding a lone UTF-16 surrogate), wrong types, empty inputs and token ids outside the
+vocabulary; 413 for more inputs than the server allows; 400 for `dimensions` other than the
+model's width (LLM2Vec models are not Matryoshka-trained). The OpenAI routes answer 400 where
+this module says 422 (`ApiError.openai_status`): OpenAI and vLLM answer invalid requests 400.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
+
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff): only bodies holding one can decode to a
+# string with a lone surrogate, so only those are walked (see _find_lone_surrogate).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 class ApiError(Exception):
-    """An error answered to the client: HTTP status, a message, the offending field (or None)."""
+    """An error answered to the client: HTTP status, a message, the offending field (or None)
+    and, where OpenAI has one, a machine-readable code (e.g. "model_not_found")."""
 
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None):  # fmt: skip
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.code = code
 
-    @property
-    def kind(self) -> str:
-        """OpenAI's error type for the status."""
-        return {
+    def openai_status(self) -> int:
+        """The status on the OpenAI routes: 400 for an invalid request (what this module calls
+        422, text-embeddings-inference's status), so the openai client raises BadRequestError."""
+        return 400 if self.status == 422 else self.status
+
+    def openai_body(self) -> dict:
+        """OpenAI's error object; "code" is the string code where there is one, else the HTTP
+        status (as vLLM answers)."""
+        status = self.openai_status()
+        kind = {
             400: "invalid_request_error",
             401: "authentication_error",
+            404: "invalid_request_error",
+            405: "invalid_request_error",
             413: "invalid_request_error",
-            422: "invalid_request_error",
             429: "rate_limit_error",
             499: "client_closed_request",
             503: "service_unavailable",
-        }.get(self.status, "server_error")
-
-    def openai_body(self) -> dict:
+        }.get(status, "server_error")
         return {
             "error": {
                 "message": self.message,
-                "type": self.kind,
+                "type": kind,
                 "param": self.param,
-                "code": self.status,
+                "code": self.code if self.code is not None else status,
             }
         }
 
     def tei_body(self) -> dict:
+        """text-embeddings-inference's error object (its status is `status` as is)."""
         tei_type = {413: "Validation", 422: "Validation", 429: "Overloaded", 400: "Validation",
-                    401: "Unauthorized", 503: "Unhealthy"}.get(self.status, "Backend")  # fmt: skip
+                    404: "Validation", 405: "Validation", 401: "Unauthorized",
+                    503: "Unhealthy"}.get(self.status, "Backend")  # fmt: skip
         return {"error": self.message, "error_type": tei_type}
 
 
@@ -83,19 +100,41 @@ class EmbedRequest:
 
 
 def parse_json(body: bytes) -> dict:
-    """The request body as a JSON object, else ApiError 422 saying what is wrong."""
+    """The request body (UTF-8 JSON) as a JSON object, else ApiError 422 saying what is wrong:
+    not UTF-8, malformed or nested too deeply, not an object, or a string (value or field name)
+    holding a lone UTF-16 surrogate such as "\\ud800" (JSON's escapes allow one; it is not
+    text and no tokenizer takes it), named by its place, e.g. ``input[2]``."""
     if not body:
         raise ApiError(422, "empty request body: send a JSON object", None)
     try:
-        obj = json.loads(body)
-    except UnicodeDecodeError:
-        raise ApiError(422, "request body is not UTF-8 text", None) from None
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ApiError(
+            422, f"request body is not UTF-8 text (invalid byte at offset {e.start}): send the "
+            "JSON as UTF-8", None,
+        ) from None  # fmt: skip
+    try:
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ApiError(
             422, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}", None
         ) from None
+    except RecursionError:  # Python's parser recurses once per nesting level
+        raise ApiError(
+            422, "malformed JSON: nested too deeply (a request body is an object of strings "
+            "and lists)", None,
+        ) from None  # fmt: skip
     if not isinstance(obj, dict):
         raise ApiError(422, f"the request body must be a JSON object, got {_json_type(obj)}", None)
+    if _SURROGATE_ESCAPE.search(text):
+        found = _find_lone_surrogate(obj)
+        if found is not None:
+            where, param, index, char = found
+            raise ApiError(
+                422, f"{where}: lone UTF-16 surrogate \\u{ord(char):04x} at character {index} "
+                "is not valid Unicode text; send well-formed text (a surrogate escape needs its "
+                "pair)", param,
+            )  # fmt: skip
     return obj
 
 
@@ -273,6 +312,42 @@ def _reject_unknown(obj: dict, known: tuple[str, ...]) -> None:
             422, f"unknown field(s) {', '.join(repr(k) for k in unknown)}; accepted: "
             f"{', '.join(known)}", unknown[0],
         )  # fmt: skip
+
+
+def _find_lone_surrogate(obj: dict) -> tuple[str, str | None, int, str] | None:
+    """(where, param, character index, the surrogate) of the first lone surrogate in a string
+    value or field name of the parsed body, else None. `where` is like ``input[2]``,
+    ``instruction`` or ``a field name in input[0]``; param is the field (None for a top-level
+    field name). Iterative: the body may be nested as deep as json allowed."""
+    stack: list[tuple[str, object]] = [("", obj)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            bad = _lone_surrogate_at(value)
+            if bad is not None:
+                return where, where, bad, value[bad]
+        elif isinstance(value, dict):
+            items = []
+            for key, item in value.items():
+                bad = _lone_surrogate_at(key)
+                if bad is not None:
+                    label = f"a field name in {where or 'the request body'}"
+                    return label, where or None, bad, key[bad]
+                items.append((f"{where}.{key}" if where else key, item))
+            stack.extend(reversed(items))  # first field first
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+    return None
+
+
+def _lone_surrogate_at(text: str) -> int | None:
+    """The index of the first lone surrogate in `text`, else None (json.loads joins a valid
+    escape pair into one character, so any surrogate left in a decoded string is lone)."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return e.start
 
 
 def _is_int(x) -> bool:
