@@ -156,6 +156,16 @@ class Embedder:
         Embedder.__init__(obj, model, rules, **kwargs)
         return obj
 
+    def __copy__(self) -> Embedder:
+        """A view on the same engine (model, head) with its own text rules: settings changed on
+        the copy (max_length, pooling_mode...) leave the original as it was."""
+        import copy
+
+        obj = self.__class__.__new__(self.__class__)
+        obj.__dict__.update(self.__dict__)
+        obj.rules = copy.copy(self.rules)
+        return obj
+
     # ------------------------------------------------------------------ properties
     @property
     def model(self):

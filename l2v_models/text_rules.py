@@ -228,10 +228,14 @@ class TextRules:
             return prompt
         if prompt_name is not None:
             if prompt_name not in self.prompts:
-                known = ", ".join(repr(k) for k in self.prompts) or "none"
+                if not self.prompts:
+                    raise ValueError(
+                        f"unknown prompt name {prompt_name!r}: this model has no named prompts "
+                        "(give the prompt's text instead)"
+                    )
+                known = ", ".join(repr(k) for k in self.prompts)
                 raise ValueError(
                     f"unknown prompt name {prompt_name!r}: this model's prompts are {known}"
-                    + ("" if self.prompts else " (pass the prompt text itself with prompt=)")
                 )
             return self.prompts[prompt_name]
         if self.default_prompt_name is not None:

@@ -282,8 +282,14 @@ ERROR_CASES = [
     ("/v1/embeddings", {"input": "a", "model": 7}, 400, '"model" must be a string'),
     ("/v1/embeddings", {"input": "a", "encoding_format": "int8"}, 400,
      '"encoding_format" must be "float" or "base64"'),
-    ("/v1/embeddings", {"input": "a", "dimensions": 64}, 400,
-     '"dimensions"=64 is not supported: LLM2Vec models are not Matryoshka-trained'),
+    ("/v1/embeddings", {"input": "a", "dimensions": 97}, 400, '"dimensions" must lie in 1..96'),
+    ("/v1/embeddings", {"input": "a", "dimensions": 0}, 400, '"dimensions" must lie in 1..96'),
+    ("/v1/embeddings", {"input": "a", "prompt_name": "query"}, 400,
+     "unknown prompt name 'query': this model has no named prompts"),
+    ("/v1/embeddings", {"input": "a", "prompt_name": "q", "instruction": "x"}, 400,
+     '"instruction" (a prompt\'s text) or "prompt_name"'),
+    ("/v1/embeddings", {"input": [[1, 2]], "prompt_name": "q"}, 400,
+     '"prompt_name" applies to text inputs only'),
     ("/v1/embeddings", {"input": "a", "dimensions": "64"}, 400, '"dimensions" must be an integer'),
     ("/v1/embeddings", {"input": "a", "normalize": "yes"}, 400,
      '"normalize" must be true or false'),
@@ -299,7 +305,7 @@ ERROR_CASES = [
     ("/embed", {"inputs": ["a", ""]}, 422, "inputs[1]: empty string"),
     ("/embed", {"inputs": ["a"] * 5}, 413, "takes at most 4 per request"),
     ("/embed", {"inputs": LONG, "truncate": False}, 413, "inputs[0] has 61 tokens"),
-    ("/embed", {"inputs": "a", "prompt_name": "query"}, 422, '"prompt_name" is not supported'),
+    ("/embed", {"inputs": "a", "prompt_name": "query"}, 422, "unknown prompt name 'query'"),
     ("/embed", {"inputs": "a", "truncation_direction": "Left"}, 422, '"truncation_direction"'),
     ("/embed", b"[", 422, "malformed JSON"),
 ]  # fmt: skip
@@ -380,6 +386,57 @@ def test_dimensions_equal_to_the_width_and_default_instruction(tiny):
         plain = tiny.encode(["a dog"], show_progress_bar=False)
         assert cosines([r.json()["data"][0]["embedding"]], plain)[0] >= COS
         assert cosines(with_default, plain)[0] < 0.9999
+
+
+def test_every_truncation_is_visible_and_truncate_false_refuses_it(tiny):
+    """llm2vec's doc_max_length cut (400 text tokens, under the 512-token limit) counts as
+    truncation: header, usage, metric; "truncate": false refuses it naming the rule (issue 25)."""
+    long_text = " ".join(["the cat sat on the mat"] * 120)  # ~720 tokens: over 400, cut by words
+    short = "a dog"
+    with served(tiny) as (url, _):
+        r = httpx.post(url + "/v1/embeddings", json={"input": [short, long_text]}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.headers["X-Truncated-Inputs"] == "1"
+        assert r.json()["usage"]["truncated_inputs"] == 1
+        want = tiny.encode([short, long_text], show_progress_bar=False, normalize_embeddings=True)
+        assert cosines([d["embedding"] for d in r.json()["data"]], want.numpy()).min() >= COS
+        r = httpx.post(url + "/v1/embeddings", json={"input": [short, long_text],
+                                                      "truncate": False}, timeout=60)
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert err["param"] == "input[1]" and "doc_max_length of 400" in err["message"]
+        r = httpx.post(url + "/embed", json={"inputs": long_text, "truncate": False}, timeout=60)
+        assert r.status_code == 413 and "doc_max_length" in r.json()["error"]
+        metrics = httpx.get(url + "/metrics").text
+        assert "l2v_truncated_inputs_total 1.0" in metrics
+        r = httpx.post(url + "/v1/embeddings", json={"input": short}, timeout=30)
+        assert "X-Truncated-Inputs" not in r.headers and r.json()["usage"]["truncated_inputs"] == 0
+
+
+def test_dimensions_and_prompt_names_of_a_sentence_transformers_model(tmp_path):
+    from l2v_models.embedder import Embedder
+    from tests.st_folders import make_st_folder
+
+    prompts = {"query": "task: search result | query: ", "document": "title: none | text: "}
+    folder = make_st_folder(tmp_path, "llama", dense=[(96, 64)], normalize=True,
+                            prompts=prompts, config={"is_causal": False})  # fmt: skip
+    emb = Embedder.from_pretrained(str(folder), device="cpu")
+    texts = ["a dog", "the cat sat on the mat"]
+    with served(emb) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        got = client.embeddings.create(model="l2v", input=texts, dimensions=16,
+                                       extra_body={"prompt_name": "query"})  # fmt: skip
+        rows = np.array([d.embedding for d in got.data])
+        want = emb.encode(texts, prompt_name="query", truncate_dim=16, show_progress_bar=False)
+        assert rows.shape == (2, 16) and cosines(rows, want.numpy()).min() >= COS
+        assert np.allclose(np.linalg.norm(rows, axis=1), 1, atol=1e-5)
+        r = httpx.post(url + "/embed", json={"inputs": texts, "prompt_name": "document"})
+        want = emb.encode(texts, prompt_name="document", show_progress_bar=False)
+        assert cosines(r.json(), want.numpy()).min() >= COS
+        r = httpx.post(url + "/embed", json={"inputs": texts, "prompt_name": "passage"})
+        assert r.status_code == 422 and "'query', 'document'" in r.json()["error"]
+        with pytest.raises(openai.BadRequestError, match="dimensions"):
+            client.embeddings.create(model="l2v", input=texts, dimensions=65)
 
 
 def test_health_and_embeddings_wait_for_the_warm_up(tiny):

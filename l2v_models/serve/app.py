@@ -1,23 +1,26 @@
 """The FastAPI app: OpenAI /v1/embeddings, TEI /embed, /health, /v1/models[/{id}], /metrics.
 
-    app = create_app(encoder, ServeSettings(max_batch_tokens=4096, api_key=None))
+    app = create_app(embedder, ServeSettings(max_batch_tokens=4096, api_key=None))
     uvicorn.run(app, host="127.0.0.1", port=8000)             # what `l2v serve` does
 
-encoder: an l2v_models.encoder.LLM2Vec (from_pretrained, or from_model for token-id-only
-serving). The app owns a Batcher (one model worker thread), a small pool of tokenizer threads
-(each with its own copy of the tokenizer: Hugging Face tokenizers are not safe to share across
-threads when truncation is set), and a ServerMetrics registry.
+embedder: an l2v_models.embedder.Embedder (any model l2v runs; an LLM2Vec from from_model for
+token-id-only serving). The app owns a Batcher (one model worker thread), a small pool of
+tokenizer threads (each with its own copy of the tokenizer: Hugging Face tokenizers are not safe
+to share across threads when truncation is set), and a ServerMetrics registry.
 
 A request, in order: API key (401) -> ready? (503 while the warm-up runs) -> admission (429 at
 once when --max-concurrent-requests are in flight) -> body, at most --payload-limit bytes (413)
 -> JSON and fields (422 on /embed, 400 on /v1; 413 over --max-client-batch-size; 400 for
-dimensions; 404 model_not_found for a "model" this server does not serve) -> tokenized in a
-tokenizer thread by llm2vec's text rules (the encoder's prepare_texts, max_length =
---max-input-tokens) -> inputs over the limit are truncated (header X-Truncated-Inputs: how many)
-or, with "truncate": false, refused (413 naming the input) -> queued for the model worker ->
-rows back in input order, L2-normalized unless "normalize": false. A client that disconnects
-while queued has its texts dropped (answered 499 for the log). No stack trace ever reaches a
-client: unexpected errors are logged and answered 500 with a one-line message.
+dimensions; 404 model_not_found for a "model" this server does not serve; an unknown
+prompt_name lists the model's prompts) -> tokenized in a tokenizer thread by the model's text
+rules (l2v_models.text_rules, as `encode`, with max_length = --max-input-tokens) -> inputs a rule
+cut (llm2vec's doc_max_length, the token limit) are counted (header X-Truncated-Inputs, usage
+"truncated_inputs" on /v1, metric l2v_truncated_inputs_total) or, with "truncate": false,
+refused (413 naming the input and the rule) -> queued for the model worker -> rows back in input
+order, truncated to "dimensions" (renormalized), L2-normalized unless "normalize": false. A
+client that disconnects while queued has its texts dropped (answered 499 for the log). No stack
+trace ever reaches a client: unexpected errors are logged and answered 500 with a one-line
+message.
 
 Error shapes: the /v1 routes answer OpenAI's {"error": {message, type, param, code}} (so the
 openai client raises BadRequestError, NotFoundError, ...), unknown /v1 routes and wrong methods
@@ -27,10 +30,9 @@ included; the other routes answer text-embeddings-inference's {"error", "error_t
 (uvicorn on SIGTERM / Ctrl-C) stops accepting connections, lets every admitted request finish,
 then stops the worker.
 
-llm2vec's own text rules apply as in `encode`: a text over doc_max_length tokens is cut by
-words first (that is part of the model's contract, not the server's truncation); the token
-limit then applies to the whole sequence (instruction, chat template and special tokens
-included).
+The model's own text rules apply as in `encode`: an llm2vec model cuts a text over
+doc_max_length tokens by words first, then the token limit applies to the whole sequence
+(instruction, chat template and special tokens included); both count as truncation here.
 """
 
 from __future__ import annotations
@@ -53,11 +55,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from l2v_models import tokenization as tk
 from l2v_models.packing import TokenizedTexts
 from l2v_models.serve.batcher import Batcher, RequestDropped, ShuttingDown
 from l2v_models.serve.metrics import ServerMetrics
 from l2v_models.serve.schemas import ApiError, EmbedRequest, parse_json, parse_openai, parse_tei
+from l2v_models.text_rules import Truncation
 
 logger = logging.getLogger("l2v.serve")
 
@@ -75,7 +77,7 @@ class ServeSettings:
     4096 on CPU). max_batch_texts: texts per pass (None: no limit). max_wait_ms: how long the
     idle worker waits for more work before a pass. max_concurrent_requests: admitted requests
     in flight; more get 429. max_client_batch_size: inputs per request (413 above).
-    max_input_tokens: tokens per input (None: the encoder's max_length); longer inputs are
+    max_input_tokens: tokens per input (None: the model's max_length); longer inputs are
     truncated, or 413 with "truncate": false. payload_limit: request body bytes (413 above).
     default_instruction: the instruction for text inputs of requests that give none. api_key:
     required as "Authorization: Bearer KEY" on /v1/* and /embed (None: no key). served_model_name:
@@ -120,20 +122,20 @@ def _check_int(name: str, value) -> None:
 
 
 class ServerState:
-    """Everything one app owns: encoder, settings, batcher, tokenizer pool, metrics."""
+    """Everything one app owns: embedder, settings, batcher, tokenizer pool, metrics."""
 
-    def __init__(self, encoder, settings: ServeSettings, on_fatal=None):
+    def __init__(self, embedder, settings: ServeSettings, on_fatal=None):
         settings.check()
-        self.encoder = encoder
+        self.embedder = embedder
         self.settings = settings
-        self.engine = encoder.engine
+        self.engine = embedder.engine
         self.metrics = ServerMetrics()
-        self.max_input_tokens = settings.max_input_tokens or int(encoder.max_length)
+        self.max_input_tokens = settings.max_input_tokens or int(embedder.rules.max_length)
         self.max_batch_tokens = settings.max_batch_tokens or self.engine.token_budget
-        self.has_tokenizer = encoder.tokenizer is not None
+        self.has_tokenizer = embedder.tokenizer is not None
         self.batcher = Batcher(
             self.engine,
-            mode=encoder.engine_pool_mode,
+            mode=embedder.rules.pool_mode,
             max_batch_tokens=self.max_batch_tokens,
             max_batch_texts=settings.max_batch_texts,
             max_wait_s=settings.max_wait_ms / 1000.0,
@@ -150,13 +152,12 @@ class ServerState:
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
         n = self.settings.tokenizer_threads
-        # One encoder view per tokenizer thread: same engine, own tokenizer, own max_length.
+        # One embedder view per tokenizer thread: same engine, own text rules and tokenizer.
         for _ in range(n):
-            enc = copy.copy(self.encoder)
+            view = copy.copy(self.embedder)  # its own text rules (Embedder.__copy__)
             if self.has_tokenizer:
-                enc.tokenizer = copy.deepcopy(self.encoder.tokenizer)
-            enc.max_length = self.max_input_tokens
-            self._encoders.put(enc)
+                view.rules.tokenizer = copy.deepcopy(self.embedder.tokenizer)
+            self._encoders.put(view)
         self._pool = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="l2v-tokenizer")
         self.batcher.start()
 
@@ -171,7 +172,7 @@ class ServerState:
                 n = await loop.run_in_executor(None, self._capture_graphs)
                 logger.info("l2v serve: captured %d CUDA graph buckets", n)
             if self.has_tokenizer:
-                texts, _ = await self.tokenize(["l2v warm-up", ["Represent this text", "warm-up"]])
+                texts, _ = await self.tokenize(["l2v warm-up", "Represent this text: warm-up"])
             else:
                 texts = TokenizedTexts.whole([[1, 2, 3], [3, 2]])
             await asyncio.wrap_future(self.batcher.submit(texts).future)
@@ -205,34 +206,43 @@ class ServerState:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ tokenization
-    async def tokenize(self, items: list) -> tuple[TokenizedTexts, list[tuple[int, int]]]:
-        """Texts -> (TokenizedTexts, [(index, full token count)] of inputs over the limit),
-        in a tokenizer thread."""
+    async def tokenize(
+        self, items: list, prompt: str | None = None, where: str = "input"
+    ) -> tuple[TokenizedTexts, list[Truncation]]:
+        """Texts -> (TokenizedTexts, the inputs a rule cut), by the model's text rules with
+        `prompt` for every text, in a tokenizer thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._tokenize, items)
+        return await loop.run_in_executor(self._pool, self._tokenize, items, prompt, where)
 
-    def _tokenize(self, items: list):
-        enc = self._encoders.get()
+    def _tokenize(self, items: list, prompt: str | None, where: str):
+        view = self._encoders.get()
         try:
-            texts = enc.prepare_texts(items)
-            limit = self.max_input_tokens
-            over = []
-            for i in np.flatnonzero(texts.lengths >= limit).tolist():
-                n = _full_length(enc, items[i])
-                if n > limit:
-                    over.append((i, n))
-            return texts, over
+            prepared = view.prepare(items, prompt=prompt or "", max_length=self.max_input_tokens,
+                                    where=where)  # fmt: skip
+            return prepared.texts, prepared.truncations
         finally:
-            self._encoders.put(enc)
+            self._encoders.put(view)
 
-    def token_inputs(self, items: list) -> tuple[TokenizedTexts, list[tuple[int, int]]]:
+    def token_inputs(self, items: list) -> tuple[TokenizedTexts, list[Truncation]]:
         """Token-id inputs -> (TokenizedTexts pooling every token, inputs over the limit),
         cut at the limit."""
         limit = self.max_input_tokens
-        over = [(i, len(ids)) for i, ids in enumerate(items) if len(ids) > limit]
+        over = [Truncation(i, len(ids), limit, "max_length")
+                for i, ids in enumerate(items) if len(ids) > limit]  # fmt: skip
         if over:
             items = [ids[:limit] for ids in items]
         return TokenizedTexts.whole(items), over
+
+    def resolve_prompt(self, req: EmbedRequest) -> str | None:
+        """The request's prompt text (its instruction, its named prompt, the server's default
+        instruction or the model's default prompt); ApiError 422 naming the model's prompts for
+        an unknown prompt_name."""
+        if req.tokens:
+            return None
+        try:
+            return self.embedder.rules.resolve_prompt(req.prompt_name, req.prompt)
+        except ValueError as e:
+            raise ApiError(422, str(e), "prompt_name") from None
 
     # ------------------------------------------------------------------ requests
     def check_auth(self, request: Request) -> None:
@@ -329,20 +339,16 @@ class ServerState:
             self.metrics.in_flight.set(self.in_flight)
             obj = parse_json(await self.read_body(request))
             req = self.parse(obj, endpoint)
+            prompt = self.resolve_prompt(req)
             t1 = time.perf_counter()
+            name = "input" if endpoint == "openai" else "inputs"
             if req.tokens:
                 texts, over = self.token_inputs(req.items)
             else:
-                texts, over = await self.tokenize(req.items)
+                texts, over = await self.tokenize(req.items, prompt, name)
             self.metrics.tokenization_seconds.observe(time.perf_counter() - t1)
-            name = "input" if endpoint == "openai" else "inputs"
             if over and not req.truncate:
-                i, n = over[0]
-                raise ApiError(
-                    413, f"{name}[{i}] has {n} tokens, over this server's limit of "
-                    f"{self.max_input_tokens} (--max-input-tokens); shorten it or send "
-                    '"truncate": true', f"{name}[{i}]",
-                )  # fmt: skip
+                raise ApiError(413, _truncation_refusal(over[0], name), f"{name}[{over[0].index}]")
             if over:
                 self.metrics.truncated_inputs.inc(len(over))
             try:
@@ -361,7 +367,7 @@ class ServerState:
                     500, f"inference failed ({type(e).__name__}: {_first_line(e)}); see the "
                     "server log",
                 ) from None  # fmt: skip
-            response = await self.render(req, rows, texts, endpoint)
+            response = await self.render(req, rows, texts, endpoint, truncated=len(over))
             if over:
                 response.headers["X-Truncated-Inputs"] = str(len(over))
             status = 200
@@ -393,11 +399,15 @@ class ServerState:
         )
         if endpoint == "openai":
             self.check_model(obj.get("model"))
-            return parse_openai(obj, hidden_size=self.engine.hidden_size, **common)
+            return parse_openai(obj, dimension=self.engine.dimension, **common)
         return parse_tei(obj, **common)
 
-    async def render(self, req: EmbedRequest, rows: np.ndarray, texts, endpoint: str) -> Response:
-        if req.normalize:
+    async def render(
+        self, req: EmbedRequest, rows: np.ndarray, texts, endpoint: str, truncated: int = 0
+    ) -> Response:
+        if req.dimensions is not None and req.dimensions < rows.shape[1]:
+            rows = rows[:, : req.dimensions]  # Matryoshka: renormalized below when meant to be
+        if req.normalize or (req.dimensions is not None and self.embedder.normalizes):
             norms = np.linalg.norm(rows, axis=1, keepdims=True)
             rows = rows / np.maximum(norms, 1e-12)
         rows = np.ascontiguousarray(rows, dtype="<f4")
@@ -416,7 +426,8 @@ class ServerState:
                     "object": "list",
                     "data": data,
                     "model": self.settings.served_model_name,
-                    "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+                    "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens,
+                              "truncated_inputs": truncated},
                 }
             return json.dumps(body, separators=(",", ":")).encode()
 
@@ -459,18 +470,15 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-def _full_length(enc, item) -> int:
-    """The untruncated token count of one input by llm2vec's rules (what `prepare_texts` would
-    give without the max_length cut)."""
-    instruction, text = ("", item) if isinstance(item, str) else (item[0], item[1])
-    tok = enc.tokenizer
-    (text,), _ = tk.truncate_by_words(tok, [text], enc.max_length, enc.doc_max_length)
-    prepared = tk.prepare_for_tokenization(
-        tk.join_instruction(instruction, text), enc.name_or_path, enc.config_family,
-        enc.pooling_mode,
-    )  # fmt: skip
-    full, _ = tk.split_instruction(prepared)
-    return len(tok(full, truncation=False, return_attention_mask=False)["input_ids"])
+def _truncation_refusal(cut: Truncation, name: str) -> str:
+    """The 413 message for an input a rule would cut when the request says "truncate": false."""
+    where = f"{name}[{cut.index}]"
+    if cut.rule == "doc_max_length":
+        return (f"{where} has {cut.tokens} text tokens, over the model's doc_max_length of "
+                f"{cut.limit} (llm2vec cuts longer texts by words); shorten it or send "
+                '"truncate": true')  # fmt: skip
+    return (f"{where} has {cut.tokens} tokens, over this server's limit of {cut.limit} "
+            '(--max-input-tokens); shorten it or send "truncate": true')  # fmt: skip
 
 
 def _first_line(e: BaseException) -> str:
@@ -478,10 +486,10 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
-def create_app(encoder, settings: ServeSettings | None = None, *, on_fatal=None) -> FastAPI:
-    """The ASGI app serving `encoder` (see the module docstring). on_fatal(message): called
+def create_app(embedder, settings: ServeSettings | None = None, *, on_fatal=None) -> FastAPI:
+    """The ASGI app serving `embedder` (see the module docstring). on_fatal(message): called
     when the warm-up fails (the CLI stops the server)."""
-    state = ServerState(encoder, settings or ServeSettings(), on_fatal=on_fatal)
+    state = ServerState(embedder, settings or ServeSettings(), on_fatal=on_fatal)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -55,11 +55,11 @@ class Job:
     [N, D] rows. Times (time.perf_counter): submitted, first_batch (its first pass began),
     done. Fields other than these are the batcher's."""
 
-    def __init__(self, texts: TokenizedTexts, hidden_size: int):
+    def __init__(self, texts: TokenizedTexts, dimension: int):
         self.texts = texts
         self.lengths = texts.lengths
         n = len(texts)
-        self.out = np.zeros((n, hidden_size), dtype=np.float32)
+        self.out = np.zeros((n, dimension), dtype=np.float32)
         self.next = 0  # first text not yet taken by the worker
         self.remaining = int(np.count_nonzero(self.lengths))  # texts whose row is not back yet
         self.cancelled = False
@@ -125,7 +125,7 @@ class Batcher:
     def submit(self, texts: TokenizedTexts) -> Job:
         """Queue one request's texts; returns its Job (the rows arrive in job.future).
         ShuttingDown after stop()."""
-        job = Job(texts, self.engine.hidden_size)
+        job = Job(texts, self.engine.dimension)
         if job.remaining == 0:  # nothing to run (every text empty): zero rows
             job.first_batch = job.done = time.perf_counter()
             job.future.set_result(job.out)

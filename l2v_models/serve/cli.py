@@ -131,7 +131,7 @@ def cmd_serve(args) -> int:
     import logging
 
     from l2v_models.checkpoint import model_label
-    from l2v_models.model_options import check_model_available, model_kwargs
+    from l2v_models.model_options import check_model_available, load_embedder
 
     settings_kwargs = dict(
         max_batch_tokens=args.max_batch_tokens,
@@ -170,12 +170,7 @@ def cmd_serve(args) -> int:
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         logging.getLogger("l2v").addHandler(handler)
     try:
-        from l2v_models.encoder import LLM2Vec
-
-        encoder = LLM2Vec.from_pretrained(
-            args.model, peft_model_name_or_path=args.peft, cuda_graphs=args.cuda_graphs,
-            **model_kwargs(args),
-        )  # fmt: skip
+        embedder = load_embedder(args, cuda_graphs=args.cuda_graphs)
         failure: list[str] = []
         server = None
 
@@ -184,10 +179,10 @@ def cmd_serve(args) -> int:
             if server is not None:
                 server.should_exit = True
 
-        app = create_app(encoder, settings, on_fatal=on_fatal)
+        app = create_app(embedder, settings, on_fatal=on_fatal)
         host, port = sock.getsockname()[:2]
         print(
-            f"l2v serve: {settings.served_model_name} on {encoder.device} ({encoder.dtype}), "
+            f"l2v serve: {settings.served_model_name} on {embedder.device} ({embedder.dtype}), "
             f"http://{_url_host(host)}:{port} (POST /v1/embeddings, POST /embed, GET /health)",
             flush=True,
         )

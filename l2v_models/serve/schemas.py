@@ -6,16 +6,17 @@ or ``input[1][4]: token id 60000 is outside the vocabulary [0, 49152)``.
 
 Two request shapes:
 - OpenAI `POST /v1/embeddings`: {input, model, encoding_format, dimensions, user} plus l2v's
-  extension fields instruction, normalize, truncate.
+  extension fields instruction, prompt_name, normalize, truncate.
 - text-embeddings-inference `POST /embed`: {inputs, normalize, truncate, truncation_direction,
   prompt_name} plus instruction.
 
 `input` / `inputs`: a string, a list of strings, a list of token ids (one input) or a list of
 lists of token ids. Statuses: 422 for malformed JSON (including JSON nested too deeply and
 strings holding a lone UTF-16 surrogate), wrong types, empty inputs and token ids outside the
-vocabulary; 413 for more inputs than the server allows; 400 for `dimensions` other than the
-model's width (LLM2Vec models are not Matryoshka-trained). The OpenAI routes answer 400 where
-this module says 422 (`ApiError.openai_status`): OpenAI and vLLM answer invalid requests 400.
+vocabulary; 413 for more inputs than the server allows; 400 for `dimensions` outside 1 ... the
+model's width (Matryoshka truncation: the first `dimensions` features). The OpenAI routes answer
+400 where this module says 422 (`ApiError.openai_status`): OpenAI and vLLM answer invalid
+requests 400.
 """
 
 from __future__ import annotations
@@ -81,10 +82,12 @@ class ApiError(Exception):
 class EmbedRequest:
     """A validated embedding request.
 
-    items: per input either a string, an [instruction, text] pair (text inputs), or a list of
-    token ids (token inputs; `tokens` is True). normalize: L2-normalize the rows.
-    truncate: cut inputs over the server's token limit (else 413). encoding_format: "float" or
-    "base64". model: the name the client asked for (None when not given).
+    items: per input either a string (text inputs) or a list of token ids (token inputs;
+    `tokens` is True). prompt: the prompt (instruction) for the text inputs, or the server's
+    default instruction; prompt_name: one of the model's named prompts (at most one of the two).
+    normalize: L2-normalize the rows. truncate: cut inputs the model's rules would cut (else
+    413). encoding_format: "float" or "base64". model: the name the client asked for (None when
+    not given). dimensions: keep the first this many features (Matryoshka; None: all).
     """
 
     items: list
@@ -93,6 +96,9 @@ class EmbedRequest:
     truncate: bool = True
     encoding_format: str = "float"
     model: str | None = None
+    prompt: str | None = None
+    prompt_name: str | None = None
+    dimensions: int | None = None
     extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -142,14 +148,15 @@ def parse_openai(
     obj: dict,
     *,
     vocab_size: int,
-    hidden_size: int,
+    dimension: int,
     max_inputs: int,
     default_instruction: str | None = None,
     has_tokenizer: bool = True,
 ) -> EmbedRequest:
-    """Validate an OpenAI /v1/embeddings body (see the module docstring)."""
+    """Validate an OpenAI /v1/embeddings body (see the module docstring). dimension: the
+    model's output width (the most `dimensions` may ask for)."""
     _reject_unknown(obj, ("input", "model", "encoding_format", "dimensions", "user",
-                          "instruction", "normalize", "truncate"))  # fmt: skip
+                          "instruction", "prompt_name", "normalize", "truncate"))  # fmt: skip
     if "input" not in obj:
         raise ApiError(422, 'missing field "input" (a string or a list of strings)', "input")
     model = obj.get("model")
@@ -172,20 +179,18 @@ def parse_openai(
             raise ApiError(
                 422, f'"dimensions" must be an integer, got {_json_type(dims)}', "dimensions"
             )
-        if dims != hidden_size:
+        if not 1 <= dims <= dimension:
             raise ApiError(
-                400,
-                f'"dimensions"={dims} is not supported: LLM2Vec models are not Matryoshka-'
-                f"trained, so their embeddings cannot be shortened; this model gives "
-                f'{hidden_size} dimensions (omit "dimensions")',
-                "dimensions",
-            )
+                400, f'"dimensions" must lie in 1..{dimension} (this model\'s embeddings have '
+                f"{dimension} features), got {dims}", "dimensions",
+            )  # fmt: skip
     req = _parse_inputs(
         obj, "input", vocab_size=vocab_size, max_inputs=max_inputs,
         default_instruction=default_instruction, has_tokenizer=has_tokenizer,
     )  # fmt: skip
     req.encoding_format = fmt
     req.model = model
+    req.dimensions = dims
     return req
 
 
@@ -208,10 +213,6 @@ def parse_tei(
             422, f'"truncation_direction" must be "Right" (llm2vec truncates at the end), got '
             f"{direction!r:.40}", "truncation_direction",
         )  # fmt: skip
-    if obj.get("prompt_name") is not None:
-        raise ApiError(
-            422, '"prompt_name" is not supported: send the prompt as "instruction"', "prompt_name"
-        )
     return _parse_inputs(
         obj, "inputs", vocab_size=vocab_size, max_inputs=max_inputs,
         default_instruction=default_instruction, has_tokenizer=has_tokenizer,
@@ -229,6 +230,16 @@ def _parse_inputs(
         raise ApiError(
             422, f'"instruction" must be a string, got {_json_type(instruction)}', "instruction"
         )
+    prompt_name = obj.get("prompt_name")
+    if prompt_name is not None and not isinstance(prompt_name, str):
+        raise ApiError(
+            422, f'"prompt_name" must be a string, got {_json_type(prompt_name)}', "prompt_name"
+        )
+    if prompt_name is not None and instruction is not None:
+        raise ApiError(
+            422, 'send "instruction" (a prompt\'s text) or "prompt_name" (one of the model\'s '
+            "named prompts), not both", "prompt_name",
+        )  # fmt: skip
     value = obj[name]
     if isinstance(value, str):
         value = [value]
@@ -262,14 +273,15 @@ def _parse_inputs(
             raise ApiError(
                 422, f'this server\'s model has no tokenizer: send "{name}" as token ids', name
             )
-        if instruction is None:
+        if instruction is None and prompt_name is None:
             instruction = default_instruction
-        items = [[instruction, t] if instruction else t for t in value]
-        return EmbedRequest(items, tokens=False, normalize=normalize, truncate=truncate)
-    if instruction:
+        return EmbedRequest(list(value), tokens=False, normalize=normalize, truncate=truncate,
+                            prompt=instruction, prompt_name=prompt_name)  # fmt: skip
+    if instruction or prompt_name is not None:
+        field_name = "instruction" if instruction else "prompt_name"
         raise ApiError(
-            422, '"instruction" applies to text inputs only; token-id inputs are embedded as '
-            "given (put the instruction's tokens in the ids)", "instruction",
+            422, f'"{field_name}" applies to text inputs only; token-id inputs are embedded as '
+            "given (put the prompt's tokens in the ids)", field_name,
         )  # fmt: skip
     items = []
     for i, ids in enumerate(value):
