@@ -303,3 +303,55 @@ def test_pyproject_license_is_an_spdx_string():
     """A TOML-table license makes setuptools print a deprecation warning at every install."""
     text = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^license = "Apache-2.0"$', text, re.M), "license must be an SPDX string"
+
+
+# ------------------------------------------------------------------ sentence-transformers models
+@pytest.fixture(scope="module")
+def st_model_dir(tmp_path_factory):
+    from st_folders import make_st_folder
+
+    prompts = {"query": "task: search result | query: ", "document": "title: none | text: "}
+    return str(make_st_folder(tmp_path_factory.mktemp("cli-st"), "gemma3", dense=[(96, 48)],
+                              normalize=True, prompts=prompts,
+                              config={"use_bidirectional_attention": True}))  # fmt: skip
+
+
+def test_encode_a_sentence_transformers_folder_with_prompts_and_truncate_dim(
+    st_model_dir, tmp_path, capsys
+):
+    from st_folders import st_encode
+
+    texts = ["the cat sat", "a dog"]
+    dst = tmp_path / "q.npy"
+    rc, out, err = run(["encode", "-q", "--model", st_model_dir, "--prompt-name", "query",
+                        "--truncate-dim", "16", "-o", str(dst), *texts], capsys)  # fmt: skip
+    assert rc == 0, err
+    got = torch.from_numpy(np.load(dst)).double()
+    want = st_encode(st_model_dir, texts, prompt_name="query", truncate_dim=16,
+                     normalize_embeddings=True)  # fmt: skip
+    assert got.shape == (2, 16)
+    assert torch.nn.functional.cosine_similarity(got, want).min() >= 0.99999
+    rc, _, err = run(["encode", "-q", "--model", st_model_dir, "--prompt-name", "search", "x"],
+                     capsys)  # fmt: skip
+    last = err.splitlines()[-1]  # (sentence-transformers' own progress bars come before)
+    assert rc == 2 and last.startswith("l2v: error: unknown prompt name 'search'")
+    assert "'query', 'document'" in last
+    rc, _, err = run(["encode", "-q", "--model", st_model_dir, "--truncate-dim", "49", "x"],
+                     capsys)  # fmt: skip
+    assert rc == 2 and "larger than the model's embedding dimension 48" in err
+    rc, _, err = run(["encode", "-q", "--model", st_model_dir, "--pooling", "mean", "x"], capsys)
+    assert rc == 2 and "pooling_mode is a setting of llm2vec models" in err
+
+
+def test_info_model_says_what_a_model_runs_with(st_model_dir, model_dir, capsys):
+    rc, out, err = run(["info", "--model", st_model_dir], capsys)
+    assert rc == 0, err
+    rows = dict(line.split(None, 1) if "  " not in line else
+                [s.strip() for s in line.split("  ", 1)] for line in out.splitlines())
+    assert rows["attention"].startswith("bidirectional (config)")
+    assert rows["text rules"].startswith("sentence-transformers")
+    assert rows["pooling"] == "mean" and rows["dimension"] == "48 (normalized)"
+    assert "Dense(96->48, identity) -> Normalize" in rows["modules"]
+    assert "query='task: search result | query: '" in rows["prompts"]
+    rc, out, _ = run(["info", "--model", model_dir], capsys)
+    assert rc == 0 and "llm2vec" in out and "bidirectional (llm2vec)" in out
