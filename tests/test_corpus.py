@@ -28,6 +28,7 @@ from l2v_models import cli
 ray = pytest.importorskip("ray", reason="the corpus runner needs the [ray] extra")
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
+pafs = pytest.importorskip("pyarrow.fs")
 
 from l2v_models.corpus import inputs as corpus_inputs  # noqa: E402
 from l2v_models.corpus import runner  # noqa: E402
@@ -210,13 +211,140 @@ def test_cli_int_ids_globs_uris_and_rerun_skips(ray_cluster, tiny_dir, tiny_enco
     err = capsys.readouterr().err
     assert rc == 2 and "other settings (normalize differ)" in err and len(err.splitlines()) == 1
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == before
-    # An output made from another version of its input is refused, not skipped.
+    # An output made from another version of its input is redone (and says so), not skipped.
     with open(files[2], "a", encoding="utf-8") as f:
         f.write(json.dumps({"id": 10**6, "text": "one more row"}) + "\n")
     rc = cli.main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2 and f"was made from a different version of file://{files[2]}" in err, err
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == before
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "encoded 21 rows in 1 files" in captured.out, captured.out
+    assert "3 complete files skipped, part-c.parquet redone (its input changed)" in captured.out
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    assert after["part-c.parquet"] != before.pop("part-c.parquet")
+    assert {k: v for k, v in after.items() if k != "part-c.parquet"} == before
+    ids, emb = read_outputs(out, files)
+    rows.insert(50, {"id": 10**6, "text": "one more row"})  # part-c holds rows 30 ... 49
+    assert ids == [r["id"] for r in rows]
+    ref = tiny_encoder.encode(items_of(rows), show_progress_bar=False).numpy()
+    assert cosines(emb, ref).min() >= 0.99999
+
+
+def _two_files(directory: Path, texts: list[str]) -> tuple[list[Path], list[list[dict]]]:
+    """a.jsonl and b.parquet, half of the texts each; every third row has an instruction."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"id": f"doc-{i}", "text": t, "instruction": "Represent the news" if i % 3 == 0 else None}
+        for i, t in enumerate(texts)
+    ]
+    half = len(rows) // 2
+    parts = [rows[:half], rows[half:]]
+    files = [
+        write_jsonl(directory / "a.jsonl", [{k: v for k, v in r.items() if v} for r in parts[0]]),
+        write_parquet(directory / "b.parquet", parts[1], row_group_size=3),
+    ]
+    return files, parts
+
+
+def _mtimes(out: Path) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+
+
+def test_rerun_redoes_a_file_whose_text_changed(ray_cluster, tiny_dir, tiny_encoder, tmp_path,
+                                                capsys):  # fmt: skip
+    """Issue 25.1: one text of an embedded input changes, its id stays. The rerun redoes that
+    file (and says why), its new embedding equals a fresh encode of the new text, the other
+    file is skipped; a third run skips both."""
+    files, parts = _two_files(tmp_path / "in", lee_sentences(16))
+    out = tmp_path / "out"
+    argv = ["encode-corpus", *map(str, files), "-o", str(out), "--model", tiny_dir,
+            "--num-workers", "1", "--batch-texts", "4", "--instruction-field", "instruction",
+            "-q"]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    old = read_outputs(out, files)[1]
+    before = _mtimes(out)
+
+    parts[0][5]["text"] = "The harbour froze for the first time in a century."
+    write_jsonl(files[0], [{k: v for k, v in r.items() if v} for r in parts[0]])
+    rc = cli.main(argv)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "encoded 8 rows in 1 files" in captured.out, captured.out
+    assert "1 complete files skipped, a.parquet redone (its input changed)" in captured.out
+    after = _mtimes(out)
+    assert after["b.parquet"] == before["b.parquet"] and after["a.parquet"] != before["a.parquet"]
+    ids, emb = read_outputs(out, files)
+    rows = parts[0] + parts[1]
+    assert ids == [r["id"] for r in rows]
+    fresh = tiny_encoder.encode([parts[0][5]["text"]], show_progress_bar=False).numpy()
+    assert cosines(emb[5:6], fresh)[0] >= 0.99999
+    assert cosines(emb[5:6], old[5:6])[0] < 0.9999  # the stale embedding is gone
+    ref = tiny_encoder.encode(items_of(rows), show_progress_bar=False).numpy()
+    assert cosines(emb, ref).min() >= 0.99999
+    manifest = json.loads((out / "_SUCCESS.json").read_text())
+    assert [e["status"] for e in manifest["inputs"]] == [runner.REDONE_CHANGED, runner.SKIPPED]
+    assert manifest["redone_files"] == 1 and manifest["skipped_files"] == 1
+
+    # Nothing changed since: both outputs are skipped.
+    assert cli.main(argv) == 0
+    assert "encoded 0 rows in 0 files" in capsys.readouterr().out
+    assert _mtimes(out) == after
+
+
+def test_rerun_redoes_a_file_whose_instruction_changed(ray_cluster, tiny_dir, tiny_encoder,
+                                                       tmp_path):  # fmt: skip
+    """Only a row's instruction changes (Parquet input; ids and texts stay): that file is
+    redone with the new instruction, the other one is skipped."""
+    files, parts = _two_files(tmp_path / "in", lee_sentences(12))
+    out = tmp_path / "out"
+    kwargs = dict(fields=corpus_inputs.Fields(instruction="instruction"), num_workers=1,
+                  batch_texts=4, progress=False)  # fmt: skip
+    runner.encode_corpus([str(f) for f in files], str(out), tiny_dir, **kwargs)
+    before = _mtimes(out)
+    parts[1][2]["instruction"] = "Retrieve a sentence that contradicts this one"
+    write_parquet(files[1], parts[1], row_group_size=3)
+    result = runner.encode_corpus([str(f) for f in files], str(out), tiny_dir, **kwargs)
+    assert result.embedded_rows == 6 and result.skipped_files == 1
+    assert _mtimes(out)["a.parquet"] == before["a.parquet"]
+    ids, emb = read_outputs(out, files)
+    rows = parts[0] + parts[1]
+    assert ids == [r["id"] for r in rows]
+    ref = tiny_encoder.encode(items_of(rows), show_progress_bar=False).numpy()
+    assert cosines(emb, ref).min() >= 0.99999
+    assert [e["status"] for e in result.files] == [runner.SKIPPED, runner.REDONE_CHANGED]
+    assert result.redone_files == 1
+
+
+def test_an_output_without_a_content_digest_is_redone(ray_cluster, tiny_dir, tiny_encoder,
+                                                      tmp_path):  # fmt: skip
+    """An output written before l2v recorded its input's content SHA-256 cannot be checked
+    against the input's texts: the rerun redoes it (and says why) rather than trust it."""
+    files, parts = _two_files(tmp_path / "in", lee_sentences(12))
+    out = tmp_path / "out"
+    kwargs = dict(fields=corpus_inputs.Fields(instruction="instruction"), num_workers=1,
+                  batch_texts=4, progress=False)  # fmt: skip
+    runner.encode_corpus([str(f) for f in files], str(out), tiny_dir, **kwargs)
+    # What an older l2v wrote: the same file without content_sha256 in l2v.info.
+    table = pq.read_table(out / "a.parquet")
+    meta = dict(table.schema.metadata)
+    info = json.loads(meta[b"l2v.info"])
+    info.pop("content_sha256", None)
+    meta[b"l2v.info"] = json.dumps(info).encode()
+    pq.write_table(table.replace_schema_metadata(meta), out / "a.parquet")
+    before = _mtimes(out)
+    result = runner.encode_corpus([str(f) for f in files], str(out), tiny_dir, **kwargs)
+    assert result.embedded_rows == 6 and result.skipped_files == 1
+    assert _mtimes(out)["b.parquet"] == before["b.parquet"]
+    assert [e["status"] for e in result.files] == [runner.REDONE_UNCHECKABLE, runner.SKIPPED]
+    assert result.redone_files == 1
+    info = json.loads(pq.read_schema(out / "a.parquet").metadata[b"l2v.info"])
+    assert info["content_sha256"] == corpus_inputs.scan_inputs(
+        [str(files[0])], kwargs["fields"])[0].content_sha256  # fmt: skip
+    ids, emb = read_outputs(out, files)
+    rows = parts[0] + parts[1]
+    assert ids == [r["id"] for r in rows]
+    ref = tiny_encoder.encode(items_of(rows), show_progress_bar=False).numpy()
+    assert cosines(emb, ref).min() >= 0.99999
 
 
 _SLOW_DRIVER = """
@@ -242,9 +370,13 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tiny_dir, tiny_encoder, 
     out = tmp_path / "out"
     script = tmp_path / "slow_driver.py"
     script.write_text(textwrap.dedent(_SLOW_DRIVER))
+    # The driver imports this checkout's l2v_models (not an installed copy elsewhere): the
+    # outputs it writes must be the ones the rerun below recognizes.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, str(script), ray_cluster, tiny_dir, str(out)] + [str(f) for f in files],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO, env=env,
     )  # fmt: skip
     first = out / "part-a.parquet"
     deadline = time.monotonic() + 90
@@ -403,6 +535,12 @@ BAD_INPUTS = {
                    write_parquet(d / "a.parquet", [{"id": "z", "text": "x"}])],
         "would both write a.parquet",
     ),
+    "lone surrogate in a text (JSONL)": (
+        lambda d: [(d / "a.jsonl").write_text('{"id": "a", "text": "x"}\n'
+                                              '{"id": "b", "text": "bad \\ud800"}\n') and
+                   d / "a.jsonl"],
+        "a.jsonl:2: the text is not valid Unicode",
+    ),
     "glob matches nothing": (lambda d: [d / "nothing-*.jsonl"], "no file matches this pattern"),
     "unknown extension": (
         lambda d: [(d / "a.csv").write_text("id,text\n") and d / "a.csv"],
@@ -483,6 +621,83 @@ def test_ids_digest_does_not_depend_on_chunking():
     ints = pa.array(np.arange(10, dtype=np.int64))
     assert corpus_inputs.ids_sha256(pa.chunked_array([ints[:3], ints[3:]])) == (
         corpus_inputs.ids_sha256(ints)
+    )
+
+
+def test_content_digest_covers_texts_and_instructions(tmp_path, monkeypatch):
+    """The content SHA-256 of a file: the same for the same rows in JSONL and Parquet and
+    whatever the batching; different when any text or instruction changes, when a null
+    instruction becomes an empty one, or when two texts swap rows (ids unchanged)."""
+    fields = corpus_inputs.Fields(instruction="instruction")
+    rows = [{"id": f"r{i}", "text": f"text number {i} é", "instruction": "ask" if i % 3 else None}
+            for i in range(23)]  # fmt: skip
+
+    def digest(rows, name="a.jsonl"):
+        path = tmp_path / name
+        if name.endswith(".jsonl"):
+            write_jsonl(path, [{k: v for k, v in r.items() if v is not None} for r in rows])
+        else:
+            write_parquet(path, rows, row_group_size=5)
+        scanned = corpus_inputs.scan_inputs([str(path)], fields)[0]
+        path.unlink()
+        return scanned.ids_sha256, scanned.content_sha256
+
+    ids, whole = digest(rows)
+    assert digest(rows, "a.parquet") == (ids, whole)
+    monkeypatch.setattr(corpus_inputs, "_DIGEST_ROWS", 4)  # the JSONL scan hashes 6 batches
+    assert digest(rows) == (ids, whole)
+    monkeypatch.undo()
+    changed = {
+        "text": [dict(r, text="other") if i == 7 else r for i, r in enumerate(rows)],
+        "instruction": [dict(r, instruction="tell") if i == 7 else r for i, r in enumerate(rows)],
+        "empty instruction": [dict(r, instruction="") if i == 0 else r for i, r in enumerate(rows)],
+        "swapped texts": [dict(r, text=rows[1 - i]["text"]) if i < 2 else r
+                          for i, r in enumerate(rows)],
+    }  # fmt: skip
+    for case, other in changed.items():
+        for name in ("a.jsonl", "a.parquet"):
+            other_ids, other_content = digest(other, name)
+            assert other_ids == ids and other_content != whole, (case, name)
+    # Without an instruction field the instructions are not part of the rows.
+    plain = corpus_inputs.ContentDigest()
+    plain.update(pa.array([r["id"] for r in rows]), pa.array([r["text"] for r in rows]))
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    assert corpus_inputs.scan_inputs([str(tmp_path / "a.jsonl")])[0].content_sha256 == (
+        plain.hexdigest()
+    )
+
+
+def test_existing_output_statuses(tmp_path):
+    """What a rerun does with an output already there, by its metadata (no Ray)."""
+    write_jsonl(tmp_path / "a.jsonl", _rows())
+    inp = corpus_inputs.scan_inputs([str(tmp_path / "a.jsonl")])[0]
+    settings = {"model": "m", "normalize": False}
+    path = tmp_path / "a.parquet"
+
+    def status(rows=4, **info):
+        full = dict(settings=settings, rows=4, ids_sha256=inp.ids_sha256,
+                    content_sha256=inp.content_sha256)  # fmt: skip
+        full.update(info)
+        full = {k: v for k, v in full.items() if v is not None}
+        table = pa.table({"id": [f"r{i}" for i in range(rows)]})
+        pq.write_table(table.replace_schema_metadata({"l2v.info": json.dumps(full)}), path)
+        return runner._existing_output(pafs.LocalFileSystem(), str(path), "out/a.parquet", inp,
+                                       settings)  # fmt: skip
+
+    assert status() == runner.SKIPPED
+    assert status(content_sha256="0" * 64) == runner.REDONE_CHANGED
+    assert status(rows=5, content_sha256="0" * 64) == runner.REDONE_CHANGED
+    assert status(content_sha256=None) == runner.REDONE_UNCHECKABLE
+    assert status(rows=3) == runner.REDONE_DAMAGED
+    with pytest.raises(corpus_inputs.CorpusInputError, match="other settings"):
+        status(content_sha256=None, settings={"model": "other", "normalize": False})
+    path.write_bytes(b"not parquet")
+    with pytest.raises(corpus_inputs.CorpusInputError, match="not written by l2v"):
+        runner._existing_output(pafs.LocalFileSystem(), str(path), "out/a.parquet", inp,
+                                settings)  # fmt: skip
+    path.unlink()
+    assert runner._existing_output(pafs.LocalFileSystem(), str(path), "o", inp, settings) == (
+        runner.EMBEDDED
     )
 
 

@@ -20,7 +20,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Embed every row of JSONL or Parquet files with an LLM2Vec model on Ray Data "
         "(one model per worker; a worker per GPU by default). Writes OUTPUT/<stem>.parquet per "
         "input file (columns id, embedding) and OUTPUT/_SUCCESS.json last. Rerunning the same "
-        "command skips complete outputs and redoes the rest.",
+        "command skips complete outputs of unchanged inputs and redoes the rest (also the "
+        "outputs of inputs whose content changed).",
     )
     p.add_argument(
         "inputs",
@@ -120,7 +121,7 @@ def cmd_encode_corpus(args) -> int:
     from ray.data.exceptions import UserCodeException
 
     from l2v_models.corpus.inputs import CorpusInputError, Fields
-    from l2v_models.corpus.runner import describe_ray_error, encode_corpus
+    from l2v_models.corpus.runner import REDONE, describe_ray_error, encode_corpus
 
     _check_model_paths(args, UsageError)
     check_model_available(args.model)
@@ -151,6 +152,10 @@ def cmd_encode_corpus(args) -> int:
             "to resume)"
         ) from e
     skipped = f", {result.skipped_files} complete files skipped" if result.skipped_files else ""
+    redone = [f"{e['output']} {e['status']}" for e in result.files if e["status"] in REDONE]
+    if redone:  # why a file that had an output was embedded again
+        more = f" and {len(redone) - 3} more redone" if len(redone) > 3 else ""
+        skipped += ", " + ", ".join(redone[:3]) + more
     print(
         f"encoded {result.embedded_rows} rows in {result.embedded_files} files "
         f"({result.rows_per_s:.1f} rows/s, {result.embed_seconds:.1f}s{skipped}) -> "

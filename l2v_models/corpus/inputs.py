@@ -15,8 +15,10 @@ instruction field is named, a string or null instruction; ids are unique across 
 file is empty; no two inputs share a stem (they would write the same output). The first
 violation raises `CorpusInputError` naming the file, the row (JSONL: the line) and what to do.
 Each `InputFile` carries its row count, the SHA-256 of its ids in order (what outputs are
-verified against) and its chunks: contiguous row ranges of about `rows_per_chunk` rows (Parquet:
-whole row groups) that `read_chunk` reads on a worker with the same parser.
+verified against), the SHA-256 of its content (ids, texts and instructions of every row, in
+order: what ties an output to the input it was made from, `ContentDigest`) and its chunks:
+contiguous row ranges of about `rows_per_chunk` rows (Parquet: whole row groups) that
+`read_chunk` reads on a worker with the same parser. Every row is read once by the scan.
 
 Longer than ~500 lines on purpose: every input check (formats, fields, ids, empty files, globs)
 runs before any model work and names file and row, and the workers read chunks with the same
@@ -42,6 +44,9 @@ import pyarrow.parquet as pq
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 _READ_BLOCK = 8 << 20  # JSONL is scanned in blocks of this many bytes
+# The JSONL scan hashes rows in batches of at most this many rows / bytes of JSON (bounds memory).
+_DIGEST_ROWS = 8192
+_DIGEST_BYTES = 8 << 20
 
 
 class CorpusInputError(ValueError):
@@ -82,6 +87,7 @@ class InputFile:
     num_rows: int = 0
     id_kind: str = ""  # "string" or "int"
     ids_sha256: str = ""
+    content_sha256: str = ""
     chunks: list[Chunk] = field(default_factory=list)
 
     @property
@@ -215,6 +221,75 @@ def ids_sha256(ids: pa.Array | pa.ChunkedArray) -> str:
     return d.hexdigest()
 
 
+class _StringsDigest:
+    """SHA-256 streams of a string column in order, independent of chunking: per row a null
+    flag (uint8), the UTF-8 byte length (int64; 0 for null) and the bytes."""
+
+    def __init__(self):
+        self._nulls = hashlib.sha256()
+        self._lengths = hashlib.sha256()
+        self._data = hashlib.sha256()
+
+    def update(self, values: pa.Array | pa.ChunkedArray) -> None:
+        if isinstance(values, pa.ChunkedArray):
+            for chunk in values.chunks:
+                self.update(chunk)
+            return
+        n = len(values)
+        if n == 0:
+            return
+        nulls = values.is_null().to_numpy(zero_copy_only=False).astype(np.uint8)
+        self._nulls.update(nulls.tobytes())
+        # Arrow lets a null slot span bytes: hash nulls as empty strings (their flag is above).
+        values = pc.fill_null(values.cast(pa.large_string()), "")
+        offsets = np.frombuffer(values.buffers()[1], dtype="<i8")[
+            values.offset : values.offset + n + 1
+        ]
+        self._lengths.update(np.diff(offsets).astype("<i8").tobytes())
+        data = values.buffers()[2]
+        if data is not None:
+            self._data.update(memoryview(data)[int(offsets[0]) : int(offsets[-1])])
+
+    def digest(self) -> bytes:
+        return self._nulls.digest() + self._lengths.digest() + self._data.digest()
+
+
+class ContentDigest:
+    """SHA-256 of a file's rows in order: ids (as `IdsDigest`), texts and instructions (null or
+    absent = none); independent of how the rows are batched and of the file's format (the same
+    rows in JSONL and in Parquet hash alike). Any change of a row's id, text or instruction, or
+    of the rows' order or number, changes it. `update(ids, texts, instructions)`: arrays of one
+    batch of rows (instructions None: no instruction in any of them)."""
+
+    VERSION = b"l2v-content-v1"  # a new hashing scheme gets a new version
+
+    def __init__(self):
+        self._ids = IdsDigest()
+        self._texts = _StringsDigest()
+        self._instructions = _StringsDigest()
+
+    def update(
+        self,
+        ids: pa.Array | pa.ChunkedArray,
+        texts: pa.Array | pa.ChunkedArray,
+        instructions: pa.Array | pa.ChunkedArray | None = None,
+    ) -> None:
+        if instructions is None:
+            instructions = pa.nulls(len(texts), pa.string())
+        if not len(ids) == len(texts) == len(instructions):
+            raise ValueError(
+                f"ids, texts and instructions of a batch differ in length: {len(ids)}, "
+                f"{len(texts)}, {len(instructions)}"
+            )
+        self._ids.update(ids)
+        self._texts.update(texts)
+        self._instructions.update(instructions)
+
+    def hexdigest(self) -> str:
+        parts = (self._ids.hexdigest().encode(), self._texts.digest(), self._instructions.digest())
+        return hashlib.sha256(self.VERSION + b"".join(parts)).hexdigest()
+
+
 # ------------------------------------------------------------------------------ JSONL
 def _iter_lines(f, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
     """(byte offset, line without its newline) of every line starting in [start, stop)."""
@@ -277,16 +352,74 @@ def _parse_jsonl_row(line: bytes, where: str, fields: Fields) -> tuple[object, s
     return rid, text, instruction
 
 
+class _JsonlDigestBatch:
+    """The rows of a JSONL file not hashed yet (texts, instructions and line numbers), so that
+    `ContentDigest` hashes Arrow arrays of a bounded batch, never the whole file at once."""
+
+    def __init__(self, inp: InputFile, digest: ContentDigest):
+        self.inp, self.digest = inp, digest
+        self.start = 0  # index of the batch's first row in the file
+        self.texts: list[str] = []
+        self.instructions: list[str | None] = []
+        self.linenos: list[int] = []
+        self.nbytes = 0
+
+    def add(self, text: str, instruction: str | None, lineno: int, nbytes: int) -> None:
+        self.texts.append(text)
+        self.instructions.append(instruction)
+        self.linenos.append(lineno)
+        self.nbytes += nbytes
+
+    def full(self) -> bool:
+        return len(self.texts) >= _DIGEST_ROWS or self.nbytes >= _DIGEST_BYTES
+
+    def flush(self, ids: list, kind: str | None) -> None:
+        """Hash the batch; `ids`: every id of the file so far (the batch's are the last)."""
+        if not self.texts:
+            return
+        batch_ids = ids[self.start :]
+        try:
+            self.digest.update(
+                _ids_array(batch_ids, kind),
+                pa.array(self.texts, pa.string()),
+                pa.array(self.instructions, pa.string()),
+            )
+        except OverflowError:
+            raise CorpusInputError(f"{self.inp.uri}: integer ids must fit in 64 bits") from None
+        except (UnicodeEncodeError, pa.ArrowException):
+            self._raise_bad_unicode(batch_ids)
+            raise
+        self.start = len(ids)
+        self.texts, self.instructions, self.linenos, self.nbytes = [], [], [], 0
+
+    def _raise_bad_unicode(self, batch_ids: list) -> None:
+        """CorpusInputError naming the first row with a string that has no UTF-8 form (a lone
+        surrogate such as "\\ud800" in the JSON)."""
+        rows = zip(self.linenos, batch_ids, self.texts, self.instructions, strict=True)
+        for lineno, rid, text, instruction in rows:
+            for what, value in (("id", rid), ("text", text), ("instruction", instruction)):
+                if isinstance(value, str):
+                    try:
+                        value.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise CorpusInputError(
+                            f"{self.inp.uri}:{lineno}: the {what} is not valid Unicode (it holds "
+                            "a lone surrogate escape such as \\ud800): fix or remove that row"
+                        ) from None
+
+
 def _scan_jsonl(inp: InputFile, fields: Fields, rows_per_chunk: int) -> pa.Array:
     ids: list = []
     kind = None
     chunk_start_row, chunk_start_byte, end = 0, None, 0
+    content = ContentDigest()
+    pending = _JsonlDigestBatch(inp, content)
     with inp.filesystem.open_input_file(inp.path) as f:
         for lineno, (offset, line) in enumerate(_iter_lines(f), 1):
             end = offset + len(line) + 1
             if not line.strip():
                 continue
-            rid, _, _ = _parse_jsonl_row(line, f"{inp.uri}:{lineno}", fields)
+            rid, text, instruction = _parse_jsonl_row(line, f"{inp.uri}:{lineno}", fields)
             k = "string" if isinstance(rid, str) else "int"
             if kind is None:
                 kind = k
@@ -299,6 +432,9 @@ def _scan_jsonl(inp: InputFile, fields: Fields, rows_per_chunk: int) -> pa.Array
             if chunk_start_byte is None:
                 chunk_start_byte = offset
             ids.append(rid)
+            pending.add(text, instruction, lineno, len(line))
+            if pending.full():
+                pending.flush(ids, kind)
             if len(ids) - chunk_start_row == rows_per_chunk:
                 inp.chunks.append(
                     Chunk(chunk_start_row, rows_per_chunk, chunk_start_byte, end - chunk_start_byte)
@@ -313,7 +449,9 @@ def _scan_jsonl(inp: InputFile, fields: Fields, rows_per_chunk: int) -> pa.Array
                 end - chunk_start_byte,
             )
         )
+    pending.flush(ids, kind)
     inp.id_kind = kind or ""
+    inp.content_sha256 = content.hexdigest()
     if not ids:
         return pa.array([], pa.string())
     try:
@@ -383,7 +521,8 @@ def _scan_parquet(inp: InputFile, fields: Fields, rows_per_chunk: int) -> pa.Arr
     pf = _open_parquet(inp)
     columns = _parquet_columns(inp, pf, fields)
     parts, row = [], 0
-    for batch in pf.iter_batches(batch_size=65536, columns=columns[:2]):
+    content = ContentDigest()
+    for batch in pf.iter_batches(batch_size=65536, columns=columns):
         for name, what in ((fields.id, "id"), (fields.text, "text")):
             nulls = batch.column(name).is_null()
             if pc.any(nulls).as_py():
@@ -393,7 +532,10 @@ def _scan_parquet(inp: InputFile, fields: Fields, rows_per_chunk: int) -> pa.Arr
                     f"needs an id and a text"
                 )
         parts.append(batch.column(fields.id))
+        instructions = batch.column(fields.instruction) if len(columns) == 3 else None
+        content.update(batch.column(fields.id), batch.column(fields.text), instructions)
         row += batch.num_rows
+    inp.content_sha256 = content.hexdigest()
     meta = pf.metadata
     start, first, rows = 0, 0, 0
     for g in range(meta.num_row_groups):
@@ -430,7 +572,8 @@ def scan_inputs(
     patterns: Sequence[str], fields: Fields | None = None, rows_per_chunk: int = 1024
 ) -> list[InputFile]:
     """Expand and check every input (see the module docstring); CorpusInputError on the first
-    problem. Reads every row once (ids kept, texts discarded)."""
+    problem. Reads every row once (ids kept; texts and instructions hashed into each file's
+    `content_sha256`, then discarded)."""
     fields = fields if fields is not None else Fields()
     if (
         isinstance(rows_per_chunk, bool)

@@ -13,16 +13,21 @@ l2v adds what a corpus job needs around it (`encode_corpus`):
   ids, missing fields, non-string texts or empty files stop the run with one clear error.
 - Output: `<output>/<stem>.parquet` per input file, columns `id` (the input's ids, in input
   order) and `embedding` (fixed_size_list<float32>[D]); file metadata `l2v.model`,
-  `l2v.dimension` and `l2v.info` (JSON: settings, rows, SHA-256 of the ids, source). The driver
-  is the only writer: it streams Ray's output blocks (ordered, `preserve_order`) into
+  `l2v.dimension` and `l2v.info` (JSON: settings, rows, SHA-256 of the ids, `content_sha256` of
+  the input's ids, texts and instructions (inputs.ContentDigest), source). The driver is the only
+  writer: it streams Ray's output blocks (ordered, `preserve_order`) into
   `.<stem>.parquet.l2v-partial`, checks every row index on arrival (each row of the file exactly
   once, in order) and the ids' SHA-256 against the input, then renames the file to its final
-  name. `_SUCCESS.json` (inputs, rows, model, l2v version, seconds) is written last, after every
-  output has been verified again from disk (row count and ids against the input).
+  name. `_SUCCESS.json` (inputs with their status and content SHA-256, rows, model, l2v version,
+  seconds) is written last, after every output has been verified again from disk (row count,
+  ids and content SHA-256 against the input).
 - Resumable: an output under its final name is complete by construction; a rerun skips it when
-  its metadata matches the input and the settings (else it stops: delete the file or use another
-  output directory) and redoes the rest. A killed run leaves only hidden `.l2v-partial` files,
-  which the next run deletes. One run per output directory at a time.
+  its metadata matches the settings and the input's content SHA-256. With other settings the run
+  stops (delete the file or use another output directory). An output whose input changed (any
+  id, text or instruction, or the number of rows), or one written before l2v recorded the
+  content SHA-256 (it cannot be checked), is redone: the new output replaces it by the same
+  atomic rename, and its per-file status says why. A killed run leaves only hidden
+  `.l2v-partial` files, which the next run deletes. One run per output directory at a time.
 - Embeddings equal `LLM2Vec.encode` of the same texts: each actor runs
   `encoder.prepare_texts` + `encoder.engine.embed`, whose results do not depend on batching.
 
@@ -61,6 +66,13 @@ from l2v_models.corpus.inputs import (
 
 MANIFEST = "_SUCCESS.json"
 PARTIAL_SUFFIX = ".l2v-partial"
+# The status of each file in CorpusResult.files and the manifest: what this run did with it.
+EMBEDDED = "embedded"
+SKIPPED = "skipped (complete)"
+REDONE_CHANGED = "redone (its input changed)"
+REDONE_UNCHECKABLE = "redone (its old output has no content SHA-256 to check)"
+REDONE_DAMAGED = "redone (its old output does not hold its rows)"
+REDONE = (REDONE_CHANGED, REDONE_UNCHECKABLE, REDONE_DAMAGED)
 DEFAULT_BATCH_TEXTS = 1024
 # Model options that change embeddings (recorded in outputs and compared on resume); placement
 # and batching (device_map, backend, max_tokens_per_batch...) do not change them.
@@ -308,11 +320,14 @@ def _read_info(fs: pafs.FileSystem, path: str) -> tuple[pq.FileMetaData, dict]:
     return meta, (json.loads(raw) if raw else {})
 
 
-def _existing_output(fs, path: str, uri: str, inp: InputFile, settings: dict) -> bool:
-    """True when `path` holds the complete output of `inp` with these settings; False when it
-    does not exist; CorpusInputError when it holds something else."""
+def _existing_output(fs, path: str, uri: str, inp: InputFile, settings: dict) -> str:
+    """What to do with `path`, the output of `inp`: SKIPPED when it holds the complete output of
+    the input's current content with these settings; EMBEDDED when it does not exist; a REDONE_*
+    status (why) when it was written by l2v with these settings but cannot be trusted for this
+    content; CorpusInputError when it was not written by l2v or with other settings (the user
+    decides: nothing of theirs is overwritten)."""
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return False
+        return EMBEDDED
     try:
         meta, info = _read_info(fs, path)
     except (pa.ArrowInvalid, OSError, json.JSONDecodeError):
@@ -329,15 +344,17 @@ def _existing_output(fs, path: str, uri: str, inp: InputFile, settings: dict) ->
         raise CorpusInputError(
             f"{uri} was made with other settings ({', '.join(diff)} differ): {redo}"
         )
+    if not info.get("content_sha256"):  # written before l2v recorded it: texts unknown
+        return REDONE_UNCHECKABLE
     if (
-        info.get("rows") != inp.num_rows
+        info.get("content_sha256") != inp.content_sha256
+        or info.get("rows") != inp.num_rows
         or info.get("ids_sha256") != inp.ids_sha256
-        or (meta.num_rows != inp.num_rows)
     ):
-        raise CorpusInputError(
-            f"{uri} was made from a different version of {inp.uri} (rows or ids differ): {redo}"
-        )
-    return True
+        return REDONE_CHANGED
+    if meta.num_rows != inp.num_rows:
+        return REDONE_DAMAGED
+    return SKIPPED
 
 
 class _FileWriter:
@@ -407,15 +424,17 @@ class _FileWriter:
 
 
 def verify_outputs(fs, out_dir: str, files: Sequence[InputFile]) -> list[dict]:
-    """Re-read every output: exactly one row per input row, the same ids in the same order.
-    Returns per file {input, output, rows}; CorpusRunError on the first mismatch."""
+    """Re-read every output: exactly one row per input row, the same ids in the same order, made
+    from the input's current content (its metadata's content SHA-256). Returns per file {input,
+    output, rows, content_sha256}; CorpusRunError on the first mismatch."""
     report = []
     for inp in files:
         path = f"{out_dir}/{inp.stem}.parquet"
         try:
             with fs.open_input_file(path) as f:
                 table = pq.read_table(f, columns=["id"])
-        except (OSError, pa.ArrowInvalid) as e:
+            info = json.loads((table.schema.metadata or {}).get(b"l2v.info") or b"{}")
+        except (OSError, pa.ArrowInvalid, json.JSONDecodeError) as e:
             raise CorpusRunError(f"verification: cannot read {path}: {e}") from None
         if table.num_rows != inp.num_rows:
             raise CorpusRunError(
@@ -423,7 +442,19 @@ def verify_outputs(fs, out_dir: str, files: Sequence[InputFile]) -> list[dict]:
             )
         if ids_sha256(table.column("id")) != inp.ids_sha256:
             raise CorpusRunError(f"verification: the ids of {path} differ from those of {inp.uri}")
-        report.append({"input": inp.uri, "output": posixpath.basename(path), "rows": inp.num_rows})
+        if info.get("content_sha256") != inp.content_sha256:
+            raise CorpusRunError(
+                f"verification: {path} was not made from the current content of {inp.uri} "
+                "(another run writing to the same directory?): rerun the command"
+            )
+        report.append(
+            {
+                "input": inp.uri,
+                "output": posixpath.basename(path),
+                "rows": inp.num_rows,
+                "content_sha256": inp.content_sha256,
+            }
+        )
     return report
 
 
@@ -449,14 +480,17 @@ def _remove_stale(fs, out_dir: str) -> None:
 @dataclass
 class CorpusResult:
     """What `encode_corpus` did. rows: input rows in all; embedded_rows: rows embedded by this
-    run (the others were complete already); rows_per_s: embedded_rows / embed_seconds."""
+    run (the others were complete already); rows_per_s: embedded_rows / embed_seconds.
+    embedded_files counts the redone files too; a file's `status` says what happened to it
+    (EMBEDDED, SKIPPED or a REDONE_* status that says why)."""
 
     output: str
-    files: list[dict] = field(default_factory=list)  # input, output, rows, status
+    files: list[dict] = field(default_factory=list)  # input, output, rows, content_sha256, status
     rows: int = 0
     embedded_rows: int = 0
     embedded_files: int = 0
     skipped_files: int = 0
+    redone_files: int = 0
     dimension: int | None = None
     seconds: float = 0.0
     embed_seconds: float = 0.0
@@ -581,12 +615,14 @@ def encode_corpus(
     for inp in files:
         final = f"{out_dir}/{inp.stem}.parquet"
         uri = f"{output.rstrip('/')}/{inp.stem}.parquet"
-        status.append("complete" if _existing_output(fs, final, uri, inp, settings) else "todo")
+        status.append(_existing_output(fs, final, uri, inp, settings))
     fs.create_dir(out_dir, recursive=True)
     _remove_stale(fs, out_dir)
 
     result = CorpusResult(output=output, rows=sum(f.num_rows for f in files))
-    pending = [i for i, s in enumerate(status) if s == "todo"]
+    # A file being redone keeps its old output until the new one is renamed over it: a run
+    # killed in between leaves the old one, which the next run redoes again.
+    pending = [i for i, s in enumerate(status) if s != SKIPPED]
     ray_info: dict = {}
     t_embed = time.perf_counter()
     if pending:
@@ -616,9 +652,10 @@ def encode_corpus(
 
     verified = verify_outputs(fs, out_dir, files)
     for entry, s in zip(verified, status, strict=True):
-        entry["status"] = "skipped (complete)" if s == "complete" else "embedded"
+        entry["status"] = s
     result.files = verified
-    result.skipped_files = sum(s == "complete" for s in status)
+    result.skipped_files = sum(s == SKIPPED for s in status)
+    result.redone_files = sum(s in REDONE for s in status)
     result.embedded_files = len(files) - result.skipped_files
     if result.dimension is None:
         result.dimension = int(_read_info(fs, f"{out_dir}/{files[0].stem}.parquet")[1]["dimension"])
@@ -633,6 +670,7 @@ def encode_corpus(
         "embedded_rows": result.embedded_rows,
         "embedded_files": result.embedded_files,
         "skipped_files": result.skipped_files,
+        "redone_files": result.redone_files,
         "seconds": round(result.seconds, 3),
         "embed_seconds": round(result.embed_seconds, 3),
         "rows_per_s": round(result.rows_per_s, 3),
@@ -755,7 +793,11 @@ def _run(
                     if f in done or f not in pending:
                         raise CorpusRunError(f"rows of {inp.uri} arrived after it was complete")
                     info_f = dict(
-                        base_info, source=inp.uri, rows=inp.num_rows, ids_sha256=inp.ids_sha256
+                        base_info,
+                        source=inp.uri,
+                        rows=inp.num_rows,
+                        ids_sha256=inp.ids_sha256,
+                        content_sha256=inp.content_sha256,
                     )
                     w = writers[f] = _FileWriter(fs, out_dir, inp, f, info_f)
                 rows = row_col[lo:hi]
