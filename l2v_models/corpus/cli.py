@@ -43,8 +43,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="per-row instruction field (a missing or null value: no instruction)",
     )
     ins.add_argument(
-        "--instruction", default=None, metavar="TEXT", help="one instruction for every row"
-    )
+        "--instruction", "--prompt", dest="instruction", default=None, metavar="TEXT",
+        help="one instruction (prompt) for every row",
+    )  # fmt: skip
+    p.add_argument("--prompt-name", default=None, metavar="NAME",
+                   help="one of the model's named prompts, for every row without an instruction "
+                   "(sentence-transformers models)")  # fmt: skip
     p.add_argument(
         "--num-workers",
         type=int,
@@ -83,7 +87,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     from l2v_models.model_options import add_model_options
 
-    add_model_options(p, prompts=False, truncate_dim=False,
+    add_model_options(p, prompts=False,
                       device_help="cpu or cuda (default: the worker's GPU, else cpu)",
                       model_note="; every worker must be able to read it")  # fmt: skip
     p.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
@@ -126,6 +130,9 @@ def cmd_encode_corpus(args) -> int:
     _check_model_paths(args, UsageError)
     check_model_available(args.model)
     loading = model_kwargs(args)
+    for key in ("prompt_name", "truncate_dim"):  # embedding options, recorded for resume
+        if getattr(args, key) is not None:
+            loading[key] = getattr(args, key)
     fields = Fields(id=args.id_field, text=args.text_field, instruction=args.instruction_field)
     try:
         result = encode_corpus(

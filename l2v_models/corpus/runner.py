@@ -84,6 +84,9 @@ _RESULT_KWARGS = (
     "torch_dtype",
     "dtype",
     "base_weights_path",
+    "attention",
+    "prompt_name",
+    "truncate_dim",
 )
 
 
@@ -111,13 +114,15 @@ class CorpusEmbedder:
     """A callable class for `ray.data.Dataset.map_batches(..., batch_format="pyarrow")`.
 
     The constructor loads the model once per actor: `LLM2Vec.from_pretrained(model,
-    peft_model_name_or_path=peft, **model_kwargs)`. Each call takes a pyarrow Table with a string
-    column `text_column` (and, optionally, `instruction_column`: a string or null per row) and
-    returns the same rows, in order, without those two columns, plus `embedding`
-    (fixed_size_list<float32>[D]). A row's instruction is its `instruction_column` value, else
-    `instruction`, else none. Embeddings equal `encoder.encode(items, normalize_embeddings=
-    normalize)` of the same items, whatever the batch. num_threads: torch CPU threads (CPU
-    workers; default: torch's choice).
+    peft_model_name_or_path=peft, **model_kwargs)` (any model l2v runs: an LLM2Vec is an
+    l2v_models.embedder.Embedder). Each call takes a pyarrow Table with a string column
+    `text_column` (and, optionally, `instruction_column`: a string or null per row) and returns
+    the same rows, in order, without those two columns, plus `embedding`
+    (fixed_size_list<float32>[D]). A row's instruction (prompt) is its `instruction_column`
+    value, else `instruction`, else the model's prompt named `prompt_name`, else the model's
+    default prompt if it has one. Embeddings equal `encoder.encode(items, prompt_name=...,
+    normalize_embeddings=normalize, truncate_dim=truncate_dim)` of the same items, whatever the
+    batch. num_threads: torch CPU threads (CPU workers; default: torch's choice).
     """
 
     def __init__(
@@ -130,11 +135,14 @@ class CorpusEmbedder:
         instruction: str | None = None,
         normalize: bool = False,
         num_threads: int | None = None,
+        prompt_name: str | None = None,
+        truncate_dim: int | None = None,
         **model_kwargs,
     ):
         import torch
 
         from l2v_models.encoder import LLM2Vec
+        from l2v_models.head import check_truncate_dim
 
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
@@ -143,10 +151,13 @@ class CorpusEmbedder:
         self.instruction = instruction or None
         self.normalize = bool(normalize)
         self.encoder = LLM2Vec.from_pretrained(model, peft_model_name_or_path=peft, **model_kwargs)
+        self.prompt_name = prompt_name
+        self.encoder.rules.resolve_prompt(prompt_name)  # an unknown name fails at start-up
+        self.truncate_dim = check_truncate_dim(truncate_dim, self.encoder.dimension)
 
     @property
     def dimension(self) -> int:
-        return self.encoder.hidden_size
+        return self.truncate_dim or self.encoder.dimension
 
     def items(self, batch: pa.Table) -> list:
         """The encoder's items (strings and [instruction, text] pairs) of a batch's rows."""
@@ -169,10 +180,10 @@ class CorpusEmbedder:
         return items
 
     def embed_items(self, items: list) -> np.ndarray:
-        """float32 [N, D] of the items, in order (the encoder's text rules + the engine)."""
+        """float32 [N, D] of the items, in order (the model's text rules + the engine)."""
         encoder = self.encoder
-        texts = encoder.prepare_texts(items)
-        out = encoder.engine.embed(texts, mode=encoder.engine_pool_mode, normalize=self.normalize)
+        texts = encoder.prepare_texts(items, prompt_name=self.prompt_name)
+        out = encoder.embed(texts, normalize=self.normalize, truncate_dim=self.truncate_dim)
         return out.numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
