@@ -13,8 +13,12 @@ parser is built: argparse only at import time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import stat
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -131,28 +135,71 @@ def gather_texts(args) -> list:
 
 # ------------------------------------------------------------------------------ outputs
 def check_output_path(output: str | None) -> Path | None:
+    """The --output path, checked before any model work (UsageError otherwise): a .npy or
+    .jsonl name, not a directory, in an existing folder where a file can be created, and, if
+    the file exists, writable. Checked by creating (and removing) a temporary file in the
+    folder, so permissions, ACLs and read-only file systems all count; nothing is left."""
     if output is None:
         return None
     path = Path(output)
     if path.suffix.lower() not in _OUTPUT_SUFFIXES:
         raise UsageError(f"--output must end in .npy or .jsonl, got {output!r}")
+    if path.is_dir():
+        raise UsageError(f"--output {path} is a directory; pass a file name (.npy or .jsonl)")
     if not path.parent.exists():
         raise UsageError(f"output directory {path.parent} does not exist")
+    if not path.parent.is_dir():
+        raise UsageError(f"output directory {path.parent} is not a directory")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"cannot write --output {path}: the file exists and is read-only")
+    try:
+        fd, probe = _temp_beside(path.resolve() if path.is_symlink() else path)
+    except OSError as e:
+        raise UsageError(f"cannot write --output {path}: cannot create a file in "
+                         f"{path.parent} ({e.strerror or e})") from None  # fmt: skip
+    os.close(fd)
+    os.unlink(probe)
     return path
 
 
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A new hidden file next to `path` (same folder, so a rename onto `path` is atomic):
+    (open file descriptor, its name)."""
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+
+
 def write_output(path: Path, embeddings, items: list) -> None:
+    """Write the embeddings (.npy: float32 [N, D]; .jsonl: one {"text", "instruction"?,
+    "embedding"} per item) atomically: into a temporary file in the same folder, renamed onto
+    `path` when complete, so a failure leaves the old file (or none), never a half-written one.
+    An existing file keeps its permission bits; a new one gets the usual umask-based ones."""
     import numpy as np
 
-    if path.suffix.lower() == ".npy":
-        np.save(path, np.asarray(embeddings, dtype=np.float32))
-        return
-    with open(path, "w", encoding="utf-8") as f:
-        for item, row in zip(items, embeddings, strict=True):
-            record = {"text": item} if isinstance(item, str) else {
-                "instruction": item[0], "text": item[1]}  # fmt: skip
-            record["embedding"] = [float(x) for x in row]
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    target = path.resolve() if path.is_symlink() else path  # replace the link's target
+    fd, tmp = _temp_beside(target)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if path.suffix.lower() == ".npy":
+                np.save(f, np.asarray(embeddings, dtype=np.float32))
+            else:
+                for item, row in zip(items, embeddings, strict=True):
+                    record = {"text": item} if isinstance(item, str) else {
+                        "instruction": item[0], "text": item[1]}  # fmt: skip
+                    record["embedding"] = [float(x) for x in row]
+                    f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        # mkstemp makes the file 0600: give it the mode the output would have had.
+        if target.exists():
+            mode = stat.S_IMODE(target.stat().st_mode)
+        else:
+            umask = os.umask(0)  # reading the umask means setting it
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def similarity_table(items: list, embeddings) -> str:

@@ -83,3 +83,65 @@ def test_readme_offline_examples_run(tmp_path):
         # A documented output (`print(...)  # torch.Size([...]) ...`) is what the block prints.
         for shown in re.findall(r"print\(.*\)\s+#\s+(torch\.Size\(.*)$", code, re.M):
             assert shown.strip() in out, (lineno, shown, out)
+
+
+# ------------------------------------------------------------------ documented outputs
+def _fenced_blocks(markdown: str) -> list[tuple[str, str, int]]:
+    """(info string, code, line number of the opening fence) of every ``` block."""
+    blocks, lines, i = [], markdown.splitlines(), 0
+    while i < len(lines):
+        if lines[i].startswith("```"):
+            end = next(k for k in range(i + 1, len(lines)) if lines[k].startswith("```"))
+            blocks.append((lines[i][3:].strip(), "\n".join(lines[i + 1 : end]), i + 1))
+            i = end
+        i += 1
+    return blocks
+
+
+def test_it_prints_block_is_what_encode_prints():
+    """The block after "It prints" is `l2v encode`'s output for the texts of the command above
+    it: cli.similarity_table of embeddings with the block's own cosines (the numbers come from
+    a real run; the layout, numbered texts first, from the code)."""
+    import shlex
+
+    import numpy as np
+
+    from l2v_models.encode_cli import similarity_table
+
+    text = (ROOT / "README.md").read_text()
+    blocks = _fenced_blocks(text)
+    at = next(i for i, (_, _, line) in enumerate(blocks)
+              if text.splitlines()[line - 3].startswith("It prints"))  # fmt: skip
+    command = next(line for line in blocks[at - 1][1].splitlines()
+                   if line.startswith("./run.sh encode"))  # fmt: skip
+    texts = shlex.split(command)[2:]
+    shown = blocks[at][1]
+    rows = [line.split()[1:] for line in shown.splitlines() if re.match(r"\[\d+\]\s+-?\d", line)]
+    sim = np.array(rows, dtype=np.float64)
+    assert sim.shape == (len(texts), len(texts))
+    emb = np.linalg.cholesky(sim)  # rows with exactly these cosines (unit norm: diagonal 1)
+    assert similarity_table(texts, emb) == shown
+
+
+@pytest.mark.slow
+def test_client_example_token_count():
+    """The serving section's OpenAI client example prints (texts, dimension, prompt tokens):
+    the server counts the tokens of the texts as the encoder prepares them with the instruction
+    (tests/test_serve.py checks usage against prepare_texts)."""
+    import ast
+
+    skip_unless_gguf_readable()
+    from l2v_models import LLM2Vec
+
+    code = next(code for info, code, _ in _fenced_blocks((ROOT / "README.md").read_text())
+                if info == "python" and "client.embeddings.create" in code)  # fmt: skip
+    call = next(node for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call)
+                and ast.unparse(node.func) == "client.embeddings.create")  # fmt: skip
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg != "model"}
+    texts, instruction = kwargs["input"], kwargs["extra_body"]["instruction"]
+    shown = re.search(r"prompt_tokens\)\s+#\s+(\d+) (\d+) (\d+)$", code, re.M)
+    assert shown, "the example's printed numbers are missing"
+    encoder = LLM2Vec.from_pretrained(device_map="cpu")
+    tokens = int(encoder.prepare_texts([[instruction, t] for t in texts]).lengths.sum())
+    dimension = encoder.encode(texts[:1], show_progress_bar=False).shape[1]
+    assert [int(n) for n in shown.groups()] == [len(texts), dimension, tokens]

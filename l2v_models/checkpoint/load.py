@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,7 @@ def load_model(
                 f"--model {BASE_MODEL} (base_model_name_or_path={BASE_MODEL!r})"
             )
         base_model_name_or_path, peft_model_name_or_path = packaged_encoder()
+    put_on = str(base_model_name_or_path)  # as the user named it (for the base-name warning)
     if str(base_model_name_or_path).lower() in PACKAGED_MODELS:
         base_model_name_or_path = PACKAGED_MODELS[str(base_model_name_or_path).lower()]()
     base_arg = str(base_model_name_or_path)
@@ -260,7 +262,13 @@ def load_model(
 
     if peft_model_name_or_path is not None:
         peft_dir = _resolve_dir(str(peft_model_name_or_path), "LoRA adapter")
-        adapters.append(read_lora_adapter(peft_dir))
+        second = read_lora_adapter(peft_dir)
+        # An -mntp base: its MNTP adapter's own base (and the base weights given for it).
+        mntp_bases = [adapters[0].base_model_name_or_path, base_weights_path] if adapters else []
+        warn_if_other_base(str(peft_model_name_or_path), second.base_model_name_or_path,
+                           put_on, mntp_bases=[str(b) for b in mntp_bases if b],
+                           has_mntp=bool(adapters))  # fmt: skip
+        adapters.append(second)
 
     if attention is None:
         attention = "config" if st_folder is not None else "llm2vec"
@@ -281,3 +289,68 @@ def load_model(
         attention=attention,
     )
 
+
+def warn_if_other_base(adapter: str, named: str | None, put_on: str, *,
+                       mntp_bases: Sequence[str] = (), has_mntp: bool = False) -> bool:
+    """Log a warning (logger l2v_models.checkpoint.load; the CLI prints `l2v: warning: ...`)
+    when a second adapter is put on a base it clearly was not trained on; True if it warned.
+
+    adapter: the second adapter as given; named: its adapter_config.json base_model_name_or_path;
+    put_on: the base it is put on, as the user named it (a packaged name, a hub id, a path);
+    has_mntp: whether that base is an LLM2Vec -mntp model (it holds an MNTP adapter), and
+    mntp_bases: the base that MNTP adapter names (and base_weights_path when one is given).
+
+    What a second adapter names: McGill's -supervised / -unsup-simcse adapters name the -mntp
+    model they go on (e.g. McGill-NLP/LLM2Vec-Mistral-7B-Instruct-v2-mntp); `l2v train` names the
+    -mntp folder given as the first --peft (an absolute path), or --model; older l2v adapters
+    (the packaged default's included) and llm2vec scripts name the bare model the MNTP adapter
+    names. So the name matches when it is the base itself or, for an -mntp base, the MNTP
+    adapter's base. A mismatch warns only when it is certain:
+    - the adapter names an -mntp model (a local folder holding adapter_config.json, or a name
+      whose last part ends in "mntp") but the base has no MNTP adapter: the MNTP stage is missing
+      (e.g. `--peft ADAPTER` without `--model`, which uses the untrained `smollm2`);
+    - both names are hub ids or packaged model names (no local path) and differ.
+    A local path is never called a mismatch otherwise: it may be a copy of the named model."""
+    if not named:
+        return False
+    candidates = [put_on, *mntp_bases]
+    if _model_key(named) in {_model_key(c) for c in candidates}:
+        return False
+    if not has_mntp and _names_mntp_model(named):
+        logger.warning(
+            "the adapter %s was trained on top of the LLM2Vec -mntp model %s (its "
+            "adapter_config.json's base_model_name_or_path), but %s has no MNTP adapter: pass "
+            "that -mntp model as the base (--model %s)", adapter, named, put_on, named,
+        )  # fmt: skip
+        return True
+    if not any(_is_local_path(name) for name in (named, *candidates)):
+        where = f"{put_on} (MNTP adapter on {mntp_bases[0]})" if mntp_bases else put_on
+        logger.warning(
+            "the adapter %s was trained on %s (its adapter_config.json's "
+            "base_model_name_or_path), but is put on %s: pass the base it was trained on "
+            "(--model)", adapter, named, where,
+        )  # fmt: skip
+        return True
+    return False
+
+
+def _model_key(name: str) -> str:
+    """A comparable form of a model name: a packaged model's name, a local path resolved, a hub
+    id lower-cased (the hub treats ids case-insensitively)."""
+    if name.lower() in PACKAGED_MODELS:
+        return name.lower()
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name.rstrip("/").lower()
+
+
+def _is_local_path(name: str) -> bool:
+    return os.path.isabs(os.path.expanduser(name)) or name.startswith(".") or os.path.exists(name)
+
+
+def _names_mntp_model(name: str) -> bool:
+    """An LLM2Vec -mntp model: a local folder with adapter_config.json, or (not here) a name
+    whose last part ends in "mntp" (McGill's *-mntp ids, l2v's .../mntp folders)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return (path / "adapter_config.json").is_file()
+    return name.rstrip("/").rsplit("/", 1)[-1].lower().endswith("mntp")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+SUMMARY_FILE = "train_summary.json"  # written next to the adapter at the end of a run
 STAGE_HELP = {
     "mntp": "masked next-token prediction: the first LLM2Vec stage (plain text or JSONL "
             "{\"text\"})",
@@ -102,9 +103,15 @@ def _add_options(p: argparse.ArgumentParser, stage: str) -> None:
                    help="write a resumable checkpoint every N steps (OUTPUT/checkpoints)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in OUTPUT/checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in OUTPUT: its adapter, train_log.jsonl, "
+                   "summary and checkpoints are deleted once the model has loaded (other files "
+                   "stay); without it (or --resume) a non-empty OUTPUT is refused")  # fmt: skip
     p.add_argument("--base-name", default=None, metavar="NAME",
-                   help="base_model_name_or_path written to adapter_config.json (default: "
-                   "--model; give the hub id for llm2vec users)")  # fmt: skip
+                   help="base_model_name_or_path written to adapter_config.json (default: the "
+                   "first --peft when it is an -mntp folder, the model this adapter goes on, as "
+                   "llm2vec's second adapters name theirs; else --model; give the hub id for "
+                   "llm2vec users)")  # fmt: skip
     p.add_argument("--dtype", default=None, help="float32, bfloat16 (default: bf16 on CUDA, "
                    "fp32 on CPU)")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
@@ -140,6 +147,14 @@ def cmd_train(args) -> int:
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} is a file; pass a folder")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --output and --overwrite replaces it: "
+                         "pass one of them")  # fmt: skip
+    base_name = args.base_name
+    if base_name is None and stage != "mntp" and args.peft and _is_mntp_folder(args.peft[0]):
+        # The adapter goes on that -mntp model: say so, as McGill's second adapters name their
+        # -mntp model (loading it without the MNTP adapter then warns).
+        base_name = str(Path(args.peft[0]).expanduser().resolve())
     config = TrainConfig(
         stage, steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
@@ -147,7 +162,7 @@ def cmd_train(args) -> int:
         long_lines=args.long_lines, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, seed=args.seed, shuffle=not args.no_shuffle,
         gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
-        base_model_name_or_path=args.base_name,
+        base_model_name_or_path=base_name,
         attn_dropout=getattr(args, "attn_dropout", None), scale=getattr(args, "scale", None),
         mask_prob=getattr(args, "mask_prob", None), mask_policy=getattr(args, "mask_policy", None),
         mask_token=getattr(args, "mask_token", None),
@@ -166,9 +181,14 @@ def cmd_train(args) -> int:
     if args.resume and checkpoint is None:
         raise UsageError(f"--resume: no checkpoint in {output / 'checkpoints'} (write them "
                          "with --save-every N)")  # fmt: skip
-    if not args.resume and (output / "checkpoints").is_dir():
-        raise UsageError(f"{output} holds checkpoints of an earlier run: pass --resume to "
-                         "continue it, or another --output")  # fmt: skip
+    if not (args.resume or args.overwrite) and output.is_dir() and any(output.iterdir()):
+        # Training into it would replace its adapter and append to its log, which would then no
+        # longer describe the adapter beside it.
+        if (output / "checkpoints").is_dir():
+            raise UsageError(f"{output} holds checkpoints of an earlier run: pass --resume to "
+                             "continue it, --overwrite to replace it, or another --output")
+        raise UsageError(f"--output {output} is not empty (an earlier run's adapter and log?): "
+                         "pass --overwrite to replace them, or another --output")  # fmt: skip
     check_model_available(args.model)
     if args.threads is not None:
         import torch
@@ -184,6 +204,11 @@ def cmd_train(args) -> int:
     except BosTokenError as e:
         raise UsageError(str(e)) from None
     trainer = Trainer(loaded, config, model_arg=args.model)
+    if args.overwrite:  # only now: a failed load leaves the earlier run as it was
+        removed = _remove_earlier_run(output)
+        if removed:
+            print(f"--overwrite: removed the earlier run from {output} ({len(removed)} files: "
+                  f"{' '.join(removed)})")
     batcher = trainer.batches(args.data, index=index)
     if checkpoint is not None:
         trainer.load_checkpoint(checkpoint, batcher)
@@ -201,7 +226,7 @@ def cmd_train(args) -> int:
     summary = {"stage": stage, "steps": trainer.step, "final_loss": last, "tokens": tokens,
                "train_seconds": round(train_s, 2), "load_seconds": round(load_s, 2),
                "tokens_per_s": round(tokens / max(train_s, 1e-9), 1)}  # fmt: skip
-    (output / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"trained {stage} for {trainer.step} steps ({tokens} tokens, "
           f"{summary['tokens_per_s']} tokens/s), final loss {last:.4f} -> {output}")
     return 0
@@ -218,3 +243,34 @@ def _truncate_log(path, step: int) -> None:
     keep = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step]  # fmt: skip
     path.write_text("".join(line + "\n" for line in keep))
+
+
+def _is_mntp_folder(path) -> bool:
+    """An LLM2Vec -mntp folder (what `l2v train mntp` writes): an adapter with config.json."""
+    from pathlib import Path
+
+    path = Path(path).expanduser()
+    return (path / "adapter_config.json").is_file() and (path / "config.json").is_file()
+
+
+def _remove_earlier_run(output) -> list[str]:
+    """--overwrite: delete what a training run writes into `output` (the adapter folder's
+    files, the log, the summary, the checkpoints); other files stay. Returns what went."""
+    import shutil
+    from pathlib import Path
+
+    from l2v_models.train.save import remove_adapter_files
+    from l2v_models.train.trainer import LOG_FILE
+
+    output = Path(output)
+    if not output.is_dir():
+        return []
+    removed = remove_adapter_files(output)
+    for name in (LOG_FILE, SUMMARY_FILE):
+        if (output / name).is_file():
+            (output / name).unlink()
+            removed.append(name)
+    if (output / "checkpoints").is_dir():
+        shutil.rmtree(output / "checkpoints")
+        removed.append("checkpoints/")
+    return removed

@@ -68,7 +68,7 @@ def parse_line(raw: bytes, path: Path, lineno: int, kind: str) -> Example | None
         if kind == "triplet":
             raise DataError(
                 f"{path}: supervised training reads JSONL ({{\"query\", \"positive\", "
-                "\"negative\", \"instruction\"}} per line); name the file *.jsonl"
+                "\"negative\", \"instruction\"} per line); name the file *.jsonl"
             )
         return Example(where, text=line)
     try:

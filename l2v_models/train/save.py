@@ -90,9 +90,24 @@ def _write_base_files(directory: Path, loaded, model_arg: str) -> None:
 
 
 # Files of an adapter folder that describe the encoder rather than the LoRA weights.
-_ENCODER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
-                  "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                  "chat_template.jinja", LLM2VEC_CONFIG)  # fmt: skip
+ENCODER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
+                 "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                 "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                 LLM2VEC_CONFIG)  # fmt: skip
+
+
+def remove_adapter_files(output) -> list[str]:
+    """Delete the files save_adapter / stack_adapters write from the folder `output` (the LoRA
+    weights and config, and the encoder files of the -mntp layout), so a new adapter written
+    there has no stale file beside it (an MNTP run's tokenizer next to a SimCSE adapter would
+    make the folder look like an -mntp model). Other files stay. Returns the names removed."""
+    output = Path(output)
+    removed = []
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, *ENCODER_FILES):
+        if (output / name).is_file():
+            (output / name).unlink()
+            removed.append(name)
+    return removed
 
 
 def stack_adapters(sources, output, *, dtype=None) -> Path:
@@ -142,7 +157,7 @@ def stack_adapters(sources, output, *, dtype=None) -> Path:
     try:
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        for name in _ENCODER_FILES:
+        for name in ENCODER_FILES:
             have = [s / name for s in sources if (s / name).is_file()]
             if have:
                 shutil.copy(have[-1], tmp / name)

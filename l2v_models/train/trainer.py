@@ -128,6 +128,12 @@ class TrainConfig:
         for name in ("batch_size", "batch_tokens"):
             if getattr(out, name) is not None:
                 _check_int(name, getattr(out, name), 1)
+        if out.stage != "mntp" and out.batch_size is not None and out.batch_size < 2:
+            # The other examples of the batch are the negatives: with one example the SimCSE
+            # loss (and the supervised one without hard negatives) is 0 and nothing is learned.
+            raise ValueError(f"{out.stage}: the batch size must be at least 2, got "
+                             f"{out.batch_size} (contrastive training compares each example "
+                             "with the others of its batch)")  # fmt: skip
         if not out.lr > 0:
             raise ValueError(f"lr must be > 0, got {out.lr!r}")
         if out.long_lines not in LONG_LINE_POLICIES:
@@ -387,7 +393,7 @@ class Trainer:
             return [(texts, 2 * int(texts.lengths.sum()))]
         if example.query is None:
             raise DataError(f'{example.where}: supervised training reads {{"query", '
-                            '"positive", "negative", "instruction"}} objects')  # fmt: skip
+                            '"positive", "negative", "instruction"} objects')  # fmt: skip
         parts = [example.query, example.positive]
         if example.negative is not None:
             parts.append(example.negative)
@@ -412,13 +418,17 @@ class Trainer:
                                generator=self.mask_generator)  # fmt: skip
         texts = TokenizedTexts.concat(items)
         n = len(items)
-        if c.stage == "simcse":
-            return ContrastiveBatch(pack(texts, duplicate_rows(n)), n, 2)
-        groups = {len(t) for t in items}
+        groups = {2} if c.stage == "simcse" else {len(t) for t in items}
         if len(groups) != 1:
             raise DataError("supervised examples must all have a negative or all have none; "
                             "this batch mixes both")  # fmt: skip
         g = groups.pop()
+        if n < 2 and g == 2:  # only --batch-tokens can get here (batch_size >= 2 is checked)
+            raise DataError(f"a {c.stage} step got 1 example, so no negative: the loss would be "
+                            f"0; raise --batch-tokens (now {c.batch_tokens}) to hold at least "
+                            "2 examples, or lower --max-length")  # fmt: skip
+        if c.stage == "simcse":
+            return ContrastiveBatch(pack(texts, duplicate_rows(n)), n, 2)
         rows = np.concatenate([np.arange(n) * g + j for j in range(g)])
         return ContrastiveBatch(pack(texts, rows), n, g)
 
