@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from l2v_models import text_rules
+from l2v_models import tokenization as tk
 from l2v_models.packing import TokenizedTexts, pack
 from l2v_models.train.data import Batcher, DataError, DataIndex, Example, ExampleStream
 from l2v_models.train.lora import LORA_TARGETS, LoraAdapters, LoraOps, merge_adapter_
@@ -286,9 +288,6 @@ class Trainer:
     def __init__(self, loaded, config: TrainConfig, *, model_arg=None,
                  lm_head: torch.Tensor | None = None,
                  mask_token_id: int | None = None):  # fmt: skip
-        from l2v_models import tokenization as tk
-        from l2v_models.encoder import LLM2Vec
-
         model = loaded.model
         if model.backend != "torch":
             raise ValueError("training runs on the torch backend: load with backend='torch' "
@@ -308,7 +307,7 @@ class Trainer:
                                            weight_decay=config.weight_decay)  # fmt: skip
         self.mask_generator = torch.Generator().manual_seed(config.seed + 1)
         self.step = 0
-        self.encoder = None
+        self.rules = None
         if config.stage == "mntp":
             self.lm_head = lm_head if lm_head is not None else read_lm_head(model_arg, loaded)
             self.final_softcap = getattr(loaded.hf_config, "final_logit_softcapping", None)
@@ -320,14 +319,14 @@ class Trainer:
             self.random_vocab = min(len(self.tokenizer), vocab) if self.tokenizer else vocab
         else:
             # llm2vec's text rules (instruction attended, not pooled), mean pooling.
-            self.encoder = LLM2Vec(model, self.tokenizer, pooling_mode="mean",
-                                   max_length=config.max_length,
-                                   doc_max_length=config.max_length, skip_instruction=True,
-                                   hf_config=loaded.hf_config,
-                                   name_or_path=loaded.name_or_path)  # fmt: skip
-        self._tk = tk
+            self.rules = llm2vec_rules(loaded, config.max_length)
 
     # ------------------------------------------------------------------ text -> items
+    def prepare(self, sentences, rules=None):
+        """Strings and [instruction, text] pairs -> TokenizedTexts by the stage's text rules."""
+        pairs, _ = text_rules.as_pairs(sentences)
+        return (rules or self.rules).prepare(pairs).texts
+
     def _mask_token_id(self) -> int:
         tok, c = self.tokenizer, self.config
         name = c.mask_token or getattr(tok, "mask_token", None) or "_"
@@ -389,7 +388,7 @@ class Trainer:
             text = self._cut(example, example.text)
             if text is None:
                 return []
-            texts = self.encoder.prepare_texts([text])
+            texts = self.prepare([text])
             return [(texts, 2 * int(texts.lengths.sum()))]
         if example.query is None:
             raise DataError(f'{example.where}: supervised training reads {{"query", '
@@ -401,7 +400,7 @@ class Trainer:
         if any(t is None for t in cut):
             return []
         query = [example.instruction, cut[0]] if example.instruction else cut[0]
-        texts = self.encoder.prepare_texts([query, *cut[1:]])
+        texts = self.prepare([query, *cut[1:]])
         return [(texts, int(texts.lengths.sum()))]
 
     def collate(self, items: list):
@@ -603,21 +602,26 @@ class Trainer:
     def embed(self, sentences) -> torch.Tensor:
         """Embeddings fp32 [N, H] (CPU) of the current, unmerged model, dropout off, by
         llm2vec's rules with mean pooling: what the saved adapter must reproduce."""
-        from l2v_models.encoder import LLM2Vec
-
-        encoder = self.encoder or LLM2Vec(
-            self.model, self.tokenizer, pooling_mode="mean", hf_config=self.loaded.hf_config,
-            name_or_path=self.loaded.name_or_path,
-        )  # fmt: skip
+        rules = self.rules or llm2vec_rules(self.loaded, 512)
         was = self.ops.training
         self.train(False)
         try:
-            texts = encoder.prepare_texts(sentences)
+            texts = self.prepare(sentences, rules)
             batch = pack(texts, np.arange(len(texts))).to(self.model.device)
             hidden = train_forward(self.model, batch)
             return pooled_rows(self.model, hidden, batch).cpu()
         finally:
             self.train(was)
+
+
+def llm2vec_rules(loaded, max_length: int) -> text_rules.Llm2vecRules:
+    """llm2vec's text rules for training a stage: the instruction attended to but not pooled,
+    mean pooling, no cut by words below max_length (each stage cuts its texts itself)."""
+    return text_rules.Llm2vecRules(
+        loaded.tokenizer, name_or_path=loaded.name_or_path,
+        config_family=tk.config_family(loaded.hf_config), pooling_mode="mean",
+        max_length=max_length, doc_max_length=max_length, skip_instruction=True,
+    )  # fmt: skip
 
 
 def latest_checkpoint(output) -> Path | None:
