@@ -79,8 +79,9 @@ def source_digest() -> str:
 
 
 class L2VEncoder:
-    """An LLM2Vec encoder loaded with `LLM2Vec.from_pretrained(model, peft, **kwargs)` on first
-    use. kwargs: pooling_mode, max_length, torch_dtype, device_map, backend (None = default)."""
+    """A model l2v runs (an LLM2Vec model, a sentence-transformers folder...) loaded with
+    `LLM2Vec.from_pretrained(model, peft, **kwargs)` on first use. kwargs: pooling_mode,
+    max_length, dtype / torch_dtype, device / device_map, backend (None = default)."""
 
     kind = "l2v"
 
@@ -103,8 +104,8 @@ class L2VEncoder:
             "model": model_label(model, peft),
             "peft": peft,
             # as requested; replaced by the real ones once loaded (cached rows keep these)
-            "device": self.kwargs.get("device_map") or "auto",
-            "dtype": self.kwargs.get("torch_dtype") or "auto",
+            "device": self.kwargs.get("device") or self.kwargs.get("device_map") or "auto",
+            "dtype": self.kwargs.get("dtype") or self.kwargs.get("torch_dtype") or "auto",
         }
 
     def load(self):
@@ -118,8 +119,9 @@ class L2VEncoder:
                 load_seconds=round(self.load_seconds, 2),
                 device=str(self.encoder.device),
                 dtype=str(self.encoder.dtype).replace("torch.", ""),
-                pooling_mode=self.encoder.pooling_mode,
-                max_length=self.encoder.max_length,
+                text_rules=self.encoder.rules.kind,
+                pooling_mode=self.encoder.rules.describe()["pooling"],
+                max_length=self.encoder.rules.max_length,
             )
         return self.encoder
 
