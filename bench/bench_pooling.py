@@ -1,4 +1,5 @@
-"""Fused masked pooling: l2v Triton kernel vs plain torch, torch.compile and a copy.
+"""Fused masked pooling (mean, weighted mean, max): l2v Triton kernel vs plain torch,
+torch.compile and a copy.
 
 python -m bench.bench_pooling [--smoke] [--out DIR]
 
@@ -34,7 +35,12 @@ def l2v_pool(hidden, mask, mode, cu_seqlens, normalize, n_rows):
 
 
 def torch_pool_padded(hidden, mask, mode, normalize):
-    """Plain PyTorch, padded [B, L, D]: one masked, fp32-accumulated sum over tokens."""
+    """Plain PyTorch, padded [B, L, D]: one masked, fp32-accumulated sum over tokens (max: one
+    masked amax, zeros for a row with nothing pooled)."""
+    if mode == "max":
+        out = hidden.masked_fill(~mask[..., None], float("-inf")).amax(1).float()
+        out = torch.where(mask.any(1, keepdim=True), out, 0.0)
+        return F.normalize(out, dim=-1) if normalize else out
     if mode == "weighted_mean":
         m = mask.float() * mask.cumsum(1)  # rank among the row's masked tokens
         total = (hidden * m[..., None]).sum(1)  # fp32 (type promotion)
@@ -46,7 +52,15 @@ def torch_pool_padded(hidden, mask, mode, normalize):
 
 
 def torch_pool_packed(hidden, mask, mode, normalize, segment, starts, n_rows):
-    """Plain PyTorch, packed [T, D]: segment sums with index_add_."""
+    """Plain PyTorch, packed [T, D]: segment sums with index_add_ (max: scatter_reduce amax)."""
+    if mode == "max":
+        T, D = hidden.shape
+        values = hidden.float().masked_fill(~mask[:, None], float("-inf"))
+        out = torch.full((n_rows, D), float("-inf"), device=hidden.device)
+        out = out.scatter_reduce(0, segment[:, None].expand(T, D), values, "amax")
+        pooled = torch.zeros(n_rows, device=hidden.device).index_add_(0, segment, mask.float())
+        out = torch.where(pooled[:, None] > 0, out, 0.0)
+        return F.normalize(out, dim=-1) if normalize else out
     m = mask.float()
     if mode == "weighted_mean":
         seen = m.cumsum(0)
@@ -72,13 +86,13 @@ def cases(smoke: bool) -> list[Case]:
     g = torch.Generator(device=device).manual_seed(0)
     if smoke:
         dtype, D = torch.float16, 96
-        padded = [(3, 17, "mean", False), (2, 33, "weighted_mean", True)]
+        padded = [(3, 17, "mean", False), (2, 33, "weighted_mean", True), (3, 17, "max", False)]
         n_texts, median_len, max_len = 5, 20, 40
     else:
         dtype, D = torch.bfloat16, 4096
         padded = [(256, 64, "mean", False), (64, 128, "mean", False), (32, 512, "mean", False),
                   (8, 2048, "mean", False), (32, 512, "weighted_mean", False),
-                  (32, 512, "mean", True)]
+                  (32, 512, "max", False), (32, 512, "mean", True)]
         n_texts, median_len, max_len = 128, 120, 512
     pool_c = None if smoke else compiled(torch_pool_padded)
     pool_packed_c = None if smoke else compiled(torch_pool_packed)
@@ -116,7 +130,7 @@ def cases(smoke: bool) -> list[Case]:
     for s in cu[:-1].tolist():
         mask[s : s + 5] = False
     nbytes = pooled_bytes(hidden, mask, n_texts)
-    for mode in ("mean", "weighted_mean"):
+    for mode in ("mean", "weighted_mean", "max"):
         group = f"pool {mode} packed B{n_texts} T{T} D{D}"
         params = {"layout": "packed", "B": n_texts, "L": int(lengths.max()), "T": T, "D": D,
                   "mode": mode,

@@ -1,12 +1,15 @@
-"""Fused masked pooling of the last hidden states: mean, weighted mean or last masked token.
+"""Fused masked pooling of the last hidden states: mean, weighted mean, last masked token or
+element-wise max.
 
 The embed mask selects which tokens of each text are pooled (llm2vec leaves the instruction and
 BOS out). Tokens whose mask is 0 are never read. Each program owns one row (text) and one block of
 the hidden dim and walks the row's tokens in chunks, accumulating in fp32; the result is written
 once as fp32. For weighted_mean the weight of a masked token is its rank among the row's masked
 tokens (1, 2, ..., n), taken from a running count plus a cumulative sum within each chunk, and the
-sum is divided by n (n + 1) / 2. normalize=True makes one program own a whole row (it loops over
-the hidden dim), so it can L2-normalize what it wrote in the same launch.
+sum is divided by n (n + 1) / 2. For max the accumulator starts at -inf (tokens that are not
+pooled load as -inf) and a row without a pooled token gives zeros. normalize=True makes one
+program own a whole row (it loops over the hidden dim), so it can L2-normalize what it wrote in
+the same launch.
 Both the padded layout ([B, L, D] + mask [B, L]) and the packed one ([T, D] + cu_seqlens + mask
 [T]) go through the same kernel.
 """
@@ -21,7 +24,7 @@ import triton.language as tl
 
 from l2v_kernels._checks import FLOAT_DTYPES, check_cu_seqlens, check_tensor, check_triton_device
 
-_MODES = {"mean": 0, "weighted_mean": 1, "last": 2}
+_MODES = {"mean": 0, "weighted_mean": 1, "last": 2, "max": 3}
 _MASK_DTYPES = (torch.bool, torch.int8, torch.uint8)
 
 
@@ -48,6 +51,25 @@ def _pool_block(
         h = tl.load(h_row + last.to(tl.int64) * stride_ht + offs_d, mask=d_ok & has_last,
                     other=0.0)
         pooled = h.to(tl.float32)
+    elif MODE == 3:
+        # max: element-wise over the masked tokens; tokens not pooled are not read (-inf)
+        offs_t = tl.arange(0, BLOCK_T)
+        acc = tl.full([BLOCK_T, BLOCK_D], float("-inf"), dtype=tl.float32)
+        counts = tl.zeros([BLOCK_T], dtype=tl.int32)
+        for t0 in range(0, n_tokens, BLOCK_T):
+            idx = t0 + offs_t
+            m = tl.load(m_row + idx.to(tl.int64) * stride_mt, mask=idx < n_tokens, other=0) != 0
+            h_ptrs = h_row + idx.to(tl.int64)[:, None] * stride_ht + offs_d[None, :]
+            h = tl.load(h_ptrs, mask=m[:, None] & d_ok[None, :], other=float("-inf"))
+            # NaN propagates, as in torch.amax (the reference), so a NaN state is never hidden
+            acc = tl.maximum(acc, h.to(tl.float32), propagate_nan=tl.PropagateNan.ALL)
+            counts += m.to(tl.int32)
+        # tl.max over the tokens, NaN put back where a lane saw one (tl.max may drop it)
+        saw_nan = tl.max((acc != acc).to(tl.int32), axis=0) > 0
+        best = tl.where(saw_nan, float("nan"), tl.max(acc, axis=0))
+        # Zeros for a row with no masked token, and in the lanes past D (normalize sums them).
+        has_any = (offs_d * 0 + tl.sum(counts, axis=0)) > 0
+        pooled = tl.where(d_ok & has_any, best, 0.0)
     else:
         offs_t = tl.arange(0, BLOCK_T)
         # Per-lane partial sums, reduced across the token axis once after the loop: keeps
@@ -93,7 +115,7 @@ def _masked_pool_kernel(
     stride_mb,
     stride_mt,
     stride_ob,
-    MODE: tl.constexpr,  # 0: mean, 1: weighted_mean, 2: last
+    MODE: tl.constexpr,  # 0: mean, 1: weighted_mean, 2: last, 3: max
     PACKED: tl.constexpr,
     NORMALIZE: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -187,7 +209,7 @@ def masked_pool_fwd(
     packed hidden [T, D] with mask [T] and cu_seqlens int32 [B+1] (0 ... T, non-decreasing) on
     the same device (CUDA, or CPU under TRITON_INTERPRET=1); hidden fp16/bf16/fp32 with a
     contiguous last dim; mask bool/int8/uint8, any strides; mode one of "mean",
-    "weighted_mean", "last". Writes fp32 out [B, D] (stride(1) == 1; allocated when None) and
+    "weighted_mean", "last", "max". Writes fp32 out [B, D] (stride(1) == 1; allocated when None) and
     returns it.
     """
     if out is None:
@@ -245,8 +267,9 @@ def masked_pool(
     nonzero = pool this token.
     mode: "mean" (mean of the masked tokens), "weighted_mean" (weights 1..n over the n masked
     tokens of a text in order, divided by their sum: llm2vec's weighted_mean), "last" (the last
-    masked token). A text with no masked token gives zeros. normalize=True L2-normalizes each
-    vector (a zero vector stays zero). Accumulation in fp32.
+    masked token), "max" (the element-wise max over the masked tokens: sentence-transformers'
+    pooling_mode_max_tokens). A text with no masked token gives zeros. normalize=True
+    L2-normalizes each vector (a zero vector stays zero). Accumulation in fp32.
     Returns a new float32 [B, D] tensor. Matches l2v_kernels.reference.masked_pool.
     """
     op = "masked_pool"

@@ -132,8 +132,10 @@ def masked_pool(
 
     hidden [B, L, D] with mask [B, L], or packed hidden [T, D] with mask [T] and cu_seqlens [B+1].
     mode: "mean" (mean over masked tokens), "weighted_mean" (weights 1..n over the masked tokens
-    of a row in order, divided by their sum: llm2vec's weighted_mean), "last" (last masked token).
-    A row with no masked token gives zeros. normalize: L2-normalize each row (a zero row stays 0).
+    of a row in order, divided by their sum: llm2vec's weighted_mean), "last" (last masked token),
+    "max" (element-wise max over the masked tokens: sentence-transformers'
+    pooling_mode_max_tokens). A row with no masked token gives zeros. normalize: L2-normalize
+    each row (a zero row stays 0).
     """
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
@@ -155,6 +157,8 @@ def masked_pool(
             out.append((h[m] * w[:, None]).sum(0) / w.sum())
         elif mode == "last":
             out.append(h[m][-1])
+        elif mode == "max":
+            out.append(h[m].amax(0))
         else:
             raise ValueError(f"unknown pooling mode {mode!r}")
     pooled = torch.stack(out) if out else hidden.new_zeros(0, hidden.shape[-1])
@@ -244,9 +248,9 @@ def norm_rotary(
     position_ids: torch.Tensor,
     weight_offset: float = 0.0,
 ) -> torch.Tensor:
-    """Per-head RMSNorm over the head dim, then rotate-half RoPE (Gemma-3's q_norm / k_norm
-    before RoPE). x [T, H, D], weight [D]. The normalized head is rounded to x's dtype (as the
-    norm module returns it) before the rotation; returned in x's dtype."""
+    """Per-head RMSNorm over the head dim, then rotate-half RoPE (Gemma-3's and Qwen3's q_norm /
+    k_norm before RoPE). x [T, H, D], weight [D]. The normalized head is rounded to x's dtype
+    (as the norm module returns it) before the rotation; returned in x's dtype."""
     return apply_rotary(rms_norm(x, weight, eps, weight_offset=weight_offset), cos, sin,
                         position_ids)
 

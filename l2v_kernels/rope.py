@@ -7,11 +7,11 @@ so one launch covers both. cos/sin rows are gathered by position id (positions r
 each packed text). inplace=True writes back into q and k: the model's hot path, one read and one
 write of q and k.
 
-Gemma-3's per-head q/k RMSNorm (q_norm / k_norm over the head dim, with (1 + w)) is an option of
-the same kernel: each head is normalized, rounded to the activation dtype (as the norm module
-returns it), then rotated, still one read and one write of q and k. (rms_norm on the strided
-q/k slices of the fused QKV buffer cannot do this in place: [T, H, D] with a row stride that is
-not H * D has no [T * H, D] view with one row stride.)
+Gemma-3's and Qwen3's per-head q/k RMSNorm (q_norm / k_norm over the head dim, with Gemma's
+(1 + w) or Qwen3's w) is an option of the same kernel: each head is normalized, rounded once to
+the activation dtype (the norm module's output), then rotated, still one read and one write of
+q and k. (rms_norm on the strided q/k slices of the fused QKV buffer cannot do this in place:
+[T, H, D] with a row stride that is not H * D has no [T * H, D] view with one row stride.)
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def apply_rotary_fwd(
     q, k for in place), D even, cos/sin fp32 [P, D/2] with stride(1) == 1, position_ids int32/64
     [T] contiguous with values in [0, P), one device. q_out / k_out are allocated (contiguous)
     when None. With q_norm_weight and k_norm_weight ([D] each, contiguous, both or neither),
-    each head is RMS-normalized first (Gemma-3 q_norm / k_norm). Returns (q_out, k_out).
+    each head is RMS-normalized first (Gemma-3 / Qwen3 q_norm, k_norm). Returns (q_out, k_out).
     """
     T, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -230,11 +230,13 @@ def apply_rotary(
     Returns (q_out, k_out): new contiguous tensors, or q and k themselves when inplace=True.
     Matches l2v_kernels.reference.apply_rotary applied to q and to k.
 
-    Gemma-3 q_norm / k_norm: with q_norm_weight and k_norm_weight ([D] each, any float dtype;
+    Gemma-3 / Qwen3 q_norm, k_norm: with q_norm_weight and k_norm_weight ([D] each, any float dtype;
     both or neither), each head is first RMS-normalized over D,
     x / sqrt(mean(x**2) + norm_eps) * (norm_weight_offset + w) with fp32 statistics
-    (norm_weight_offset=1.0 for Gemma's (1 + w)), rounded to q's dtype as the norm module returns
-    it, then rotated: l2v_kernels.reference.norm_rotary. Still one read and one write of q, k.
+    (norm_weight_offset=1.0 for Gemma's (1 + w), 0.0 for Qwen3's w), rounded once to q's dtype
+    (the norm module's output; Qwen3's module rounds the normalized row before the weight
+    product too, a difference of one bf16 rounding), then rotated:
+    l2v_kernels.reference.norm_rotary. Still one read and one write of q, k.
     """
     op = "apply_rotary"
     check_tensor(op, "q", q, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)

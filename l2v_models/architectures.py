@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 # Our per-layer weight names (l2v_models.model.Layer), with the fused parts they hold.
 #   attn_norm       input norm                       wqkv / bqkv   q, k, v rows (+ bias)
-#   q_norm, k_norm  per-head norms (Gemma-3)         wo            attention output projection
+#   q_norm, k_norm  per-head norms (Gemma-3, Qwen3)  wo            attention output projection
 #   post_attn_norm  norm of the attention output     mlp_norm      norm before the MLP
 #   w_gate_up       gate, up rows                    w_down        MLP down projection
 #   post_mlp_norm   norm of the MLP output (Gemma-2/3)
@@ -103,7 +103,9 @@ class ArchSpec:
     embed_scale: bool = False  # embeddings times sqrt(hidden_size), in the model dtype (Gemma)
     qkv_bias: bool = False
     sandwich_norms: bool = False  # Gemma-2/3: post-attention and post-MLP norms
-    qk_norm: bool = False  # Gemma-3: per-head RMSNorm of q and k before RoPE
+    # Gemma-3, Qwen3: per-head RMSNorm of q and k (over head_dim, weight norm_offset + w) before
+    # RoPE
+    qk_norm: bool = False
     # llm2vec 0.2.3 encodes this family causally: its Qwen2BiModel never removes the causal mask
     # (its outputs equal the causal Qwen2's), so adapters trained with llm2vec learned causal
     # attention. l2v follows llm2vec unless told otherwise (LLM2Vec attention="bidirectional").
@@ -153,6 +155,17 @@ REGISTRY: dict[str, ArchSpec] = {
             {**_GGUF_COMMON, **_GGUF_QK_NORM, **_GGUF_SANDWICH}, gguf_archs=("gemma3",),
             gguf_norm_plus_one=True, act="gelu_tanh", norm_offset=1.0, embed_scale=True,
             sandwich_norms=True, qk_norm=True, llm2vec_family=False,
+        ),
+        # Qwen3 (dense): Llama's layer plus per-head q/k RMSNorm (weight w, no offset) before
+        # RoPE, no qkv bias, an explicit head_dim (num_heads * head_dim may differ from hidden).
+        # llm2vec 0.2.3 has no Qwen3 (nor has the transformers 4.43-4.44 it pins), so there is no
+        # llm2vec behaviour to reproduce: no eos_token suffix, and attention="llm2vec" is
+        # bidirectional, the LLM2Vec recipe itself (llm2vec_causal only reproduces what its
+        # Qwen2BiModel did to Qwen2 adapters).
+        ArchSpec(
+            "qwen3", ("qwen3",), {**_ATTN, **_QK_NORM, **_PRE_NORM, **_MLP},
+            {**_GGUF_COMMON, **_GGUF_QK_NORM, **_GGUF_PRE_NORM}, gguf_archs=("qwen3",),
+            qk_norm=True, llm2vec_family=False,
         ),
     )
 }  # fmt: skip

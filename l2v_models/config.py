@@ -43,14 +43,14 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 4096
     qkv_bias: bool = False  # Qwen2: q/k/v projections carry a bias (o_proj does not)
-    # Mistral / Qwen2 sliding window: l2v attends over whole texts (as llm2vec's bidirectional
-    # models do within it), so texts longer than this are refused.
+    # Mistral / Qwen2 / Qwen3 sliding window: l2v attends over whole texts (as llm2vec's
+    # bidirectional models do within it), so texts longer than this are refused.
     sliding_window: int | None = None
     hidden_act: str = "silu"  # the gated MLP's activation: "silu" or "gelu_tanh"
     norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + w): 1.0 for Gemma
     embed_scale: float | None = None  # embeddings times this, rounded to the dtype (Gemma)
     sandwich_norms: bool = False  # Gemma-2/3: norms after attention and after the MLP too
-    qk_norm: bool = False  # Gemma-3: per-head RMSNorm of q and k before RoPE
+    qk_norm: bool = False  # Gemma-3, Qwen3: per-head RMSNorm of q and k before RoPE
     attn_scale: float | None = None  # softmax scale; None = head_dim ** -0.5
     attn_softcap: float | None = None  # Gemma-2: scores -> softcap * tanh(scores / softcap)
     # Gemma-2/3 local layers: the configured sliding window W (see ops.attention_window: a
@@ -101,7 +101,10 @@ class ModelConfig:
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
         kv_heads = int(d.get("num_key_value_heads") or heads)
-        head_dim = int(d.get("head_dim") or hidden // heads)
+        if spec.family == "qwen3":  # transformers' Qwen3 never derives it from hidden / heads
+            head_dim = int(need("head_dim"))
+        else:
+            head_dim = int(d.get("head_dim") or hidden // heads)
         if heads % kv_heads != 0:
             raise ValueError(
                 f"num_attention_heads={heads} must be a multiple of num_key_value_heads={kv_heads}"
@@ -206,15 +209,49 @@ def _activation(d: dict[str, Any], spec: ArchSpec) -> str:
 
 
 def _whole_text_window(d: dict[str, Any], family: str) -> int | None:
+    """The sliding window W texts must fit in (None: no window). A text of at most W tokens
+    sees all of itself in a windowed layer too, so l2v's whole-text attention is exact there."""
     sliding = None
     if family == "mistral":
         sliding = d.get("sliding_window")
     elif family == "qwen2" and d.get("use_sliding_window"):
         sliding = d.get("sliding_window")
+    elif family == "qwen3":
+        return _qwen3_window(d)
     layer_types = d.get("layer_types")
     if layer_types and any(t != "full_attention" for t in layer_types) and sliding is None:
         raise ValueError(f"unsupported layer_types {sorted(set(layer_types))} without a window")
     return int(sliding) if sliding is not None else None
+
+
+def _qwen3_window(d: dict[str, Any]) -> int | None:
+    """Qwen3, as transformers' Qwen3Config reads it: without use_sliding_window every layer is
+    full (sliding_window and max_window_layers are ignored; an explicit layer_types must then be
+    all full_attention). With it, the layers listed as sliding_attention in layer_types (or, when
+    absent, those from max_window_layers on) attend within sliding_window: W when any layer
+    does."""
+    n = int(d["num_hidden_layers"])
+    types = d.get("layer_types")
+    if types is not None and (
+        len(types) != n or any(t not in ("full_attention", "sliding_attention") for t in types)
+    ):
+        raise ValueError(f"unsupported layer_types {types!r} for qwen3 ({n} layers)")
+    if not d.get("use_sliding_window"):
+        if types is not None and "sliding_attention" in types:
+            raise ValueError(
+                "unsupported qwen3 config: layer_types has sliding_attention layers but "
+                "use_sliding_window is false, so no window is configured for them"
+            )
+        return None
+    window = d.get("sliding_window")
+    if window is None:
+        raise ValueError("qwen3 config has use_sliding_window=true but no sliding_window")
+    if types is None:
+        first = d.get("max_window_layers")
+        sliding = (28 if first is None else int(first)) < n  # 28: Qwen3Config's default
+    else:
+        sliding = "sliding_attention" in types
+    return int(window) if sliding else None
 
 
 def _gemma_local_layers(d: dict[str, Any], family: str) -> dict[str, Any]:

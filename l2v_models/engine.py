@@ -38,7 +38,7 @@ from l2v_models.packing import PackedBatch, TokenizedTexts, pack, plan_batches
 
 logger = logging.getLogger(__name__)
 
-POOL_MODES = ("mean", "weighted_mean", "last")
+POOL_MODES = ("mean", "weighted_mean", "last", "max")
 # Token budget per forward pass when the caller gives none: large enough to keep an H100 busy on
 # short queries, small enough that activations stay far below the weights of a 7B model.
 DEFAULT_TOKENS_PER_BATCH = {"cuda": 16384, "cpu": 4096}

@@ -11,6 +11,8 @@ model without subclassing, so it works across transformers versions:
   passed through unchanged by transformers 5.x (masking_utils: "already prepared") and by 4.4x
   (`_update_causal_mask`), so no causal mask is ever built. Always passing a mask also keeps
   4.4x's SDPA path from choosing is_causal=True.
+- Qwen3 (which llm2vec lacks) is made bidirectional the same way as Llama; the causal
+  reference is the stock model.
 - Gemma-2 (local and global layers): the wrapper passes transformers 5's per-layer-type mask
   dict, the local layers' mask also limited to |i - j| <= sliding_window // 2 (the rule
   transformers applies to Gemma-3 with use_bidirectional_attention=True).
@@ -29,7 +31,7 @@ from typing import Any
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 # Gemma-2's soft-capping runs only in transformers' eager attention (SDPA drops it).
 _EAGER_ONLY = ("gemma2",)
 

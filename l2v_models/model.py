@@ -1,5 +1,5 @@
-"""The l2v Transformer: every registered family (Llama, Mistral, Qwen2, Gemma, Gemma-2, Gemma-3)
-as a bidirectional encoder on packed input, with one layer body.
+"""The l2v Transformer: every registered family (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma-2,
+Gemma-3) as a bidirectional encoder on packed input, with one layer body.
 
 A batch is `input_ids [T]` (all texts back to back, no padding) plus `cu_seqlens [B+1]`; every
 token attends to every token of its own text (within a window on Gemma-2/3 local layers; only
@@ -7,9 +7,9 @@ to earlier ones when the config is causal), positions restart at 0 for each text
 (`layer_forward`), with `xn` the input norm of `x` computed by the previous step:
 
     q, k, v = split(xn @ wqkv.T (+ bqkv))              # one GEMM; Qwen2 has the bias
-    q, k = rope(qk_norm(q), qk_norm(k))                # in place; the norms on Gemma-3 only
+    q, k = rope(qk_norm(q), qk_norm(k))                # in place; norms on Gemma-3 / Qwen3
     o = attention(q, k, v)                             # flash attention, window / soft-cap
-  pre-norm families (Llama, Mistral, Qwen2, Gemma):
+  pre-norm families (Llama, Mistral, Qwen2, Qwen3, Gemma):
     h = o @ wo.T + x                                   # residual added in the GEMM epilogue
     m = act(norm(h) @ gate.T) * (norm(h) @ up.T)       # SwiGLU / GeGLU GEMM
     x' = m @ w_down.T + h;  xn' = next_norm(x')
@@ -310,10 +310,10 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Pool each text's masked tokens -> float32 [B, hidden_size] (see
         l2v_kernels.reference.masked_pool): hidden [T, D] from forward, mask bool/int [T]
-        (nonzero = pool this token), cu_seqlens int32 [B+1]; mode "mean", "weighted_mean" or
-        "last"; a text with no masked token gives zeros; normalize L2-normalizes each row.
-        check_inputs=False: as in forward, no validation and no host sync (the caller
-        checked)."""
+        (nonzero = pool this token), cu_seqlens int32 [B+1]; mode "mean", "weighted_mean",
+        "last" or "max" (element-wise); a text with no masked token gives zeros; normalize
+        L2-normalizes each row. check_inputs=False: as in forward, no validation and no host
+        sync (the caller checked)."""
         if mode not in POOL_MODES:
             raise ValueError(f"pool: mode must be one of {POOL_MODES}, got {mode!r}")
         if check_inputs and self.backend == "triton":

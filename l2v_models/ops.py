@@ -11,7 +11,7 @@ Both have the same methods (the layer body in l2v_models.model never asks which 
     gated_mlp(x, w_gate_up) -> y                     act(x @ gate.T) * (x @ up.T)
     rotary(q, k, batch, local, q_norm, k_norm)       RoPE (per-head norms first) -> (q, k)
     attention(q, k, v, batch, local) -> o            bidirectional (or causal) per text
-    pool(hidden, mask, cu_seqlens, mode, normalize)  masked pooling -> fp32 [B, D]
+    pool(hidden, mask, cu_seqlens, mode, normalize)  masked pooling (POOL_MODES) -> fp32 [B, D]
 
 Rounding points follow Hugging Face: every op's math in fp32, rounded once to the model dtype
 (l2v_kernels.reference defines each op; tests hold both tables to it). The math of each op is
@@ -30,7 +30,7 @@ from l2v_models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-POOL_MODES = ("mean", "weighted_mean", "last")
+POOL_MODES = ("mean", "weighted_mean", "last", "max")
 
 
 @dataclass
@@ -189,7 +189,8 @@ def masked_pool_torch(
     normalize: bool = False,
 ) -> torch.Tensor:
     """Vectorized torch version of reference.masked_pool (packed, or padded when cu_seqlens is
-    None): per-token weights, then one index_add per text. fp32 [B, D]."""
+    None): per-token weights, then one index_add per text; "max": one scatter_reduce ("amax")
+    per text. Differentiable. fp32 [B, D]."""
     if cu_seqlens is None:  # padded [B, L, D]: every row is a text of length L
         n_seq, L, D = hidden.shape
         hidden, mask = hidden.reshape(n_seq * L, D), mask.reshape(n_seq * L)
@@ -203,6 +204,29 @@ def masked_pool_torch(
         torch.arange(n_seq, device=hidden.device), lengths, output_size=T
     )
     m = mask != 0
+    if mode == "max":
+        pooled = _masked_max(hidden, m, seq_ids, n_seq)
+    else:
+        pooled = _weighted_sum(hidden, m, cu_seqlens, seq_ids, n_seq, mode)
+    if normalize:
+        pooled = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return pooled
+
+
+def _masked_max(hidden, m, seq_ids, n_seq):
+    """Element-wise max over each text's pooled tokens (those not pooled hold -inf); zeros for
+    a text without one."""
+    T, D = hidden.shape
+    values = hidden.float().masked_fill(~m[:, None], float("-inf"))
+    best = torch.full((n_seq, D), float("-inf"), device=hidden.device)
+    best = best.scatter_reduce(0, seq_ids[:, None].expand(T, D), values, "amax")
+    count = torch.zeros(n_seq, device=hidden.device).index_add_(0, seq_ids, m.float())
+    return torch.where(count[:, None] > 0, best, 0.0)
+
+
+def _weighted_sum(hidden, m, cu_seqlens, seq_ids, n_seq, mode):
+    """mean / weighted_mean / last as per-token weights, one index_add per text."""
+    T, D = hidden.shape
     if mode == "mean":
         w = m.float()
     elif mode == "weighted_mean":  # 1..n over each text's masked tokens
@@ -221,10 +245,7 @@ def masked_pool_torch(
         0, seq_ids, hidden.float() * w[:, None]
     )
     denom = torch.zeros(n_seq, device=hidden.device).index_add_(0, seq_ids, w)
-    pooled = total / torch.where(denom > 0, denom, 1.0)[:, None]
-    if normalize:
-        pooled = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return pooled
+    return total / torch.where(denom > 0, denom, 1.0)[:, None]
 
 
 # ------------------------------------------------------------------------------ triton

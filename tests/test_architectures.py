@@ -12,6 +12,7 @@ from helpers import rel_err
 from test_model import compare, hf_and_ours, pack, random_texts
 from tiny import ARCHS, TINY_WINDOW, randomize_, tiny_config
 
+from l2v_kernels import reference
 from l2v_models.architectures import GGUF_TOP, REGISTRY, spec_for_gguf, spec_for_model_type
 from l2v_models.checkpoint import from_hf_state_dict, hf_key_map, hf_shapes, to_hf_state_dict
 from l2v_models.config import ModelConfig
@@ -120,6 +121,192 @@ def test_triton_backend_in_interpreter_matches_hf(arch):
     assert rel_err(out, torch_model(*pack(texts))) < 1e-5
 
 
+# ---------------------------------------------------------------------------- Qwen3
+def _hf_causal(hf_config, state, *, dtype=torch.float32, device="cpu"):
+    """transformers' stock (causal) *Model* of the config with these weights."""
+    from transformers import AutoModel
+
+    from l2v_models.hf_compat import dtype_kwargs
+
+    with torch.device(device):
+        model = AutoModel.from_config(hf_config, attn_implementation="sdpa", **dtype_kwargs(dtype))
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()})
+    return model.eval().requires_grad_(False)
+
+
+QWEN3_CASES = {
+    # GQA 6/2, head_dim 24: heads * head_dim = 144 != hidden 96
+    "gqa-wide-heads": {},
+    # MHA, head_dim 8: heads * head_dim = 48 < hidden 96
+    "mha-narrow-heads": {"gqa": False, "head_dim": 8},
+    # a windowed top layer (use_sliding_window, max_window_layers=2 of 3) wider than the texts
+    "sliding-layer": {"num_hidden_layers": 3, "use_sliding_window": True, "sliding_window": 64,
+                      "max_window_layers": 2},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("case", list(QWEN3_CASES))
+def test_qwen3_matches_hugging_face_fp32(case, causal):
+    """l2v's Qwen3 against transformers' Qwen3Model with the same random weights: made
+    bidirectional (hf_compat), or the stock causal model against l2v with causal=True."""
+    from dataclasses import replace
+
+    hf_config = tiny_config("qwen3", **QWEN3_CASES[case])
+    hf = build_hf_model(hf_config)
+    randomize_(hf, 7)
+    state = hf.state_dict()
+    config = ModelConfig.from_hf_config(hf_config)
+    assert config.qk_norm and config.norm_offset == 0.0 and not config.qkv_bias
+    if causal:
+        hf, config = _hf_causal(hf_config, state), replace(config, causal=True)
+    ours = from_hf_state_dict(config, state, dtype=torch.float32, device="cpu", backend="torch")
+    texts = random_texts(LENGTHS, 256, seed=8)
+    with torch.no_grad():
+        out, _ = compare(hf, ours, texts)
+    # the two attentions really differ on these texts
+    other = from_hf_state_dict(replace(config, causal=not causal), state, dtype=torch.float32,
+                               device="cpu", backend="torch")  # fmt: skip
+    assert rel_err(other(*pack(texts)), out) > 1e-2
+
+
+def test_qwen3_q_k_norms_are_read():
+    """The per-head norms change the result (weights 1 + noise): a model without them differs."""
+    hf, ours = hf_and_ours(tiny_config("qwen3"), seed=5)
+    texts = random_texts([12, 30], 256, seed=2)
+    ids, cu, max_len = pack(texts)
+    out = ours(ids, cu, max_len)
+    for layer in ours.layers:
+        layer.q_norm.fill_(1.0)
+    assert rel_err(ours(ids, cu, max_len), out) > 1e-2
+
+
+def test_qwen3_config_mapping():
+    base = tiny_config("qwen3").to_dict()
+    c = ModelConfig.from_hf_config(base)
+    assert (c.arch, c.head_dim, c.q_size, c.kv_size, c.hidden_size) == ("qwen3", 24, 144, 48, 96)
+    assert c.sliding_window is None and c.layer_types == () and c.rope_scaling is None
+
+    def window(**fields):
+        return ModelConfig.from_hf_config({**base, **fields}).sliding_window
+
+    # config.json as Qwen3 checkpoints write it: a window that use_sliding_window=false disables
+    assert window(use_sliding_window=False, sliding_window=32768, max_window_layers=28) is None
+    full = ["full_attention"] * 2
+    assert window(use_sliding_window=False, sliding_window=4096, layer_types=full) is None
+    # with the window on, layers from max_window_layers on (or as layer_types says) use it
+    assert window(use_sliding_window=True, sliding_window=64, max_window_layers=1,
+                  layer_types=None) == 64  # fmt: skip
+    assert window(use_sliding_window=True, sliding_window=64, max_window_layers=2,
+                  layer_types=None) is None  # fmt: skip
+    assert window(use_sliding_window=True, sliding_window=64, layer_types=None) is None  # 28
+    assert window(use_sliding_window=True, sliding_window=64,
+                  layer_types=["full_attention", "sliding_attention"]) == 64  # fmt: skip
+    assert window(use_sliding_window=True, sliding_window=64, layer_types=full) is None
+    # what transformers would run differently is refused, naming the field
+    refused = {
+        "attention_bias=True": {"attention_bias": True},
+        "sliding_attention layers but use_sliding_window is false": {
+            "use_sliding_window": False, "layer_types": ["sliding_attention"] * 2},
+        "use_sliding_window=true but no sliding_window": {
+            "use_sliding_window": True, "sliding_window": None},
+        "unsupported layer_types": {"layer_types": ["full_attention"]},
+        "unsupported RoPE scaling type 'yarn'": {
+            "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}},
+    }  # fmt: skip
+    for message, fields in refused.items():
+        with pytest.raises(ValueError, match=message):
+            ModelConfig.from_hf_config({**base, **fields})
+    # Qwen3Config defaults head_dim to 128, whatever hidden / heads is: never guessed from them
+    with pytest.raises(ValueError, match="qwen3 config is missing 'head_dim'"):
+        ModelConfig.from_hf_config({k: v for k, v in base.items() if k != "head_dim"})
+    # the sliding window limits text length, as for Mistral / Qwen2
+    hf, ours = hf_and_ours(tiny_config("qwen3", use_sliding_window=True, sliding_window=16,
+                                       max_window_layers=1))  # fmt: skip
+    assert ours.config.sliding_window == 16
+    ours(*pack(random_texts([16, 3], 256)))
+    with pytest.raises(ValueError, match="sliding window"):
+        ours(*pack(random_texts([17], 256)))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
+def test_qwen3_checkpoint_loads_and_round_trips(tmp_path, tied):
+    """load_model on a saved tiny Qwen3ForCausalLM (tied embeddings, as Qwen3-0.6B: no lm_head
+    in the file): the weights come back exactly, bidirectional by default (llm2vec has no Qwen3
+    to copy), causal on request, each equal to transformers' model from the same folder."""
+    from tiny import make_tiny_checkpoint
+    from transformers import AutoModel
+
+    from l2v_models.checkpoint import load_model
+    from l2v_models.hf_compat import dtype_kwargs, hf_bidirectional
+
+    base = make_tiny_checkpoint(tmp_path, "qwen3", tie_word_embeddings=tied, seed=3)
+    kw = dict(dtype=torch.float32, device="cpu", backend="torch")
+    loaded = load_model(str(base), **kw)
+    assert loaded.config.arch == "qwen3" and loaded.config.causal is False
+
+    def hf_model():
+        return AutoModel.from_pretrained(base, attn_implementation="sdpa",
+                                         **dtype_kwargs(torch.float32)).eval()  # fmt: skip
+
+    stock = hf_model()
+    theirs = {k: v for k, v in stock.state_dict().items() if not k.endswith("inv_freq")}
+    back = to_hf_state_dict(loaded.model)
+    assert set(back) == set(theirs)
+    for key, value in theirs.items():
+        assert torch.equal(back[key], value), key
+    texts = random_texts([11, 1, 26], 256, seed=4)
+    with torch.no_grad():
+        compare(hf_bidirectional(hf_model()), loaded.model, texts)
+        causal = load_model(str(base), attention="causal", **kw)
+        assert causal.config.causal is True
+        compare(stock, causal.model, texts)
+
+
+def test_qwen3_bf16_torch_backend_within_hf_bf16_error():
+    """bf16 on the CPU, torch backend: l2v rounds each RMSNorm once (fp32 math, one rounding to
+    bf16), transformers' Qwen3RMSNorm twice (the normalized row, then the product with the
+    weight); both are judged against HF in fp32 and l2v must stay within ~3x HF's own error."""
+    hf_config = tiny_config("qwen3", hidden_size=128, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=48, intermediate_size=256)  # fmt: skip
+    hf32 = build_hf_model(hf_config)
+    randomize_(hf32, 2)
+    state = hf32.state_dict()
+    hf16 = build_hf_model(hf_config, state, dtype=torch.bfloat16)
+    ours = from_hf_state_dict(ModelConfig.from_hf_config(hf_config), state, dtype=torch.bfloat16,
+                              device="cpu", backend="torch")  # fmt: skip
+    from test_model import left_pad, unpad
+
+    texts = random_texts([40, 1, 23, 9], 256, seed=6)
+    pids, pmask = left_pad(texts)
+    with torch.no_grad():
+        ref32 = unpad(hf32(input_ids=pids, attention_mask=pmask).last_hidden_state, texts)
+        ref16 = unpad(hf16(input_ids=pids, attention_mask=pmask).last_hidden_state, texts)
+    out = ours(*pack(texts))
+    hf_err, ours_err = rel_err(ref16.float(), ref32), rel_err(out.float(), ref32)
+    assert ours_err <= 3 * hf_err + 1e-3, f"ours {ours_err:.3e} vs HF bf16 {hf_err:.3e}"
+
+
+def _triton_qwen3_config():
+    """head_dim 64 (the attention kernel's smallest), 2 query heads (q 128 != hidden 96), 1 kv
+    head."""
+    return tiny_config("qwen3", hidden_size=96, num_attention_heads=2, num_key_value_heads=1,
+                       head_dim=64, intermediate_size=64)  # fmt: skip
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter test; the GPU test covers CUDA")
+def test_qwen3_triton_backend_in_interpreter_matches_hf():
+    """The rope kernel's q/k norm with offset 0 (Qwen3's w, not Gemma's 1 + w), fp32."""
+    hf_config = _triton_qwen3_config()
+    hf, ours = hf_and_ours(hf_config, backend="triton", seed=4)
+    assert ours.backend == "triton"
+    texts = random_texts([19, 1, 11], 256, seed=2)
+    out, _ = compare(hf, ours, texts)
+    torch_model = from_hf_state_dict(ours.config, to_hf_state_dict(ours), backend="torch",
+                                     device="cpu", dtype=torch.float32)  # fmt: skip
+    assert rel_err(out, torch_model(*pack(texts))) < 1e-5
+
+
 # ---------------------------------------------------------------------------- real Gemma-3
 @pytest.fixture(scope="module")
 def gemma3_gguf():
@@ -178,6 +365,45 @@ def test_gemma_families_bf16_on_gpu(arch):
     out = ours(ids, cu, max_len)
     hf_err = rel_err(ref16.float(), ref32)
     assert rel_err(out.float(), ref32) < max(3 * hf_err, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_qwen3_bf16_on_gpu(causal):
+    """Qwen3 shapes (head_dim 128, GQA 4/2, heads * head_dim = 512 != hidden 384), bf16 triton
+    model vs transformers' Qwen3Model (bidirectional via hf_compat, or the stock causal model) in
+    fp32 and bf16: error within ~3x HF's own bf16 error, pooled cosine >= 0.999."""
+    from dataclasses import replace
+
+    from test_model import left_pad, unpad
+
+    hf_config = tiny_config("qwen3", hidden_size=384, num_attention_heads=4, head_dim=128,
+                            num_key_value_heads=2, intermediate_size=1024)  # fmt: skip
+    hf32 = build_hf_model(hf_config, dtype=torch.float32, device="cuda")
+    randomize_(hf32, 0)
+    state = hf32.state_dict()
+    config = replace(ModelConfig.from_hf_config(hf_config), causal=causal)
+    if causal:
+        hf32 = _hf_causal(hf_config, state, device="cuda")
+        hf16 = _hf_causal(hf_config, state, dtype=torch.bfloat16, device="cuda")
+    else:
+        hf16 = build_hf_model(hf_config, state, dtype=torch.bfloat16, device="cuda")
+    ours = from_hf_state_dict(config, state, dtype=torch.bfloat16, device="cuda",
+                              backend="triton")  # fmt: skip
+    assert ours.backend == "triton"
+    texts = random_texts([200, 1, 77, 130], 256, seed=0)
+    ids, cu, max_len = pack(texts, "cuda")
+    pids, pmask = left_pad(texts, device="cuda")
+    with torch.no_grad():
+        ref32 = unpad(hf32(input_ids=pids, attention_mask=pmask).last_hidden_state, texts)
+        ref16 = unpad(hf16(input_ids=pids, attention_mask=pmask).last_hidden_state, texts)
+    out = ours(ids, cu, max_len)
+    hf_err = rel_err(ref16.float(), ref32)
+    assert rel_err(out.float(), ref32) < max(3 * hf_err, 2e-2)
+    pool_mask = torch.ones(ids.shape[0], dtype=torch.bool, device="cuda")
+    a = ours.pool(out, pool_mask, cu, "mean")
+    b = reference.masked_pool(ref32, pool_mask, "mean", cu)
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item() >= 0.999
 
 
 # ---------------------------------------------------------------------------- causal encoding

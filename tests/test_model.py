@@ -169,7 +169,7 @@ def test_rope_tables_grow_for_long_texts():
     assert ours.rope_cos.shape[0] >= 70 and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("mode", ["mean", "weighted_mean", "last"])
+@pytest.mark.parametrize("mode", ["mean", "weighted_mean", "last", "max"])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_torch_pool_matches_reference(mode, normalize):
     g = torch.Generator().manual_seed(0)
@@ -188,6 +188,22 @@ def test_torch_pool_matches_reference(mode, normalize):
     pmask = torch.rand(3, 11, generator=g) < 0.5
     out = masked_pool_torch(padded, pmask, None, mode, normalize)
     assert rel_err(out, reference.masked_pool(padded.double(), pmask, mode, None, normalize)) < 1e-6
+
+
+def test_torch_max_pool_is_differentiable():
+    """The trainer runs TorchOps.pool under autograd: max sends each column's gradient to the
+    token holding the maximum, and nothing to tokens left out of the pool."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(9, 5, generator=g, dtype=torch.float64).float().requires_grad_(True)
+    mask = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 1], dtype=torch.bool)
+    cu = torch.tensor([0, 4, 6, 9], dtype=torch.int32)  # the middle text pools nothing
+    masked_pool_torch(hidden, mask, cu, "max").sum().backward()
+    expected = torch.zeros(9, 5)
+    for s, e in ((0, 4), (6, 9)):
+        rows = torch.arange(s, e)[mask[s:e]]
+        best = rows[hidden.detach()[rows].argmax(0)]
+        expected[best, torch.arange(5)] = 1.0
+    assert torch.equal(hidden.grad, expected)
 
 
 def test_backend_selection(monkeypatch):
@@ -225,7 +241,7 @@ def test_triton_backend_in_interpreter_matches_torch_and_hf():
     assert rel_err(out, torch_model(*pack(texts))) < 1e-5
     packed, cu, max_len = pack(texts)
     mask = torch.rand(packed.shape[0], generator=torch.Generator().manual_seed(0)) < 0.7
-    for mode in ("mean", "weighted_mean", "last"):
+    for mode in ("mean", "weighted_mean", "last", "max"):
         a = ours.pool(out, mask, cu, mode, normalize=True)
         b = torch_model.pool(out, mask, cu, mode, normalize=True)
         assert rel_err(a, b) < 1e-6
@@ -276,10 +292,10 @@ def test_bf16_triton_matches_hf_bf16_on_gpu():
     assert ours.backend == "triton"
     # The layer loop takes the unchecked fused launchers (SwiGLU always; cuBLASLt residual GEMM
     # when the extension is built, which gpu_check.sh does first).
-    assert ours._gemm_swiglu is not None and ours._gemm_residual is not None
-    from l2v_kernels.gemm import extension_available
+    from l2v_kernels import gemm
 
-    assert extension_available(), "build the extension first (bench/gpu_check.sh does)"
+    assert ours.ops._swiglu is gemm.gemm_swiglu_fwd and ours.ops._gemm is gemm.gemm_residual_fwd
+    assert gemm.extension_available(), "build the extension first (bench/gpu_check.sh does)"
     texts = random_texts([100, 1, 257, 512, 33, 64], 32000, seed=7)
     ids, mask = left_pad(texts, device="cuda")
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""masked_pool (fused masked mean / weighted mean / last-token pooling) against
+"""masked_pool (fused masked mean / weighted mean / last-token / max pooling) against
 reference.masked_pool, in the padded [B, L, D] and packed [T, D] + cu_seqlens layouts.
 
 CPU: Triton interpreter, fp16/fp32, random masks with empty rows. GPU: bf16 at real sizes.
@@ -13,9 +13,7 @@ from helpers import REL_TOL, poisoned_allocations, rel_err
 from l2v_kernels import reference
 from l2v_kernels.pooling import masked_pool
 
-MODES = ["mean", "weighted_mean", "last"]
-
-
+MODES = ["mean", "weighted_mean", "last", "max"]
 
 
 def run_and_check(hidden, mask, mode, normalize, cu_seqlens=None):
@@ -119,6 +117,26 @@ def test_weighted_mean_by_hand():
     assert masked_pool(hidden, mask, mode="mean").item() == pytest.approx(2.0, rel=1e-6)
 
 
+def test_max_by_hand():
+    """max is element-wise over the pooled tokens only: tokens left out (larger values here)
+    are never read, negative maxima stay negative (the accumulator starts at -inf, not 0), an
+    empty span gives zeros, and NaN in a pooled token comes through (as torch.amax)."""
+    hidden = torch.tensor([[[9.0, 9.0], [-3.0, -1.0], [9.0, 9.0], [-2.0, -4.0], [-5.0, -0.5]],
+                           [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0], [9.0, 0.0]]])
+    mask = torch.tensor([[False, True, False, True, True], [False] * 5])
+    for dtype in (torch.float32, torch.float16):
+        out = masked_pool(hidden.to(dtype), mask, mode="max")
+        assert torch.equal(out, torch.tensor([[-2.0, -0.5], [0.0, 0.0]]))
+    packed, cu = hidden.reshape(10, 2), torch.tensor([0, 2, 5, 10], dtype=torch.int32)
+    out = masked_pool(packed, mask.reshape(10), mode="max", cu_seqlens=cu)
+    assert torch.equal(out, torch.tensor([[-3.0, -1.0], [-2.0, -0.5], [0.0, 0.0]]))
+    hidden[0, 3, 1] = float("nan")
+    out = masked_pool(hidden, mask, mode="max")
+    assert out[0, 0] == -2.0 and out[0, 1].isnan() and torch.equal(out[1], torch.zeros(2))
+    ref = reference.masked_pool(hidden, mask, "max")
+    assert ref[0, 1].isnan()
+
+
 def test_degenerate_shapes():
     assert masked_pool(torch.randn(0, 4, 64), torch.ones(0, 4, dtype=torch.bool)).shape == (0, 64)
     out = masked_pool(torch.randn(2, 0, 64), torch.ones(2, 0, dtype=torch.bool))
@@ -137,7 +155,7 @@ def test_validation_errors(monkeypatch):
         with pytest.raises(exc, match=match):
             masked_pool(*args, **kwargs)
 
-    raises(ValueError, "mode must be one of", hidden, mask, mode="max")
+    raises(ValueError, "mode must be one of", hidden, mask, mode="median")
     raises(ValueError, "hidden has dtype", hidden.to(torch.int32), mask)
     raises(TypeError, "hidden must be a torch.Tensor", hidden.numpy(), mask)
     raises(ValueError, "contiguous last dimension", hidden.transpose(1, 2), torch.ones(2, 64))

@@ -24,7 +24,7 @@ import torch
 
 from l2v_models.hf_compat import dtype_kwargs
 
-ARCHS = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 # Gemma-2/3 tiny configs: a window that matters at test lengths, a soft-cap that bends random
 # scores, a softmax scale that is not 1/sqrt(head_dim), local and global layers.
 TINY_WINDOW = 8
@@ -43,7 +43,8 @@ LLAMA3_SCALING = {
 
 def tiny_config(arch: str = "llama", *, gqa: bool = True, rope_scaling=None, **overrides):
     """A transformers config for a tiny model: hidden 96, 6 heads of 16 (GQA 6/2, or MHA),
-    MLP 160, 2 layers, vocab 256. `overrides` are passed to the config class."""
+    MLP 160, 2 layers, vocab 256 (Qwen3: 6 heads of 24, so heads * head_dim = 144 != hidden).
+    `overrides` are passed to the config class."""
     from transformers import (
         Gemma2Config,
         Gemma3TextConfig,
@@ -51,6 +52,7 @@ def tiny_config(arch: str = "llama", *, gqa: bool = True, rope_scaling=None, **o
         LlamaConfig,
         MistralConfig,
         Qwen2Config,
+        Qwen3Config,
     )
 
     kwargs = dict(
@@ -76,6 +78,9 @@ def tiny_config(arch: str = "llama", *, gqa: bool = True, rope_scaling=None, **o
         kwargs["sliding_window"] = None
     elif arch == "qwen2":
         cls = Qwen2Config
+    elif arch == "qwen3":
+        cls = Qwen3Config
+        kwargs.update(head_dim=24)
     elif arch == "gemma":
         cls = GemmaConfig
         kwargs.update(head_dim=16, hidden_activation="gelu_pytorch_tanh")
