@@ -191,6 +191,25 @@ def test_mntp_layout_with_base_weights_path_and_second_adapter(tmp_path, base):
     assert_same_weights(load_model(local, **CPU32), peft_merged(base, [local]), tol=1e-5)
 
 
+def test_llm2vec_qwen3_mntp_and_supervised_adapters(tmp_path):
+    """An LLM2Vec model on Qwen3 in llm2vec's folder format (-mntp dir + second adapter): the
+    adapters merge like PEFT's, the model is bidirectional (LLM2Vec's recipe; llm2vec 0.2.3 has
+    no Qwen3 class, so no causal quirk and no eos suffix) and follows llm2vec's text rules."""
+    from l2v_models.encoder import LLM2Vec
+
+    qwen3 = make_tiny_checkpoint(tmp_path, "qwen3")
+    mntp = make_lora_adapter(tmp_path, qwen3, mntp=True, llm2vec_config={"pooling_mode": "mean"})
+    sup = make_lora_adapter(tmp_path, qwen3, seed=2, rank=2, alpha=4,
+                            llm2vec_config={"pooling_mode": "mean", "max_length": 128})  # fmt: skip
+    loaded = load_model(mntp, sup, **CPU32)
+    assert_same_weights(loaded, peft_merged(qwen3, [mntp, sup]), tol=1e-5)
+    assert loaded.config.arch == "qwen3" and not loaded.config.causal
+    enc = LLM2Vec.from_pretrained(str(mntp), str(sup), device="cpu")
+    assert enc.rules.kind == "llm2vec" and enc.config_family == "" and enc.max_length == 128
+    emb = enc.encode([["Retrieve a passage:", "the cat sat"], "a dog"], show_progress_bar=False)
+    assert emb.shape == (2, 96) and torch.isfinite(emb).all()
+
+
 def test_name_or_path_resolved_like_llm2vec(tmp_path, base, monkeypatch):
     assert load_model(base, **CPU32).name_or_path == "tiny/llama"
     plain = make_tiny_checkpoint(tmp_path, "llama", subdir="no-name")

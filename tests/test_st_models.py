@@ -104,6 +104,22 @@ def test_mistral_causal_last_token_after_eos(tmp_path):
     mixed_batch_matches(folder, emb, {"web": QUERY})
 
 
+def test_qwen3_causal_last_token_after_eos_with_an_instruction_prompt(tmp_path):
+    """Qwen3-Embedding's shape: causal Qwen3 (q/k norms, head_dim != hidden / heads), the EOS
+    the tokenizer appends pooled as the last token, "Instruct: ...\nQuery: " queries, Normalize."""
+    folder = make_st_folder(tmp_path, "qwen3", pooling="lasttoken", eos=True, normalize=True,
+                            prompts={"query": QUERY, "document": ""})  # fmt: skip
+    emb = load(folder)
+    c = emb.model.config
+    assert c.arch == "qwen3" and c.causal and c.qk_norm and c.q_size != c.hidden_size
+    mixed_batch_matches(folder, emb, {"query": QUERY})
+    assert_close_rows(emb.encode_query(TEXTS, show_progress_bar=False),
+                      st_encode(folder, TEXTS, prompt_name="query"))  # fmt: skip
+    assert_close_rows(emb.encode_document(TEXTS, truncate_dim=64, show_progress_bar=False),
+                      st_encode(folder, TEXTS, prompt_name="document", truncate_dim=64,
+                                normalize_embeddings=True))  # fmt: skip
+
+
 def test_dense_activation_default_is_tanh_as_in_sentence_transformers(tmp_path):
     folder = make_st_folder(tmp_path, "llama", pooling="cls", dense=[(96, 64)], dense_bias=True,
                             dense_activation=None)  # fmt: skip
@@ -112,7 +128,7 @@ def test_dense_activation_default_is_tanh_as_in_sentence_transformers(tmp_path):
     assert_close_rows(emb.encode(TEXTS, show_progress_bar=False), st_encode(folder, TEXTS))
 
 
-@pytest.mark.parametrize("pooling", ["cls", "weightedmean", "lasttoken"])
+@pytest.mark.parametrize("pooling", ["cls", "weightedmean", "lasttoken", "max"])
 def test_pooling_modes(tmp_path, pooling):
     folder = make_st_folder(tmp_path, "llama", pooling=pooling, config={"is_causal": False},
                             prompts={"q": QUERY})  # fmt: skip
