@@ -14,8 +14,6 @@ limits of its own, so each group is optional.
 
 from __future__ import annotations
 
-import argparse
-
 from l2v_models.errors import UsageError
 
 POOLING_CHOICES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
@@ -134,14 +132,3 @@ def load_embedder(args, **extra):
 
     check_model_available(args.model)
     return Embedder.from_pretrained(args.model, args.peft, **model_kwargs(args), **extra)
-
-
-def namespace(**values) -> argparse.Namespace:
-    """A Namespace with every model option at its default, then `values` (for code that loads a
-    model the way the CLI does without parsing a command line)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_model_options(parser)
-    args = parser.parse_args([])
-    for key, value in values.items():
-        setattr(args, key, value)
-    return args

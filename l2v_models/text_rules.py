@@ -60,11 +60,6 @@ class Truncation:
     limit: int
     rule: str  # "doc_max_length" (llm2vec's cut by words), "max_length", "max_seq_length"
 
-    def describe(self, name: str = "text") -> str:
-        what = "text tokens" if self.rule == "doc_max_length" else "tokens"
-        return (f"{name}[{self.index}] has {self.tokens} {what}, over the model's {self.rule} of "
-                f"{self.limit}")  # fmt: skip
-
 
 @dataclass
 class Prepared:

@@ -249,6 +249,35 @@ def _mtimes(out: Path) -> dict:
     return {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
 
 
+def test_a_sentence_transformers_folder_with_a_prompt_name_and_truncate_dim(ray_cluster,
+                                                                           tmp_path, capsys):
+    """Any model l2v runs, the corpus way: a sentence-transformers folder (Dense + Normalize),
+    its named prompt for rows without an instruction, Matryoshka truncation; rows equal the
+    embedder's encode of the same items, and the settings are recorded for resume."""
+    from st_folders import make_st_folder
+
+    from l2v_models.embedder import Embedder
+
+    folder = make_st_folder(tmp_path / "model", "llama", dense=[(96, 48)], normalize=True,
+                            prompts={"query": "query: "}, config={"is_causal": False})  # fmt: skip
+    files, rows = make_corpus(tmp_path / "in", lee_sentences(24))
+    out = tmp_path / "out"
+    argv = ["encode-corpus", *map(str, files), "-o", str(out), "--model", str(folder),
+            "--instruction-field", "instruction", "--prompt-name", "query", "--truncate-dim",
+            "16", "-q"]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    ids, emb = read_outputs(out, files)
+    assert ids == [r["id"] for r in rows] and emb.shape == (24, 16)
+    embedder = Embedder.from_pretrained(str(folder), device="cpu")
+    ref = embedder.encode(items_of(rows), prompt_name="query", truncate_dim=16,
+                          show_progress_bar=False).numpy()  # fmt: skip
+    assert cosines(emb, ref).min() >= 0.99999
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    capsys.readouterr()
+    rc = cli.main([a if a != "16" else "32" for a in argv])
+    assert rc == 2 and "truncate_dim" in capsys.readouterr().err
+
+
 def test_rerun_redoes_a_file_whose_text_changed(ray_cluster, tiny_dir, tiny_encoder, tmp_path,
                                                 capsys):  # fmt: skip
     """Issue 25.1: one text of an embedded input changes, its id stays. The rerun redoes that
