@@ -260,6 +260,7 @@ def test_a_sentence_transformers_folder_with_a_prompt_name_and_truncate_dim(ray_
 
     folder = make_st_folder(tmp_path / "model", "llama", dense=[(96, 48)], normalize=True,
                             prompts={"query": "query: "}, config={"is_causal": False})  # fmt: skip
+    # 24 rows: the last Parquet file's instructions are all null (a column of type null)
     files, rows = make_corpus(tmp_path / "in", lee_sentences(24))
     out = tmp_path / "out"
     argv = ["encode-corpus", *map(str, files), "-o", str(out), "--model", str(folder),

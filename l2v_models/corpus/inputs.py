@@ -508,7 +508,9 @@ def _parquet_columns(inp: InputFile, pf: pq.ParquetFile, fields: Fields) -> list
         )
     columns = [fields.id, fields.text]
     if fields.instruction is not None and fields.instruction in names:
-        if _kind_of_type(schema.field(fields.instruction).type) != "string":
+        kind = schema.field(fields.instruction).type
+        # A column of nulls only (pyarrow types it `null`) is a file without instructions.
+        if _kind_of_type(kind) != "string" and not pa.types.is_null(kind):
             raise CorpusInputError(
                 f"{inp.uri}: instruction column {fields.instruction!r} must hold strings, it is "
                 f"{schema.field(fields.instruction).type}"
