@@ -59,6 +59,10 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()  # per layer "full" or "local"; () = all full
     local_rope_theta: float | None = None  # Gemma-3: RoPE base of the local layers
     causal: bool = False  # causal attention (llm2vec's Qwen2 encodes causally)
+    # Bidirectional local layers: a query sees keys with |i - j| <= this (None: W // 2, the rule
+    # of transformers' Gemma-3 with use_bidirectional_attention; W where a config's
+    # `is_causal: false` makes transformers build a bidirectional sliding-window mask).
+    local_reach: int | None = None
 
     @property
     def q_size(self) -> int:

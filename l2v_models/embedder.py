@@ -31,16 +31,13 @@ from collections.abc import Sequence
 
 import torch
 
+from l2v_models import text_inputs
 from l2v_models import text_rules as tr
 from l2v_models.engine import Engine, check_int
 from l2v_models.head import Head, check_truncate_dim
 from l2v_models.packing import TokenizedTexts
 
 logger = logging.getLogger(__name__)
-
-# Settings of llm2vec's text rules (refused for a sentence-transformers model, whose Pooling and
-# Transformer modules set them).
-LLM2VEC_SETTINGS = ("pooling_mode", "doc_max_length", "skip_instruction")
 
 
 class Embedder:
@@ -243,7 +240,7 @@ class Embedder:
         """encode()'s input -> texts ready for the engine (and what was cut), by the model's
         text rules; what the server and the corpus runner call off the model's thread. Empty
         texts are logged (one warning)."""
-        pairs, _ = tr.as_pairs(sentences)
+        pairs, _ = text_inputs.as_pairs(sentences)
         return self.prepare_pairs(pairs, prompt_name=prompt_name, prompt=prompt,
                                   max_length=max_length, where=where)  # fmt: skip
 
@@ -251,10 +248,10 @@ class Embedder:
         self, pairs: Sequence[tuple[str, str]], *, prompt_name: str | None = None,
         prompt: str | None = None, max_length: int | None = None, where: str = "sentences",
     ) -> tr.Prepared:  # fmt: skip
-        """`prepare` for (prompt, text) pairs already checked by text_rules.as_pairs."""
+        """`prepare` for (prompt, text) pairs already checked by text_inputs.as_pairs."""
         resolved = self.rules.resolve_prompt(prompt_name, prompt)
-        pairs = tr.with_prompt(pairs, resolved)
-        tr.warn_empty_texts(tr.empty_text_indices(pairs), where)
+        pairs = text_inputs.with_prompt(pairs, resolved)
+        text_inputs.warn_empty_texts(text_inputs.empty_text_indices(pairs), where)
         return self.rules.prepare(pairs, max_length=max_length)
 
     def prepare_texts(self, sentences, **kwargs) -> TokenizedTexts:
@@ -332,14 +329,14 @@ class Embedder:
                 show_progress_bar=True, convert_to_numpy=False, convert_to_tensor=False,
                 device=None, normalize_embeddings=False, truncate_dim=None,
                 max_tokens_per_batch=None):  # fmt: skip
-        pairs, squeeze = tr.as_pairs(sentences)
+        pairs, squeeze = text_inputs.as_pairs(sentences)
         self.rules.check()
         truncate_dim = check_truncate_dim(truncate_dim, self.dimension)
         if device is not None:
             self._place(device)
         prepared = self.prepare_pairs(pairs, prompt_name=prompt_name, prompt=prompt)
         self.last_truncations = prepared.truncations
-        tr.warn_truncations(prepared.truncations, len(pairs))
+        text_inputs.warn_truncations(prepared.truncations, len(pairs))
         out = self.embed(
             prepared.texts, normalize=normalize_embeddings, truncate_dim=truncate_dim,
             batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch,

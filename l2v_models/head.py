@@ -59,10 +59,15 @@ class Head:
 
     @classmethod
     def from_st_folder(cls, folder, dim: int, device) -> Head:
-        """The Dense modules (weights read from each module's folder) and Normalize of an
-        l2v_models.st_folder.StFolder whose Transformer gives `dim` features."""
-        from l2v_models.st_folder import StFolderError
+        """The Dense modules and Normalize of an l2v_models.st_folder.StFolder whose Transformer
+        gives `dim` features (weights read and checked by st_folder.read_dense_weights)."""
+        from l2v_models.st_folder import StFolderError, read_dense_weights
 
+        if folder.embedding_dimension is not None and folder.embedding_dimension != dim:
+            raise StFolderError(
+                f"{folder.root}: the Pooling module expects {folder.embedding_dimension} "
+                f"features but the model gives {dim}"
+            )
         layers = []
         d = dim
         for spec in folder.dense:
@@ -71,25 +76,9 @@ class Head:
                     f"{spec.directory / 'config.json'}: in_features is {spec.in_features} but the "
                     f"module before it gives {d} features"
                 )
-            state = _read_dense_weights(spec.directory)
-            weight = state.get("linear.weight")
-            bias = state.get("linear.bias")
-            if weight is None or tuple(weight.shape) != (spec.out_features, spec.in_features):
-                got = None if weight is None else tuple(weight.shape)
-                raise StFolderError(
-                    f"{spec.directory}: linear.weight must have shape "
-                    f"{(spec.out_features, spec.in_features)}, got {got}"
-                )
-            if spec.bias and (bias is None or tuple(bias.shape) != (spec.out_features,)):
-                raise StFolderError(f"{spec.directory}: linear.bias missing or of the wrong shape")
-            if not spec.bias and bias is not None:
-                raise StFolderError(
-                    f"{spec.directory}: holds linear.bias but its config says bias false"
-                )
+            weight, bias = read_dense_weights(spec)
             layers.append(DenseLayer(
-                weight.to(device=device, dtype=torch.float32),
-                None if bias is None else bias.to(device=device, dtype=torch.float32),
-                spec.activation,
+                weight.to(device), None if bias is None else bias.to(device), spec.activation
             ))  # fmt: skip
             d = spec.out_features
         return cls(dim, layers, folder.normalize)
@@ -137,25 +126,3 @@ def finish_rows(rows: torch.Tensor, *, truncate_dim: int | None, normalize: bool
     if truncate_dim is not None and truncate_dim < rows.shape[-1]:
         rows = rows[..., :truncate_dim]
     return l2_normalize(rows) if normalize else rows
-
-
-def _read_dense_weights(directory) -> dict[str, torch.Tensor]:
-    from l2v_models.st_folder import StFolderError
-
-    st = directory / "model.safetensors"
-    if st.is_file():
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(st))
-        except Exception as e:
-            raise StFolderError(f"{st}: unreadable safetensors file ({e})") from None
-    binary = directory / "pytorch_model.bin"
-    if binary.is_file():
-        try:
-            return torch.load(binary, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise StFolderError(f"{binary}: unreadable weights file ({e})") from None
-    raise StFolderError(
-        f"{directory}: no model.safetensors or pytorch_model.bin with the Dense layer's weights"
-    )

@@ -94,7 +94,7 @@ def prompt_kwargs(args) -> dict:
     name, prompt = getattr(args, "prompt_name", None), getattr(args, "prompt", None)
     if name is not None and prompt is not None:
         raise UsageError("pass --prompt-name or --prompt (--instruction), not both")
-    return {"prompt_name": name, "prompt": prompt or None}
+    return {"prompt_name": name, "prompt": prompt}  # "" is a prompt: none, not the default
 
 
 def check_truncate_dim_option(args) -> int | None:

@@ -58,13 +58,17 @@ class BatchTables:
 def attention_window(config: ModelConfig, local: bool) -> tuple[int, int] | None:
     """(left, right): the keys j a query i of a local layer sees, i - left <= j <= i + right;
     None in a global layer. For a configured sliding window W, bidirectional attention sees
-    |i - j| <= W // 2 (transformers' rule for Gemma-3 with use_bidirectional_attention, the
-    configuration EmbeddingGemma uses: a span of about W keys centred on the query); causal
-    attention sees the W keys up to the query (i - W < j <= i), as transformers' causal Gemma."""
+    |i - j| <= config.local_reach, by default W // 2 (transformers' rule for Gemma-3 with
+    use_bidirectional_attention, the configuration EmbeddingGemma uses: a span of about W keys
+    centred on the query); causal attention sees the W keys up to the query (i - W < j <= i), as
+    transformers' causal Gemma."""
     if not local or config.local_window is None:
         return None
     w = config.local_window
-    return (w - 1, 0) if config.causal else (w // 2, w // 2)
+    if config.causal:
+        return (w - 1, 0)
+    reach = config.local_reach if config.local_reach is not None else w // 2
+    return (reach, reach)
 
 
 # ------------------------------------------------------------------------------ torch

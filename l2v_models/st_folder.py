@@ -48,10 +48,18 @@ DENSE_ACTIVATIONS = {
     "torch.nn.modules.activation.SiLU": "silu",
 }
 _KNOWN_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
-# sentence_bert_config.json keys that do not change what l2v computes.
+# sentence_bert_config.json keys that do not change what l2v computes (values checked below).
 _HARMLESS_TRANSFORMER_KEYS = {"max_seq_length", "do_lower_case", "unpad_inputs",
                               "module_output_name", "transformer_task", "modality_config",
-                              "model_args", "processing_kwargs"}  # fmt: skip
+                              "model_args", "model_kwargs", "processing_kwargs"}  # fmt: skip
+# Keys of sentence-transformers' loading kwargs (model_args, model_kwargs) that change only how
+# the weights are loaded, not what the model computes (l2v picks its own dtype and kernels).
+_HARMLESS_MODEL_KWARGS = {"torch_dtype", "dtype", "attn_implementation", "low_cpu_mem_usage"}
+# Loading kwargs that change the model or its tokenizer at load time, by their old and new names.
+_LOAD_TIME_CHANGES = ("config_args", "config_kwargs", "tokenizer_args", "tokenizer_kwargs")
+# Settings sentence-transformers >= 6 writes into every Dense / Normalize config.json.
+_ROUTING_KEYS = {"module_input_name": "sentence_embedding",
+                 "module_output_name": "sentence_embedding"}  # fmt: skip
 
 
 class StFolderError(ValueError):
@@ -113,16 +121,16 @@ def read_st_folder(path) -> StFolder | None:
     modules = _read_json(root / MODULES_FILE)
     if not isinstance(modules, list) or not modules:
         raise StFolderError(f"{root / MODULES_FILE}: expected a non-empty list of modules")
-    entries = sorted(modules, key=lambda m: m.get("idx", 0) if isinstance(m, dict) else 0)
+    # sentence-transformers runs the modules in the file's order (its "idx" is informative).
     kinds = []
-    for i, entry in enumerate(entries):
+    for i, entry in enumerate(modules):
         where = f"{root / MODULES_FILE}: module {i}"
         if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
             raise StFolderError(f'{where}: expected an object with a string "type"')
-        if "path" in entry and not isinstance(entry["path"], str):
-            raise StFolderError(f'{where}: "path" must be a string')
-        kinds.append((_module_kind(entry["type"], where), _module_dir(root, entry.get("path", ""),
-                                                                       where)))  # fmt: skip
+        if not isinstance(entry.get("path"), str):
+            raise StFolderError(f'{where}: "path" must be a string (the module\'s folder; "" '
+                                "for the model folder itself)")  # fmt: skip
+        kinds.append((_module_kind(entry["type"], where), _module_dir(root, entry["path"], where)))
     order = [k for k, _ in kinds]
     if order[:2] != ["Transformer", "Pooling"] or any(
         k not in ("Dense", "Normalize") for k in order[2:]
@@ -140,12 +148,16 @@ def read_st_folder(path) -> StFolder | None:
     max_seq_length, lower = _transformer_settings(transformer_dir)
     pooling, include_prompt, dim = _pooling_settings(kinds[1][1])
     dense = tuple(_dense_spec(d) for k, d in kinds[2:] if k == "Dense")
+    for k, d in kinds[2:]:
+        if k == "Normalize":
+            _check_normalize(d)
     prompts, default_prompt = _prompts(root)
     if pooling == "weightedmean" and not include_prompt:
         raise StFolderError(
             f"{kinds[1][1] / 'config.json'}: weightedmean pooling with include_prompt false "
-            "weights each text token by its position after the prompt; l2v does not run this "
-            "combination exactly"
+            "(sentence-transformers weights each text token by its position counted from the "
+            "prompt's first token; l2v's kernel counts from the first pooled token) is not run "
+            "exactly by l2v"
         )
     return StFolder(
         root=root, transformer_dir=transformer_dir, max_seq_length=max_seq_length,
@@ -201,16 +213,28 @@ def _transformer_settings(directory: Path) -> tuple[int | None, bool]:
         raise StFolderError(f"{path}: expected a JSON object")
     for key in sorted(cfg):
         value = cfg[key]
-        if key in ("config_args", "tokenizer_args") and value:
-            raise StFolderError(
-                f"{path}: {key} {value!r} changes the model or its tokenizer at load time; l2v "
-                "reads only the folder's own config.json and tokenizer files"
-            )
-        if key in ("query_length", "document_length", "query_expansion") and value is not None:
-            raise StFolderError(f"{path}: {key} (multi-vector / ColBERT settings) is not supported")
-        if key not in _HARMLESS_TRANSFORMER_KEYS | {"config_args", "tokenizer_args",
-                                                    "query_length", "document_length",
-                                                    "query_expansion"}:  # fmt: skip
+        if key in _LOAD_TIME_CHANGES:
+            if value:
+                raise StFolderError(
+                    f"{path}: {key} {value!r} changes the model or its tokenizer at load time; "
+                    "l2v reads only the folder's own config.json and tokenizer files"
+                )
+            continue
+        if key in ("model_args", "model_kwargs"):
+            if not isinstance(value, dict) or set(value) - _HARMLESS_MODEL_KWARGS:
+                raise StFolderError(
+                    f"{path}: {key} {value!r} changes how the model is loaded beyond its dtype "
+                    f"and attention kernels ({', '.join(sorted(_HARMLESS_MODEL_KWARGS))}); l2v "
+                    "does not run that"
+                )
+            continue
+        if key in ("query_length", "document_length", "query_expansion"):
+            if value is not None:
+                raise StFolderError(
+                    f"{path}: {key} (multi-vector / ColBERT settings) is not supported"
+                )
+            continue
+        if key not in _HARMLESS_TRANSFORMER_KEYS:
             raise StFolderError(f"{path}: unknown setting {key!r}; l2v cannot tell what it changes")
     task = cfg.get("transformer_task", "feature-extraction")
     if task != "feature-extraction":
@@ -219,10 +243,15 @@ def _transformer_settings(directory: Path) -> tuple[int | None, bool]:
             "hidden states: feature-extraction)"
         )
     modality = cfg.get("modality_config")
-    if modality is not None and (not isinstance(modality, dict) or set(modality) - {"text"}):
+    text = modality.get("text") if isinstance(modality, dict) else None
+    if modality is not None and (
+        set(modality) - {"text"} or not isinstance(text, dict)
+        or text.get("method", "forward") != "forward"
+        or text.get("method_output_name", "last_hidden_state") != "last_hidden_state"
+    ):  # fmt: skip
         raise StFolderError(
-            f"{path}: modality_config {modality!r}: l2v embeds plain text only (no chat "
-            "messages, images or audio)"
+            f"{path}: modality_config {modality!r}: l2v embeds plain text through the model's "
+            "forward and its last hidden states only (no chat messages, images or audio)"
         )
     output = cfg.get("module_output_name", "token_embeddings")
     if output not in ("token_embeddings", None):
@@ -254,6 +283,10 @@ def _pooling_settings(directory: Path) -> tuple[str, bool, int | None]:
     if mode is None:
         modes = [m for key, m in _LEGACY_POOLING_KEYS.items() if cfg.get(key)]
         mode = modes if modes else ["mean"]
+    if not (isinstance(mode, str) or (isinstance(mode, list)
+                                      and all(isinstance(m, str) for m in mode))):  # fmt: skip
+        raise StFolderError(f"{path}: pooling_mode must be a mode name or a list of them, got "
+                            f"{mode!r}")  # fmt: skip
     modes = [mode] if isinstance(mode, str) else list(mode)
     if len(modes) != 1:
         raise StFolderError(
@@ -297,10 +330,81 @@ def _dense_spec(directory: Path) -> DenseSpec:
             f"{path}: Dense activation {act_ref!r} is not supported; l2v computes "
             + ", ".join(sorted(DENSE_ACTIVATIONS))
         )
-    unknown = set(cfg) - {"in_features", "out_features", "bias", "activation_function"}
+    if cfg.get("use_residual", False) is not False:
+        raise StFolderError(f"{path}: use_residual (x + Dense(x)) is not supported")
+    _check_routing(path, cfg)
+    unknown = set(cfg) - {"in_features", "out_features", "bias", "activation_function",
+                          "use_residual", *_ROUTING_KEYS}  # fmt: skip
     if unknown:
         raise StFolderError(f"{path}: unknown Dense setting(s) {sorted(unknown)}")
     return DenseSpec(directory, sizes[0], sizes[1], bias, DENSE_ACTIVATIONS[act_ref])
+
+
+def _check_normalize(directory: Path) -> None:
+    """A Normalize module's optional config.json may only name the sentence embedding."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return
+    cfg = _read_json(path)
+    if not isinstance(cfg, dict):
+        raise StFolderError(f"{path}: expected a JSON object")
+    _check_routing(path, cfg)
+    unknown = set(cfg) - set(_ROUTING_KEYS)
+    if unknown:
+        raise StFolderError(f"{path}: unknown Normalize setting(s) {sorted(unknown)}")
+
+
+def _check_routing(path: Path, cfg: dict) -> None:
+    """sentence-transformers >= 6 names the feature a module reads and writes; l2v's modules
+    read and write the sentence embedding only."""
+    for key, expected in _ROUTING_KEYS.items():
+        if cfg.get(key, expected) != expected:
+            raise StFolderError(
+                f"{path}: {key} {cfg[key]!r} is not supported (l2v's modules work on the "
+                f"{expected!r} feature only)"
+            )
+
+
+def read_dense_weights(spec: DenseSpec):
+    """(weight fp32 [out, in], bias fp32 [out] or None) of a Dense module, checked against its
+    config; StFolderError naming the folder for a missing, unreadable or misshapen file."""
+    import torch
+
+    state = _read_dense_state(spec.directory)
+    weight, bias = state.get("linear.weight"), state.get("linear.bias")
+    if weight is None or tuple(weight.shape) != (spec.out_features, spec.in_features):
+        got = None if weight is None else tuple(weight.shape)
+        raise StFolderError(
+            f"{spec.directory}: linear.weight must have shape "
+            f"{(spec.out_features, spec.in_features)}, got {got}"
+        )
+    if spec.bias and (bias is None or tuple(bias.shape) != (spec.out_features,)):
+        raise StFolderError(f"{spec.directory}: linear.bias missing or of the wrong shape")
+    if not spec.bias and bias is not None:
+        raise StFolderError(f"{spec.directory}: holds linear.bias but its config says bias false")
+    return weight.to(torch.float32), None if bias is None else bias.to(torch.float32)
+
+
+def _read_dense_state(directory: Path) -> dict:
+    st = directory / "model.safetensors"
+    if st.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st))
+        except Exception as e:
+            raise StFolderError(f"{st}: unreadable safetensors file ({e})") from None
+    binary = directory / "pytorch_model.bin"
+    if binary.is_file():
+        import torch
+
+        try:
+            return torch.load(binary, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise StFolderError(f"{binary}: unreadable weights file ({e})") from None
+    raise StFolderError(
+        f"{directory}: no model.safetensors or pytorch_model.bin with the Dense layer's weights"
+    )
 
 
 def _prompts(root: Path) -> tuple[dict[str, str], str | None]:

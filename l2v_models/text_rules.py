@@ -2,7 +2,7 @@
 
     rules = Llm2vecRules(tokenizer, name_or_path=..., config_family=..., pooling_mode="mean")
     rules = SentenceTransformersRules(tokenizer, st_folder, max_position_embeddings=...)
-    pairs, _ = as_pairs(["a text", ["an instruction", "a text"]])
+    pairs, _ = text_inputs.as_pairs(["a text", ["an instruction", "a text"]])
     prepared = rules.prepare(pairs)           # .texts: TokenizedTexts, .truncations: what was cut
     rows = engine.embed(prepared.texts, mode=rules.pool_mode)
 
@@ -37,8 +37,6 @@ import numpy as np
 from l2v_models import tokenization as tk
 from l2v_models.packing import TokenizedTexts
 
-logger = logging.getLogger("l2v_models.text_rules")
-
 LLM2VEC_POOLING_MODES = tk.POOLING_MODES
 # llm2vec pooling mode -> the engine's pooling op (the one-token modes pick their token by span).
 _LLM2VEC_POOL_OP = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": "last",
@@ -70,117 +68,6 @@ class Prepared:
 
     def __len__(self) -> int:
         return len(self.texts)
-
-
-# ------------------------------------------------------------------------------ inputs
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def _as_pair(item) -> tuple[str, str] | None:
-    """An item's (prompt, text): a string, a [prompt, text] pair of strings, or llm2vec's MEDI
-    form [instruction, text, int] (the int, a dataset id, is ignored); else None."""
-    if isinstance(item, str):
-        return "", item
-    if not isinstance(item, (list, tuple, np.ndarray)) or len(item) not in (2, 3):
-        return None
-    if not (isinstance(item[0], str) and isinstance(item[1], str)):
-        return None
-    if len(item) == 3 and not _is_int(item[2]):
-        return None
-    return str(item[0]), str(item[1])
-
-
-def check_unicode(pairs: Sequence[tuple[str, str]], name: str = "sentences") -> None:
-    """ValueError naming the item and position of a lone surrogate (not encodable text)."""
-    for i, pair in enumerate(pairs):
-        for part, s in zip(("instruction", "text"), pair, strict=True):
-            try:
-                s.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(
-                    f"{name}[{i}]: the {part} holds a lone surrogate (U+{ord(s[e.start]):04X} "
-                    f"at character {e.start}), which is not valid Unicode text; decode the input "
-                    "correctly (e.g. bytes.decode('utf-8', errors='replace'))"
-                ) from None
-
-
-def as_pairs(sentences) -> tuple[list[tuple[str, str]], bool]:
-    """encode()'s input -> ([(prompt, text)], squeeze), squeeze meaning one bare string.
-
-    Accepted: a string; a list whose items are strings, [prompt, text] pairs of strings or
-    llm2vec's MEDI form [instruction, text, int]; or one bare MEDI item. Anything else (e.g.
-    three strings) is a TypeError naming the item, never a silent drop. A lone surrogate is a
-    ValueError naming the item."""
-    if isinstance(sentences, str):
-        check_unicode([("", sentences)])
-        return [("", sentences)], True
-    if isinstance(sentences, (bytes, bytearray, dict)) or not hasattr(sentences, "__iter__"):
-        raise TypeError(
-            "sentences must be a string, or a list of strings and [instruction, text] pairs; "
-            f"got {type(sentences).__name__}"
-        )
-    items = list(sentences)
-    # llm2vec's MEDI special case: one bare [instruction, text, int] item.
-    if len(items) == 3 and isinstance(items[0], str) and _as_pair(items) is not None:
-        items = [items]
-    pairs = []
-    for i, item in enumerate(items):
-        pair = _as_pair(item)
-        if pair is None:
-            raise TypeError(
-                f"sentences[{i}] must be a string, an [instruction, text] pair of strings or "
-                f"llm2vec's MEDI form [instruction, text, int]; got {type(item).__name__}: "
-                f"{item!r:.80}"
-            )
-        pairs.append(pair)
-    check_unicode(pairs)
-    return pairs, False
-
-
-def with_prompt(pairs: Sequence[tuple[str, str]], prompt: str | None) -> list[tuple[str, str]]:
-    """The pairs, with `prompt` given to those that have none of their own."""
-    if not prompt:
-        return list(pairs)
-    return [(p, t) if p else (prompt, t) for p, t in pairs]
-
-
-def empty_text_indices(pairs: Sequence[tuple[str, str]]) -> list[int]:
-    """Indices of the items whose text is empty or whitespace only."""
-    return [i for i, (_, text) in enumerate(pairs) if not text.strip()]
-
-
-def _shown(indices: Sequence[int], limit: int = 20) -> str:
-    return ", ".join(map(str, indices[:limit])) + (
-        f", ... ({len(indices)} in all)" if len(indices) > limit else ""
-    )
-
-
-def warn_empty_texts(indices: Sequence[int], where: str = "sentences") -> None:
-    """One logging warning naming the empty texts (nothing when there are none)."""
-    if not indices:
-        return
-    logger.warning(
-        "%d empty text%s at %s[%s]: an empty or whitespace-only text has no content, so its "
-        "embedding is that of its instruction and special tokens (or zeros); drop such texts if "
-        "that is not wanted",
-        len(indices), "" if len(indices) == 1 else "s", where, _shown(indices),
-    )  # fmt: skip
-
-
-def warn_truncations(truncations: Sequence[Truncation], total: int) -> None:
-    """One logging warning saying how many texts were cut, by which rule, and which."""
-    if not truncations:
-        return
-    by_rule: dict[tuple[str, int], int] = {}
-    for t in truncations:
-        by_rule[(t.rule, t.limit)] = by_rule.get((t.rule, t.limit), 0) + 1
-    rules = "; ".join(f"{rule} {limit}: {n}" for (rule, limit), n in by_rule.items())
-    logger.warning(
-        "%d of %d text%s cut to fit the model's limits (%s) at sentences[%s]",
-        len(truncations), total, " was" if total == 1 else "s were", rules,
-        _shown([t.index for t in truncations]),
-    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ the interface
@@ -243,12 +130,13 @@ class TextRules:
         names = QUERY_PROMPT_NAMES if side == "query" else DOCUMENT_PROMPT_NAMES
         return next((n for n in names if n in self.prompts), None)
 
-    def _cut_at(self, tokenizer, full_texts: Sequence[str], ids: Sequence[Sequence[int]],
-                limit: int, rule: str) -> list[Truncation]:  # fmt: skip
-        """Texts whose ids reached `limit` and whose untruncated tokenization is longer."""
+    def _cut_at(self, tokenizer, full_text, ids: Sequence[Sequence[int]], limit: int,
+                rule: str) -> list[Truncation]:  # fmt: skip
+        """Texts whose ids reached `limit` and whose untruncated tokenization is longer;
+        full_text(i): the whole string text i is tokenized from."""
         out = []
         for i in [i for i, x in enumerate(ids) if len(x) >= limit]:
-            n = len(tokenizer(full_texts[i], truncation=False,
+            n = len(tokenizer(full_text(i), truncation=False,
                               return_attention_mask=False)["input_ids"])  # fmt: skip
             if n > limit:
                 out.append(Truncation(i, n, limit, rule))
@@ -311,24 +199,25 @@ class Llm2vecRules(TextRules):
         self.check()
         tok = self.tokenizer
         limit = max_length or self.max_length
+        tokens = tk.prepare_inputs(
+            tok, pairs, name_or_path=self.name_or_path, family=self.config_family,
+            pooling_mode=self.pooling_mode, max_length=limit, doc_max_length=self.doc_max_length,
+        )  # fmt: skip
         originals = [p[1] for p in pairs]
-        texts, lengths = tk.truncate_by_words(tok, originals, limit, self.doc_max_length)
-        truncations = []
-        cut_by_words = [i for i, (a, b) in enumerate(zip(originals, texts, strict=True)) if a != b]
+        cut_by_words = [i for i, (a, b) in enumerate(zip(originals, tokens.texts, strict=True))
+                        if a != b]  # fmt: skip
         full_counts = tk.token_lengths(tok, [originals[i] for i in cut_by_words], None)
-        for i, n in zip(cut_by_words, full_counts, strict=True):
-            truncations.append(Truncation(i, n, self.doc_max_length, "doc_max_length"))
-        prepared = [
-            tk.prepare_for_tokenization(tk.join_instruction(p[0], t), self.name_or_path,
-                                        self.config_family, self.pooling_mode)  # fmt: skip
-            for p, t in zip(pairs, texts, strict=True)
-        ]
-        known = {i: (t, n) for i, (t, n) in enumerate(zip(texts, lengths, strict=True))}
-        tokens = tk.tokenize(tok, prepared, limit, known_lengths=known)
-        fulls = [tk.split_instruction(p)[0] for p in prepared]
+        truncations = [Truncation(i, n, self.doc_max_length, "doc_max_length")
+                       for i, n in zip(cut_by_words, full_counts, strict=True)]  # fmt: skip
+
+        def full_text(i: int) -> str:  # the sequence as llm2vec tokenizes it, template included
+            joined = tk.join_instruction(pairs[i][0], tokens.texts[i])
+            return tk.split_instruction(tk.prepare_for_tokenization(
+                joined, self.name_or_path, self.config_family, self.pooling_mode))[0]  # fmt: skip
+
         seen = {t.index for t in truncations}
-        truncations += [t for t in self._cut_at(tok, fulls, tokens.input_ids, limit, "max_length")
-                        if t.index not in seen]  # fmt: skip
+        truncations += [t for t in self._cut_at(tok, full_text, tokens.input_ids, limit,
+                                                "max_length") if t.index not in seen]  # fmt: skip
         truncations.sort(key=lambda t: t.index)
         return Prepared(self.texts_from_token_ids(tokens.input_ids, tokens.embed_lengths),
                         truncations)  # fmt: skip
@@ -470,7 +359,7 @@ class SentenceTransformersRules(TextRules):
             starts, counts = np.maximum(lengths - 1, 0), np.minimum(lengths, 1)
         elif self.pooling == "cls":
             counts = np.minimum(counts, 1)
-        truncations = self._cut_at(self.tokenizer, full, ids, limit, "max_seq_length")
+        truncations = self._cut_at(self.tokenizer, full.__getitem__, ids, limit, "max_seq_length")
         return Prepared(TokenizedTexts(ids, starts, counts), truncations)
 
 
@@ -530,7 +419,9 @@ def rules_for(loaded, *, pooling_mode: str | None = None, max_length: int | None
         if key in settings:
             settings[key] = value
         else:
-            logger.warning("l2v: ignoring unknown llm2vec_config.json key %r", key)
+            logging.getLogger(__name__).warning(
+                "l2v: ignoring unknown llm2vec_config.json key %r", key
+            )
     overrides = dict(pooling_mode=pooling_mode, max_length=max_length,
                      doc_max_length=doc_max_length, skip_instruction=skip_instruction)  # fmt: skip
     settings.update({k: v for k, v in overrides.items() if v is not None})

@@ -230,10 +230,12 @@ def split_instruction(prepared: str) -> tuple[str, str]:
 @dataclass
 class Tokenized:
     """Per text, ready to pack: token ids (special tokens included, truncated, no padding) and
-    the embed length N (the last N ids are the text part; 0 <= N <= len(ids))."""
+    the embed length N (the last N ids are the text part; 0 <= N <= len(ids)). texts: the text
+    parts after llm2vec's cut by words (prepare_inputs; None from tokenize)."""
 
     input_ids: list[list[int]]
     embed_lengths: list[int]
+    texts: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -295,4 +297,6 @@ def prepare_inputs(
         for ins, t in zip(instructions, texts, strict=True)
     ]
     known = {i: (t, n) for i, (t, n) in enumerate(zip(texts, lengths, strict=True))}
-    return tokenize(tokenizer, prepared, max_length, known_lengths=known)
+    tokens = tokenize(tokenizer, prepared, max_length, known_lengths=known)
+    tokens.texts = texts
+    return tokens

@@ -94,6 +94,35 @@ def test_gemma3_bidirectional_mean_two_dense_normalize_prompts(tmp_path):
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("arch", "config", "reach"),
+    [("gemma3", {"is_causal": False}, 8), ("gemma2", {"is_causal": False}, 8),
+     ("gemma3", {"is_causal": False, "use_bidirectional_attention": True}, 5)],
+    ids=["gemma3-is_causal", "gemma2-is_causal", "gemma3-both-flags"],
+)  # fmt: skip
+def test_local_windows_follow_the_flag_that_made_the_model_bidirectional(tmp_path, arch, config,
+                                                                          reach):  # fmt: skip
+    """transformers' local layers see |i - j| <= W with `is_causal: false`, W // 2 with
+    use_bidirectional_attention, W // 2 + 1 with both (the tiny window W is 8)."""
+    folder = make_st_folder(tmp_path, arch, config=config)
+    emb = load(folder)
+    assert not emb.model.config.causal and emb.model.config.local_reach == reach
+    long = [" ".join(["the cat sat on the mat"] * 4), "which passage is about the dog and the cat"]
+    assert_close_rows(emb.encode(long + TEXTS, show_progress_bar=False),
+                      st_encode(folder, long + TEXTS))  # fmt: skip
+
+
+def test_use_bidirectional_attention_outside_gemma3_is_refused(tmp_path):
+    """transformers ignores the flag on Llama (and applies it to half of Gemma): l2v cannot tell
+    which attention the model was trained with, so it asks."""
+    folder = make_st_folder(tmp_path, "llama", config={"use_bidirectional_attention": True})
+    with pytest.raises(ValueError, match="transformers honours only for Gemma-3"):
+        load(folder)
+    assert load(folder, attention="causal").model.config.causal
+    assert_close_rows(load(folder, attention="causal").encode(TEXTS, show_progress_bar=False),
+                      st_encode(folder, TEXTS))  # fmt: skip
+
+
 def test_mistral_causal_last_token_after_eos(tmp_path):
     folder = make_st_folder(tmp_path, "mistral", pooling="lasttoken", eos=True, normalize=True,
                             prompts={"web": QUERY})  # fmt: skip
@@ -208,6 +237,17 @@ def _break(folder, path: str, content) -> None:
         ("2_Dense/config.json", {"in_features": 32, "out_features": 8}, "in_features is 32"),
         ("sentence_bert_config.json", {"max_seq_length": 64, "transformer_task": "text-generation"},
          "transformer_task"),
+        ("sentence_bert_config.json", {"model_kwargs": {"quantization_config": {"bits": 4}}},
+         "changes how the model is loaded"),
+        ("sentence_bert_config.json", {"config_kwargs": {"is_causal": False}}, "at load time"),
+        ("sentence_bert_config.json", {"modality_config": {"text": {"method": "encode_text"}}},
+         "plain text through the model's forward"),
+        ("modules.json", [{"type": ST + "Transformer"}], '"path" must be a string'),
+        ("1_Pooling/config.json", {"pooling_mode": 3}, "pooling_mode must be a mode name"),
+        ("2_Dense/config.json", {"in_features": 96, "out_features": 8, "use_residual": True},
+         "use_residual"),
+        ("2_Dense/config.json", {"in_features": 96, "out_features": 8,
+                                 "module_input_name": "token_embeddings"}, "module_input_name"),
     ],
 )  # fmt: skip
 def test_bad_folders_are_refused_naming_the_file(tmp_path, path, content, message):
@@ -215,6 +255,69 @@ def test_bad_folders_are_refused_naming_the_file(tmp_path, path, content, messag
     _break(folder, path, content)
     with pytest.raises((StFolderError, ValueError), match=message):
         load(folder)
+
+
+def test_modules_run_in_the_files_order_as_in_sentence_transformers(tmp_path):
+    """sentence-transformers runs modules.json in file order and ignores "idx" (a string idx
+    included): l2v too."""
+    folder = make_st_folder(tmp_path, "llama", dense=[(96, 96), (96, 96)],
+                            dense_activation="torch.nn.modules.activation.Tanh")  # fmt: skip
+    modules = json.loads((folder / "modules.json").read_text())
+    modules[2], modules[3] = modules[3], modules[2]  # Dense B before Dense A, idx kept
+    modules[2]["idx"] = "three"
+    (folder / "modules.json").write_text(json.dumps(modules))
+    assert_close_rows(load(folder).encode(TEXTS, show_progress_bar=False), st_encode(folder, TEXTS))
+
+
+def test_a_folder_saved_by_sentence_transformers_loads(tmp_path):
+    """sentence-transformers >= 6 writes module_input_name / module_output_name into Dense and
+    Normalize configs (and its own key names into sentence_bert_config.json)."""
+    from sentence_transformers import SentenceTransformer
+
+    src = make_st_folder(tmp_path, "gemma3", dense=[(96, 128), (128, 96)], normalize=True,
+                         prompts={"query": QUERY}, config={"use_bidirectional_attention": True})
+    saved = tmp_path / "resaved"
+    SentenceTransformer(str(src), device="cpu").save(str(saved))
+    dense_cfg = json.loads((saved / "2_Dense" / "config.json").read_text())
+    assert dense_cfg.get("module_input_name") == "sentence_embedding"  # what 6.x writes
+    emb = load(saved)
+    assert emb.dimension == 96 and emb.normalizes
+    assert_close_rows(emb.encode(TEXTS, prompt_name="query", show_progress_bar=False),
+                      st_encode(saved, TEXTS, prompt_name="query"))  # fmt: skip
+
+
+def test_a_model_with_its_own_code_is_refused(tmp_path):
+    folder = make_st_folder(tmp_path, "llama")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModel": "modeling_custom.BiLlamaModel"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"runs its own code \(auto_map \['AutoModel'\]"):
+        load(folder)
+
+
+def test_an_empty_prompt_turns_the_default_prompt_off(tmp_path, capsys):
+    """As in sentence-transformers: prompt="" is no prompt, not "use the default"; the CLI's
+    --prompt "" too."""
+    import numpy as np
+
+    from l2v_models import cli
+
+    folder = make_st_folder(tmp_path, "llama", prompts={"q": QUERY}, default_prompt_name="q")
+    emb = load(folder)
+    assert_close_rows(emb.encode(TEXTS, prompt="", show_progress_bar=False),
+                      st_encode(folder, TEXTS, prompt=""))  # fmt: skip
+    out = tmp_path / "e.npy"
+    assert cli.main(["encode", "-q", "--model", str(folder), "--prompt", "", "-o", str(out),
+                     *TEXTS]) == 0  # fmt: skip
+    assert_close_rows(torch.from_numpy(np.load(out)), st_encode(folder, TEXTS, prompt=""))
+
+
+def test_cli_choices_are_the_libraries_modes():
+    from l2v_models import model_options, tokenization
+    from l2v_models.checkpoint import ATTENTION_MODES
+
+    assert model_options.ATTENTION_CHOICES == ATTENTION_MODES
+    assert model_options.POOLING_CHOICES == tokenization.POOLING_MODES
 
 
 def test_dense_weights_of_the_wrong_shape_are_refused(tmp_path):

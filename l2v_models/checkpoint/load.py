@@ -71,24 +71,53 @@ ATTENTION_MODES = ("llm2vec", "config", "bidirectional", "causal")
 
 def attention_is_causal(attention: str, config: ModelConfig, hf_dict: dict | None = None) -> bool:
     """Whether the model attends causally: "causal" -> yes, "bidirectional" -> no, "llm2vec" ->
-    as llm2vec 0.2.3 runs the family, "config" -> as the config.json dict `hf_dict` says.
+    as llm2vec 0.2.3 runs the family, "config" -> as the config.json dict `hf_dict` says
+    (see config_attention).
 
     llm2vec: llm2vec's Qwen2BiModel never removes the causal mask (its outputs equal the causal
     Qwen2's to 6e-7, under sdpa and eager attention), so every Qwen2 adapter trained with llm2vec
     learned causal attention: l2v reproduces that, and attention="bidirectional" gives a truly
     bidirectional Qwen2 (what l2v's own recipe trains).
-    config (sentence-transformers folders): bidirectional when config.json has `is_causal: false`
-    (read by transformers >= 5.2) or `use_bidirectional_attention: true` (Gemma-3 /
-    EmbeddingGemma), causal otherwise, as transformers builds the model; never guessed from a name.
     """
+    return with_attention(config, attention, hf_dict).causal
+
+
+def with_attention(config: ModelConfig, attention: str, hf_dict: dict | None = None) -> ModelConfig:
+    """The config with the attention of mode `attention` (see attention_is_causal)."""
     if attention == "causal":
-        return True
+        return dataclasses.replace(config, causal=True)
     if attention == "bidirectional":
-        return False
+        return dataclasses.replace(config, causal=False)
     if attention == "config":
-        d = hf_dict or {}
-        return not (d.get("is_causal") is False or d.get("use_bidirectional_attention") is True)
-    return config.spec.llm2vec_causal
+        return config_attention(config, hf_dict or {})
+    return dataclasses.replace(config, causal=config.spec.llm2vec_causal)
+
+
+def config_attention(config: ModelConfig, hf_dict: dict) -> ModelConfig:
+    """The attention transformers (>= 5.2) builds from a config.json, never guessed from a name.
+
+    `is_causal: false` makes any family bidirectional (a bidirectional sliding-window mask of
+    |i - j| <= W in Gemma-2/3's local layers). `use_bidirectional_attention: true` is read by
+    transformers' Gemma-3 alone (local layers then see |i - j| <= W // 2, or W // 2 + 1 with
+    `is_causal: false` too); on another family transformers ignores it, or, on Gemma, applies it
+    to half the model, so l2v cannot tell which attention the model was trained with and
+    refuses it (force one with attention="bidirectional" or "causal"). Otherwise causal."""
+    flag = hf_dict.get("use_bidirectional_attention") is True
+    not_causal = hf_dict.get("is_causal") is False
+    if flag and config.arch != "gemma3":
+        raise ValueError(
+            f"config.json sets use_bidirectional_attention, which transformers honours only for "
+            f"Gemma-3, on a {config.arch} model: l2v cannot tell whether it was trained "
+            "bidirectionally; pass --attention bidirectional or --attention causal "
+            "(attention=...) to say which"
+        )
+    w = config.local_window
+    if flag:
+        reach = None if w is None else w // 2 + (1 if not_causal else 0)
+        return dataclasses.replace(config, causal=False, local_reach=reach)
+    if not_causal:
+        return dataclasses.replace(config, causal=False, local_reach=w)
+    return dataclasses.replace(config, causal=True)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -234,10 +263,13 @@ def load_model(
         if weights_dir is not None and (weights_dir / "config.json").is_file():
             cfg_file = weights_dir / "config.json"
         hf_dict = _read_json(cfg_file, "config")
-        if hf_dict.get("auto_map"):
+        own_model_code = sorted(k for k in (hf_dict.get("auto_map") or {})
+                                if str(k).startswith("AutoModel"))  # fmt: skip
+        if own_model_code:
             raise ValueError(
-                f"{cfg_file}: the model needs its own code (auto_map {sorted(hf_dict['auto_map'])}"
-                "); l2v runs only the architectures it implements"
+                f"{cfg_file}: the model runs its own code (auto_map {own_model_code}), which "
+                "may differ from transformers' class for its model_type; l2v runs only the "
+                "architectures it implements"
             )
         try:
             config = ModelConfig.from_hf_config(hf_dict)
@@ -272,7 +304,7 @@ def load_model(
 
     if attention is None:
         attention = "config" if st_folder is not None else "llm2vec"
-    config = dataclasses.replace(config, causal=attention_is_causal(attention, config, hf_dict))
+    config = with_attention(config, attention, hf_dict)
     backend = resolve_backend(backend, device, config)
     state = convert_weights(config, source, adapters=adapters, dtype=dtype, device=device)
     model = Transformer.from_state_dict(config, state, backend)

@@ -149,6 +149,8 @@ class CorpusEmbedder:
         self.text_column = text_column
         self.instruction_column = instruction_column
         self.instruction = instruction or None
+        # --instruction "": no prompt for any row (the model's default prompt does not apply).
+        self.prompt = "" if instruction == "" else None
         self.normalize = bool(normalize)
         self.encoder = LLM2Vec.from_pretrained(model, peft_model_name_or_path=peft, **model_kwargs)
         self.prompt_name = prompt_name
@@ -182,8 +184,12 @@ class CorpusEmbedder:
     def embed_items(self, items: list) -> np.ndarray:
         """float32 [N, D] of the items, in order (the model's text rules + the engine)."""
         encoder = self.encoder
-        texts = encoder.prepare_texts(items, prompt_name=self.prompt_name)
-        out = encoder.embed(texts, normalize=self.normalize, truncate_dim=self.truncate_dim)
+        from l2v_models.text_inputs import warn_truncations
+
+        prepared = encoder.prepare(items, prompt_name=self.prompt_name, prompt=self.prompt)
+        warn_truncations(prepared.truncations, len(items))  # Ray shows workers' warnings
+        out = encoder.embed(prepared.texts, normalize=self.normalize,
+                            truncate_dim=self.truncate_dim)  # fmt: skip
         return out.numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from l2v_models import text_rules
+from l2v_models import text_inputs, text_rules
 from l2v_models import tokenization as tk
 from l2v_models.packing import TokenizedTexts, pack
 from l2v_models.train.data import Batcher, DataError, DataIndex, Example, ExampleStream
@@ -324,7 +324,7 @@ class Trainer:
     # ------------------------------------------------------------------ text -> items
     def prepare(self, sentences, rules=None):
         """Strings and [instruction, text] pairs -> TokenizedTexts by the stage's text rules."""
-        pairs, _ = text_rules.as_pairs(sentences)
+        pairs, _ = text_inputs.as_pairs(sentences)
         return (rules or self.rules).prepare(pairs).texts
 
     def _mask_token_id(self) -> int:
