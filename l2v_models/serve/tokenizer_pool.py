@@ -143,6 +143,11 @@ class TokenizerPool:
         return child
 
     @property
+    def pending(self) -> int:
+        """Requests sent to the processes and not answered yet."""
+        return sum(len(c.pending) for c in self._children)
+
+    @property
     def pids(self) -> list[int]:
         return [c.pid for c in self._children]
 
