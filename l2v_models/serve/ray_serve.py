@@ -56,9 +56,10 @@ class RayBackend:
     """ServerState's backend on the ingress: each job is one call to the model deployment,
     sent again when the replica running it dies."""
 
-    def __init__(self, handle, retries: int = RETRIES):
+    def __init__(self, handle, retries: int = RETRIES, metrics=None):
         self.handle = handle
         self.retries = retries
+        self.metrics = metrics
         self.in_flight: set[RemoteJob] = set()
         self.stopping = False
         self.resent = 0  # calls sent again after a replica died
@@ -99,6 +100,8 @@ class RayBackend:
                         f"the model replicas kept failing ({type(e).__name__})"))  # fmt: skip
                     return
                 self.resent += 1
+                if self.metrics is not None:
+                    self.metrics.resent_requests.inc()
                 logger.warning("l2v serve: a model replica died (%s); sending the request "
                                "again", type(e).__name__)  # fmt: skip
                 await asyncio.sleep(min(2.0, 0.25 * 2**attempt))
@@ -183,8 +186,11 @@ class IngressImpl:
 
     def __serve_build_asgi_app__(self):
         from l2v_models.serve.app import ServerState, build_app
+        from l2v_models.serve.metrics import ServerMetrics
 
-        self.state = ServerState(self.served, self.settings, RayBackend(self.model_handle))
+        metrics = ServerMetrics()
+        backend = RayBackend(self.model_handle, metrics=metrics)
+        self.state = ServerState(self.served, self.settings, backend, metrics=metrics)
         return build_app(self.state)
 
 
