@@ -185,6 +185,8 @@ def free_port() -> int:
 def start_server(args, model_dir: Path, port: int, log: Path) -> subprocess.Popen:
     repo = Path(args.server_repo).resolve() if args.server_repo else common.REPO
     env = dict(os.environ, PYTHONPATH=str(repo))
+    if args.threads:  # the server's torch threads, as offline encode's
+        env["OMP_NUM_THREADS"] = str(args.threads)
     cmd = [sys.executable, "-m", "l2v_models.cli", "serve", "--model", str(model_dir),
            "--device", args.device, "--port", str(port), "--max-concurrent-requests", "100000",
            "--max-client-batch-size", "1024", "--max-wait-ms", str(args.max_wait_ms),
@@ -351,7 +353,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--batch1", type=int, default=50)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads for offline encode")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of offline encode and of the server (default 1: on a "
+                   "small shared CPU more threads than free cores thrash; 0: torch's default)")
     p.add_argument("--server-repo", default=None, help="run the server from this checkout")
     p.add_argument("--server-args", default="", help="more `l2v serve` options")
     p.add_argument("--out", default=None)
