@@ -259,7 +259,7 @@ def _fresh(path: Path, since: float | None) -> bool:
 
 def collect_e2e(out_dir: Path, since: float | None = None) -> dict | None:
     """The merged end-to-end result: e2e.json, refreshed from e2e_<model>.json parts if any."""
-    from bench import e2e
+    from bench import e2e_report
 
     parts = []
     for p in sorted(out_dir.glob("e2e_*.json")):
@@ -267,8 +267,8 @@ def collect_e2e(out_dir: Path, since: float | None = None) -> dict | None:
         if data and data.get("kind") == "l2v-e2e" and not data["config"].get("smoke"):
             parts.append(data)
     if parts:
-        merged = e2e.merge_results(parts)
-        e2e.write_result(merged, out_dir, "e2e")
+        merged = e2e_report.merge_results(parts)
+        e2e_report.write_result(merged, out_dir, "e2e")
     path = out_dir / "e2e.json"
     data = _load(path) if path.exists() and _fresh(path, since) else None
     return data if data and data.get("kind") == "l2v-e2e" else None
@@ -332,7 +332,7 @@ def summarize(
 
     since: a Unix time; reports written before it (an earlier run's) are left out.
     """
-    from bench import e2e
+    from bench import e2e_report
 
     out_dir = Path(out_dir)
     st = common.stamp()
@@ -352,7 +352,7 @@ def summarize(
         for p in plot_e2e(result, out_dir, "e2e"):
             md.append(f"![{p.stem}]({p.name})")
         md += [""]
-        body = e2e.render_markdown(result).split("\n", 1)[1]  # its own title dropped
+        body = e2e_report.render_markdown(result).split("\n", 1)[1]  # its own title dropped
         md += ["## End to end", body.replace("\n## ", "\n### ")]
 
     for name, report in kernel_reports(out_dir, since).items():

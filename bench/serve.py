@@ -452,13 +452,13 @@ def build_encoder(args, graphs: bool = False):
 
     if args.shape is None:
         return LLM2Vec.from_pretrained(args.model, device=args.device, cuda_graphs=graphs), None
-    from bench import e2e
+    from bench.models import build_ours, random_state_dict
     from bench.workloads import model_shape
 
     cfg = model_shape(args.shape)
     device = torch.device(args.device)
-    state = e2e.random_state_dict(cfg, device, torch.bfloat16, seed=0)
-    enc = e2e.build_ours(cfg, state, torch.bfloat16, device, "auto", None)
+    state = random_state_dict(cfg, device, torch.bfloat16, seed=0)
+    enc = build_ours(cfg, state, torch.bfloat16, device, "auto", None)
     del state
     if device.type == "cuda":
         torch.cuda.empty_cache()

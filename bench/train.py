@@ -135,7 +135,7 @@ def make_batches(args, vocab: int, steps: int) -> list[list[list[int]]]:
 # ------------------------------------------------------------------------------ the sides
 def load_weights(args, device, dtype):
     """(hf_config object, HF *Model state dict, lm_head or None when tied)."""
-    from bench.e2e import hf_config_object, random_state_dict
+    from bench.models import hf_config_object, random_state_dict
     from bench.workloads import model_shape
 
     if args.model is not None:

@@ -2,8 +2,14 @@
 
     engine = Engine(model)                                   # an l2v_models.model.Transformer
     rows = engine.embed(texts, mode="mean")                  # TokenizedTexts -> fp32 [N, D], CPU
-    batch = pack(texts, idx).to(engine.device)               # or drive it batch by batch:
-    pooled = engine.forward(batch, mode="mean")              # fp32 [B, D] on the device
+    pooled = engine.run_batch(texts, idx, mode="mean")       # or one pass: fp32 [B, D] on device
+    host = engine.to_host(pooled)                            # async copy; host.wait() -> CPU rows
+
+`run_batch` is the one way a packed batch runs (the encoder's `embed`, the server's model
+workers and the trainer's `embed` call it): `stage` packs the texts and copies them to the
+device (pinned host memory, one non-blocking copy), `forward` runs the model, pooling and
+head. On CUDA nothing in it waits for the device, so a caller can pack and launch pass N+1
+while pass N runs, and fetch N's rows with `to_host` without stalling the device.
 
 The embedder (text rules), the server (continuous batching), the corpus runner (Ray actors) and
 the trainer call this; it knows nothing about instructions, prompts or chat templates.
@@ -162,6 +168,34 @@ class Engine:
         max_texts = check_int("batch_size", max_texts) or self.max_texts_per_batch
         return plan_batches(texts.lengths, max_tokens, max_texts)
 
+    def stage(self, texts: TokenizedTexts, rows=None) -> PackedBatch:
+        """texts[rows] (all texts when rows is None) packed on the host and copied to the
+        engine's device (to CUDA: pinned memory, one non-blocking copy; no sync)."""
+        if rows is None:
+            rows = np.arange(len(texts))
+        return pack(texts, rows).to(self.device)
+
+    def run_batch(
+        self, texts: TokenizedTexts, rows=None, *, mode: str = "mean", normalize: bool = False,
+        truncate_dim: int | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Run one forward pass over texts[rows] (all texts when rows is None; checked texts,
+        see check_token_ids): output rows fp32 [B, D] on the device, in the order of rows.
+        Launches without waiting for the device (CUDA); run it under torch.inference_mode()
+        (or no_grad) and, on CUDA, with the model's device current."""
+        return self.forward(self.stage(texts, rows), mode, normalize, truncate_dim)
+
+    def to_host(self, rows: torch.Tensor) -> HostRows:
+        """Start copying device rows to the host: on CUDA into pinned memory without waiting
+        (HostRows.wait() waits for that copy only); elsewhere the rows themselves."""
+        if rows.device.type != "cuda":
+            return HostRows(rows, None)
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        host.copy_(rows, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return HostRows(host, event)
+
     def forward(
         self, batch: PackedBatch, mode: str = "mean", normalize: bool = False,
         truncate_dim: int | None = None,
@@ -241,8 +275,8 @@ class Engine:
             tqdm(total=len(batches), desc="Batches", disable=not progress) as bar,
         ):
             for rows in batches:
-                batch = pack(texts, rows).to(device)
-                pooled = self.forward(batch, mode, normalize, truncate_dim)
+                pooled = self.run_batch(texts, rows, mode=mode, normalize=normalize,
+                                        truncate_dim=truncate_dim)  # fmt: skip
                 pending.append((rows, pooled))
                 pending_bytes += pooled.numel() * 4
                 if not cuda or pending_bytes >= _FLUSH_BYTES:
@@ -253,3 +287,15 @@ class Engine:
         for rows, pooled in done:
             out[torch.from_numpy(rows)] = pooled.float()
         return out
+
+
+class HostRows:
+    """Rows on their way to the host (Engine.to_host): wait() -> float32 CPU tensor."""
+
+    def __init__(self, rows: torch.Tensor, event):
+        self._rows, self._event = rows, event
+
+    def wait(self) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()  # this copy only: later passes keep the device busy
+        return self._rows.float()

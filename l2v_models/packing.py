@@ -16,9 +16,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a batch is built: text preparation (the server's
+    import torch  # tokenizer processes) imports this module without it
 
 
 @dataclass
@@ -68,6 +71,26 @@ class TokenizedTexts:
         n = len(input_ids)
         lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=n)
         return cls(input_ids, np.zeros(n, dtype=np.int64), lengths)
+
+    @classmethod
+    def from_flat(cls, ids: np.ndarray, lengths: np.ndarray, pool_starts, pool_counts
+                  ) -> TokenizedTexts:  # fmt: skip
+        """Texts stored back to back: ids int [sum(lengths)], text i is the next lengths[i] of
+        them (the compact form the server's tokenizer processes send; input_ids become views)."""
+        lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+        ids = np.asarray(ids).reshape(-1)
+        if int(lengths.sum()) != ids.shape[0]:
+            raise ValueError(
+                f"TokenizedTexts.from_flat: {ids.shape[0]} ids but the lengths add up to "
+                f"{int(lengths.sum())}"
+            )
+        views = np.split(ids, np.cumsum(lengths)[:-1]) if lengths.size else []
+        return cls(views, pool_starts, pool_counts)
+
+    def flat(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int32 [sum(lengths)], lengths int64 [N]): the texts back to back."""
+        lengths = self.lengths
+        return _flat_ids(self.input_ids, range(len(self.input_ids)), int(lengths.sum())), lengths
 
     @classmethod
     def concat(cls, parts: Sequence[TokenizedTexts]) -> TokenizedTexts:
@@ -121,6 +144,8 @@ class PackedBatch:
         """The same batch on `device`. To CUDA: one pinned host buffer and one non-blocking copy
         (each segment 16-byte aligned); the caching host allocator keeps the pinned block alive
         until the copy has run, so no sync is needed."""
+        import torch
+
         device = torch.device(device)
         if device == self.device:
             return self
@@ -151,54 +176,93 @@ def _align16(n: int) -> int:
     return (n + 15) & ~15
 
 
+def fits(n_tokens: int, batch_tokens: int, batch_texts: int, max_tokens: int | None,
+         max_texts: int | None = None) -> bool:  # fmt: skip
+    """The cut rule: whether a text of n_tokens joins a batch that holds batch_texts texts of
+    batch_tokens tokens. An empty batch takes any text (a text longer than the budget runs
+    alone); otherwise the text must keep the batch within max_tokens tokens and max_texts texts
+    (None: no limit of that kind)."""
+    if batch_texts == 0:
+        return True
+    if max_texts is not None and batch_texts >= max_texts:
+        return False
+    return max_tokens is None or batch_tokens + n_tokens <= max_tokens
+
+
+def take_fifo(
+    lengths, start: int, max_tokens: int | None, max_texts: int | None = None, *,
+    tokens: int = 0, texts: int = 0,
+) -> tuple[int, int, int]:  # fmt: skip
+    """First in, first out from lengths[start:] into a batch already holding `texts` texts of
+    `tokens` tokens: -> (stop, tokens, texts), texts start ... stop-1 taken and the batch's
+    totals after them. Empty texts (length 0) are taken without counting (nothing runs for
+    them); the first text that does not fit (see `fits`) ends the take."""
+    i, n_texts = start, len(lengths)
+    while i < n_texts:
+        n = int(lengths[i])
+        if n:
+            if not fits(n, tokens, texts, max_tokens, max_texts):
+                break
+            tokens += n
+            texts += 1
+        i += 1
+    return i, tokens, texts
+
+
 def plan_batches(
     lengths: np.ndarray, max_tokens: int, max_texts: int | None = None
 ) -> list[np.ndarray]:
     """Token-budget batches: indices of the texts in each batch, longest texts first.
 
-    Texts are sorted by length (longest first, ties in input order) and cut greedily into batches
-    of at most `max_tokens` tokens (a longer text goes alone) and at most `max_texts` texts.
-    Empty texts (length 0) are in no batch: they have nothing to run.
+    Texts are sorted by length (longest first, ties in input order) and cut first in, first out
+    by `take_fifo` into batches of at most `max_tokens` tokens (a longer text goes alone) and at
+    most `max_texts` texts. Empty texts (length 0) are in no batch: they have nothing to run.
     """
     lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
     if max_tokens < 1 or (max_texts is not None and max_texts < 1):
         raise ValueError(f"plan_batches: budgets must be >= 1, got {max_tokens}, {max_texts}")
     order = np.argsort(-lengths, kind="stable")
     order = order[lengths[order] > 0]
+    sorted_lengths = lengths[order].tolist()
     batches: list[np.ndarray] = []
-    start, tokens = 0, 0
-    for i, n in enumerate(lengths[order].tolist()):
-        count = i - start
-        if count and (tokens + n > max_tokens or (max_texts is not None and count >= max_texts)):
-            batches.append(order[start:i])
-            start, tokens = i, 0
-        tokens += n
-    if start < order.size:
-        batches.append(order[start:])
+    start = 0
+    while start < order.size:
+        stop, _, _ = take_fifo(sorted_lengths, start, max_tokens, max_texts)
+        batches.append(order[start:stop])
+        start = stop
     return batches
 
 
 def pack(texts: TokenizedTexts, rows: np.ndarray) -> PackedBatch:
     """Host-side PackedBatch of texts[rows] (in that order), on the CPU."""
+    import torch
+
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     lengths = texts.lengths[rows] if rows.size else np.zeros(0, dtype=np.int64)
     cu = np.zeros(rows.size + 1, dtype=np.int64)
     np.cumsum(lengths, out=cu[1:])
     total = int(cu[-1])
-    ids = np.fromiter(
-        itertools.chain.from_iterable(texts.input_ids[i] for i in rows.tolist()),
-        dtype=np.int64, count=total,
-    )  # fmt: skip
+    ids = _flat_ids(texts.input_ids, rows.tolist(), total)
     starts_per_token = np.repeat(cu[:-1], lengths)
     positions = np.arange(total, dtype=np.int64) - starts_per_token
     lo = np.repeat(texts.pool_starts[rows], lengths)
     hi = lo + np.repeat(texts.pool_counts[rows], lengths)
     mask = (positions >= lo) & (positions < hi)
     return PackedBatch(
-        input_ids=torch.from_numpy(ids.astype(np.int32)),
+        input_ids=torch.from_numpy(ids),
         cu_seqlens=torch.from_numpy(cu.astype(np.int32)),
         positions=torch.from_numpy(positions.astype(np.int32)),
         pool_mask=torch.from_numpy(mask.astype(np.uint8)),
         max_seqlen=int(lengths.max()) if lengths.size else 0,
         rows=rows,
     )
+
+
+def _flat_ids(input_ids: Sequence, rows, total: int) -> np.ndarray:
+    """The ids of input_ids[rows] back to back, int32 [total]: one concatenate when the texts
+    are numpy arrays (the server's), else one pass over the Python ints."""
+    parts = [input_ids[i] for i in rows]
+    if parts and all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts).astype(np.int32, copy=False)
+    return np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int64,
+                       count=total).astype(np.int32)  # fmt: skip

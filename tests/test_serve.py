@@ -38,8 +38,9 @@ openai = pytest.importorskip("openai")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from l2v_models.serve.app import ServeSettings, create_app  # noqa: E402
-from l2v_models.serve.batcher import Batcher  # noqa: E402
+from l2v_models.serve.batcher import ContinuousBatcher  # noqa: E402
 from l2v_models.serve.metrics import ServerMetrics  # noqa: E402
+from l2v_models.serve.replicas import build_replicas  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 COS = 0.99999  # fp32, the issue's bar
@@ -75,7 +76,10 @@ def default_encoder():
 @contextlib.contextmanager
 def served(encoder, **settings):
     """A uvicorn server for `encoder` in a background thread on a free loopback port; yields
-    (base url, the app's ServerState) once /health answers 200; always shut down."""
+    (base url, the app's ServerState) once /health answers 200; always shut down. Requests are
+    prepared in a thread unless tokenizer_workers is given (a tokenizer process starts in
+    seconds on this shared CPU; the tests that are about processes ask for them)."""
+    settings.setdefault("tokenizer_workers", 0)
     app = create_app(encoder, ServeSettings(**settings))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -200,7 +204,7 @@ def test_openai_client_matches_offline_encode(default_encoder):
     ref_ins = enc.encode([[instruction, t] for t in texts], show_progress_bar=False).numpy()
     assert cosines(ref, ref_ins).min() < 0.999  # the instruction changes the embedding
     # A budget of 16 tokens splits the requests over several passes.
-    with served(enc, api_key="sk-test", max_batch_tokens=16) as (url, state):
+    with served(enc, api_key="sk-test", max_batch_tokens=16, tokenizer_workers=1) as (url, state):
         client = openai.OpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0, timeout=60)
 
         # No encoding_format: the client asks for base64 and decodes it itself.
@@ -280,8 +284,10 @@ ERROR_CASES = [
      '"instruction" applies to text inputs only'),
     ("/v1/embeddings", {"input": "a", "instruction": 3}, 400, '"instruction" must be a string'),
     ("/v1/embeddings", {"input": "a", "model": 7}, 400, '"model" must be a string'),
-    ("/v1/embeddings", {"input": "a", "encoding_format": "int8"}, 400,
-     '"encoding_format" must be "float" or "base64"'),
+    ("/v1/embeddings", {"input": "a", "encoding_format": "int4"}, 400,
+     '"encoding_format" must be one of float, base64, float16, int8, uint8, binary, ubinary'),
+    ("/v1/embeddings", {"input": "a", "encoding_format": "int8", "normalize": False}, 400,
+     '"encoding_format": "int8" quantizes unit vectors; it needs "normalize": true'),
     ("/v1/embeddings", {"input": "a", "dimensions": 97}, 400, '"dimensions" must lie in 1..96'),
     ("/v1/embeddings", {"input": "a", "dimensions": 0}, 400, '"dimensions" must lie in 1..96'),
     ("/v1/embeddings", {"input": "a", "prompt_name": "query"}, 400,
@@ -306,7 +312,8 @@ ERROR_CASES = [
     ("/embed", {"inputs": ["a"] * 5}, 413, "takes at most 4 per request"),
     ("/embed", {"inputs": LONG, "truncate": False}, 413, "inputs[0] has 61 tokens"),
     ("/embed", {"inputs": "a", "prompt_name": "query"}, 422, "unknown prompt name 'query'"),
-    ("/embed", {"inputs": "a", "truncation_direction": "Left"}, 422, '"truncation_direction"'),
+    ("/embed", {"inputs": "a", "truncation_direction": "Up"}, 422,
+     '"truncation_direction" must be "right" or "left"'),
     ("/embed", b"[", 422, "malformed JSON"),
 ]  # fmt: skip
 
@@ -458,7 +465,8 @@ def test_health_and_embeddings_wait_for_the_warm_up(tiny):
 def test_failed_pass_answers_500_and_the_server_recovers(tiny, monkeypatch):
     with served(tiny) as (url, state):
         calls = []
-        original = state.engine.forward
+        engine = state.backend.replicas[0].engine
+        original = engine.forward
 
         def failing_once(*args, **kwargs):
             calls.append(1)
@@ -466,7 +474,7 @@ def test_failed_pass_answers_500_and_the_server_recovers(tiny, monkeypatch):
                 raise RuntimeError("injected failure\nsecond line")
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(state.engine, "forward", failing_once)
+        monkeypatch.setattr(engine, "forward", failing_once)
         r = httpx.post(url + "/v1/embeddings", json={"input": ["a dog", "the cat"]}, timeout=30)
         assert r.status_code == 500
         assert r.json()["error"]["message"] == (
@@ -674,7 +682,8 @@ def test_concurrent_clients_mixed_requests_are_batched_together_and_correct(tiny
                 rows_of(kind, r.json()) if r.status_code == 200 else r.text,
             )
 
-    with served(tiny, max_batch_tokens=256, max_wait_ms=20, max_client_batch_size=16) as (url, _):
+    with served(tiny, max_batch_tokens=256, max_wait_ms=20, max_client_batch_size=16,
+                tokenizer_workers=1) as (url, _):
 
         async def main():
             limits = httpx.Limits(max_connections=n_clients, max_keepalive_connections=n_clients)
@@ -806,7 +815,8 @@ def test_batcher_splits_and_mixes_requests_exactly(tiny):
     texts alone, whatever pass each text landed in."""
     texts = [tiny.prepare_texts(make_texts(n, seed=10 + n, hi=25)) for n in (1, 7, 3, 12, 2)]
     m = ServerMetrics()
-    b = Batcher(tiny.engine, mode="mean", max_batch_tokens=40, max_wait_s=0.0, metrics=m)
+    b = ContinuousBatcher(build_replicas(tiny, [tiny.device]), mode="mean", max_batch_tokens=40,
+                          max_wait_s=0.0, metrics=m)  # fmt: skip
     jobs = [b.submit(t) for t in texts]  # queued before the worker starts: one queue
     b.start()
     try:
@@ -822,7 +832,8 @@ def test_batcher_splits_and_mixes_requests_exactly(tiny):
 
 def test_batcher_idle_wait_lets_two_requests_share_a_pass(tiny):
     one, two = tiny.prepare_texts(["a dog"]), tiny.prepare_texts(["the cat sat"])
-    b = Batcher(tiny.engine, mode="mean", max_batch_tokens=4096, max_wait_s=1.0)
+    replicas = build_replicas(tiny, [tiny.device])
+    b = ContinuousBatcher(replicas, mode="mean", max_batch_tokens=4096, max_wait_s=1.0)
     b.start()
     try:
         j1 = b.submit(one)
@@ -833,7 +844,7 @@ def test_batcher_idle_wait_lets_two_requests_share_a_pass(tiny):
         assert 0.95 <= j2.first_batch - j1.submitted < 10  # ... until the first had waited 1 s
     finally:
         b.stop(timeout=30)
-    b0 = Batcher(tiny.engine, mode="mean", max_batch_tokens=4096, max_wait_s=0.0)
+    b0 = ContinuousBatcher(replicas, mode="mean", max_batch_tokens=4096, max_wait_s=0.0)
     b0.start()
     try:
         j1 = b0.submit(one)

@@ -1,53 +1,56 @@
-"""The FastAPI app: OpenAI /v1/embeddings, TEI /embed, /health, /v1/models[/{id}], /metrics.
+"""The FastAPI app: OpenAI /v1/embeddings, TEI /embed, /similarity, /tokenize, /decode,
+/health, /v1/models[/{id}], /metrics.
 
     app = create_app(embedder, ServeSettings(max_batch_tokens=4096, api_key=None))
     uvicorn.run(app, host="127.0.0.1", port=8000)             # what `l2v serve` does
 
 embedder: an l2v_models.embedder.Embedder (any model l2v runs; an LLM2Vec from from_model for
-token-id-only serving). The app owns a Batcher (one model worker thread), a small pool of
-tokenizer threads (each with its own copy of the tokenizer: Hugging Face tokenizers are not safe
-to share across threads when truncation is set), and a ServerMetrics registry.
+token-id-only serving). The app owns:
+- tokenizer processes (serve.tokenizer_pool; --tokenizer-workers): each request's body is
+  parsed, validated and tokenized there by the model's text rules (serve.preparer), so nothing
+  CPU-heavy runs in this interpreter besides HTTP and the model workers;
+- engine replicas (serve.replicas): --devices (every visible GPU by default, or the CPU), and
+  --replicas-per-device engines on each, with the --adapter LoRA adapters ready to apply;
+- the continuous batcher (serve.batcher): one queue, one model worker thread per replica;
+- a ServerMetrics registry.
 
 A request, in order: API key (401) -> ready? (503 while the warm-up runs) -> admission (429 at
 once when --max-concurrent-requests are in flight) -> body, at most --payload-limit bytes (413)
--> JSON and fields (422 on /embed, 400 on /v1; 413 over --max-client-batch-size; 400 for
-dimensions; 404 model_not_found for a "model" this server does not serve; an unknown
-prompt_name lists the model's prompts) -> tokenized in a tokenizer thread by the model's text
-rules (l2v_models.text_rules, as `encode`, with max_length = --max-input-tokens) -> inputs a rule
-cut (llm2vec's doc_max_length, the token limit) are counted (header X-Truncated-Inputs, usage
-"truncated_inputs" on /v1, metric l2v_truncated_inputs_total) or, with "truncate": false,
-refused (413 naming the input and the rule) -> queued for the model worker -> rows back in input
-order, truncated to "dimensions" (renormalized), L2-normalized unless "normalize": false. A
-client that disconnects while queued has its texts dropped (answered 499 for the log). No stack
-trace ever reaches a client: unexpected errors are logged and answered 500 with a one-line
-message.
+-> in a tokenizer process: JSON and fields (422 on TEI's routes, 400 on /v1; 413 over
+--max-client-batch-size; 400 for dimensions; 404 model_not_found for a "model" this server does
+not serve; an unknown prompt_name lists the model's prompts), tokenized by the model's text rules
+(as `encode`, with max_length = --max-input-tokens, cut at the end or, with
+"truncation_direction": "left", at the beginning), inputs a rule cut (llm2vec's doc_max_length,
+the token limit) counted (header X-Truncated-Inputs, usage "truncated_inputs" on /v1, metric
+l2v_truncated_inputs_total) or, with "truncate": false, refused (413 naming the input and the
+rule) -> queued for the model (the base or the adapter "model" names) -> rows back in input
+order, truncated to "dimensions" (renormalized), L2-normalized unless "normalize": false, in
+the requested output type (serve.encoding). A client that disconnects while queued has its texts
+dropped (answered 499 for the log). A tokenizer process that dies fails only the requests it held
+(503) and is replaced. No stack trace ever reaches a client: unexpected errors are logged and
+answered 500 with a one-line message.
 
 Error shapes: the /v1 routes answer OpenAI's {"error": {message, type, param, code}} (so the
 openai client raises BadRequestError, NotFoundError, ...), unknown /v1 routes and wrong methods
 included; the other routes answer text-embeddings-inference's {"error", "error_type"}.
 
-/health is 200 only once the warm-up pass ran (503 before, and if the warm-up failed). Shutdown
-(uvicorn on SIGTERM / Ctrl-C) stops accepting connections, lets every admitted request finish,
-then stops the worker.
+/health is 200 only once the warm-up ran (every replica ran a pass; 503 before, and if the
+warm-up failed). Shutdown (uvicorn on SIGTERM / Ctrl-C) stops accepting connections, lets every
+admitted request finish, then stops the workers and the tokenizer processes.
 
-The model's own text rules apply as in `encode`: an llm2vec model cuts a text over
-doc_max_length tokens by words first, then the token limit applies to the whole sequence
-(instruction, chat template and special tokens included); both count as truncation here.
+`build_app(state)` is the same app over any ServerState: `l2v serve --ray` (serve.ray_serve)
+builds one whose batcher is a Ray Serve deployment of model replicas.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
 import contextlib
-import copy
 import hmac
-import json
 import logging
-import queue
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -55,18 +58,24 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from l2v_models.packing import TokenizedTexts
-from l2v_models.serve.batcher import Batcher, RequestDropped, ShuttingDown
+from l2v_models.serve import encoding
+from l2v_models.serve.batcher import ContinuousBatcher, RequestDropped, ShuttingDown
 from l2v_models.serve.metrics import ServerMetrics
-from l2v_models.serve.schemas import ApiError, EmbedRequest, parse_json, parse_openai, parse_tei
-from l2v_models.text_rules import Truncation
+from l2v_models.serve.preparer import Preparer, ServedModel, Work, model_not_found
+from l2v_models.serve.schemas import ApiError
+from l2v_models.serve.tokenizer_pool import TokenizerDied, TokenizerPool, default_workers
 
 logger = logging.getLogger("l2v.serve")
 
 # Bodies over the payload limit are read to the end (so the client sees the 413 instead of a
 # reset connection) unless they run past this many times the limit.
 _DRAIN_FACTOR = 8
-_BIG_RESPONSE_FLOATS = 65536  # responses with more floats are encoded off the event loop
+# Without orjson, responses with more floats are encoded off the event loop.
+_BIG_RESPONSE_FLOATS = 65536
+WARMUP_BODY = b'{"inputs": ["l2v warm-up", "Represent this text: warm-up"]}'
+WARMUP_IDS = [[1, 2, 3], [3, 2]]
+ROUTE_NAMES = ("POST /v1/embeddings, GET /v1/models, GET /v1/models/{id}, POST /embed, "
+               "POST /similarity, POST /tokenize, POST /decode, GET /health and GET /metrics")
 
 
 @dataclass
@@ -74,15 +83,19 @@ class ServeSettings:
     """The server's limits and behaviour (the `l2v serve` options).
 
     max_batch_tokens: real tokens per forward pass (None: the engine's budget, 16384 on CUDA,
-    4096 on CPU). max_batch_texts: texts per pass (None: no limit). max_wait_ms: how long the
+    4096 on CPU). max_batch_texts: texts per pass (None: no limit). max_wait_ms: how long an
     idle worker waits for more work before a pass. max_concurrent_requests: admitted requests
     in flight; more get 429. max_client_batch_size: inputs per request (413 above).
     max_input_tokens: tokens per input (None: the model's max_length); longer inputs are
     truncated, or 413 with "truncate": false. payload_limit: request body bytes (413 above).
     default_instruction: the instruction for text inputs of requests that give none. api_key:
-    required as "Authorization: Bearer KEY" on /v1/* and /embed (None: no key). served_model_name:
-    the name in responses and /v1/models; a request naming another "model" gets 404
-    model_not_found unless accept_any_model_name. tokenizer_threads: threads tokenizing requests.
+    required as "Authorization: Bearer KEY" on /v1/* and the TEI routes (None: no key).
+    served_model_name: the name in responses and /v1/models; a request naming another "model"
+    (not an adapter) gets 404 model_not_found unless accept_any_model_name. tokenizer_workers:
+    tokenizer processes (None: tokenizer_pool.default_workers(); 0: a thread of this process,
+    for debugging). devices: where engines run (None: every visible GPU, else the CPU; see
+    replicas.parse_devices). replicas_per_device: engines per device. adapters: {name: path}
+    of LoRA adapters served on the base, each chosen by "model": name.
     """
 
     max_batch_tokens: int | None = None
@@ -96,16 +109,21 @@ class ServeSettings:
     api_key: str | None = None
     served_model_name: str = "l2v"
     accept_any_model_name: bool = False
-    tokenizer_threads: int = 2
+    tokenizer_workers: int | None = None
+    devices: str | None = None
+    replicas_per_device: int = 1
+    adapters: dict = field(default_factory=dict)
 
     def check(self) -> None:
         """ValueError naming the first invalid setting."""
         for name in ("max_concurrent_requests", "max_client_batch_size", "payload_limit",
-                     "tokenizer_threads"):  # fmt: skip
+                     "replicas_per_device"):  # fmt: skip
             _check_int(name, getattr(self, name))
         for name in ("max_batch_tokens", "max_batch_texts", "max_input_tokens"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name))
+        if self.tokenizer_workers is not None:
+            _check_int("tokenizer_workers", self.tokenizer_workers, minimum=0)
         if not isinstance(self.max_wait_ms, (int, float)) or self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be a number >= 0, got {self.max_wait_ms!r}")
         if self.api_key is not None and not self.api_key:
@@ -114,74 +132,154 @@ class ServeSettings:
             raise ValueError(
                 f"accept_any_model_name must be True or False, got {self.accept_any_model_name!r}"
             )
+        for name in self.adapters:
+            if name == self.served_model_name:
+                raise ValueError(
+                    f"adapter name {name!r} is the served model's name; pick another name"
+                )
+
+    @property
+    def workers(self) -> int:
+        return default_workers() if self.tokenizer_workers is None else self.tokenizer_workers
 
 
-def _check_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+def _check_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+class LocalBackend:
+    """The model side of one process: engine replicas and the continuous batcher."""
+
+    def __init__(self, embedder, settings: ServeSettings, metrics: ServerMetrics):
+        from l2v_models.serve.adapters import read_adapters
+        from l2v_models.serve.replicas import build_replicas, parse_devices
+
+        devices = parse_devices(settings.devices, default=None if settings.devices else
+                                embedder.device)  # fmt: skip
+        adapters = read_adapters(settings.adapters)
+        self.replicas = build_replicas(embedder, devices, settings.replicas_per_device, adapters)
+        engine = self.replicas[0].engine
+        self.max_batch_tokens = settings.max_batch_tokens or engine.token_budget
+        self.batcher = ContinuousBatcher(
+            self.replicas, mode=embedder.rules.pool_mode, max_batch_tokens=self.max_batch_tokens,
+            max_batch_texts=settings.max_batch_texts, max_wait_s=settings.max_wait_ms / 1000.0,
+            metrics=metrics,
+        )  # fmt: skip
+        self.devices = devices
+
+    def describe(self) -> str:
+        devices = ", ".join(map(str, self.devices))
+        per = len(self.replicas) // len(self.devices)
+        return f"{devices} ({per} engine{'s' if per > 1 else ''} per device)"
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    def submit(self, texts, model: str | None):
+        return self.batcher.submit(texts, model)
+
+    def cancel(self, job) -> int:
+        return self.batcher.cancel(job)
+
+    def stop(self, timeout: float | None) -> bool:
+        return self.batcher.stop(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self.batcher.alive
+
+    def warm_up(self, texts, max_input_tokens: int) -> None:
+        """Every replica, directly (its worker is idle: nothing is admitted before ready): with
+        CUDA graphs, capture every bucket the budget can use; one pass of `texts` with the base
+        and each adapter; on CUDA a pass of a full token budget, so a budget that does not fit
+        fails now and no capture or autotuning lands in a request."""
+        import torch
+
+        from l2v_models.packing import TokenizedTexts
+
+        mode = self.batcher.mode
+        for replica in self.replicas:
+            engine = replica.engine
+            cuda = engine.device.type == "cuda"
+            ctx = torch.cuda.device(engine.device) if cuda else contextlib.nullcontext()
+            with ctx, torch.inference_mode():
+                if engine.cuda_graphs:
+                    runner = engine.graph_runner()
+                    top = min(self.max_batch_tokens, runner.max_tokens)
+                    n = len(runner.warmup((mode,), (False,), max_tokens=top))
+                    logger.info("l2v serve: %s captured %d CUDA graph buckets", replica.name, n)
+                for adapter in [None, *replica.adapter_ops]:
+                    replica.use(adapter)
+                    engine.to_host(engine.run_batch(texts, mode=mode)).wait()
+                replica.use(None)
+                if cuda:
+                    n = min(max_input_tokens, self.max_batch_tokens)
+                    count = max(1, self.max_batch_tokens // n)
+                    rng = np.random.default_rng(0)
+                    ids = rng.integers(3, engine.vocab_size, size=(count, n)).tolist()
+                    engine.to_host(engine.run_batch(TokenizedTexts.whole(ids), mode=mode)).wait()
 
 
 class ServerState:
-    """Everything one app owns: embedder, settings, batcher, tokenizer pool, metrics."""
+    """Everything one app owns: the served model's description, settings, tokenizer pool,
+    backend (replicas + batcher, or a remote one), metrics."""
 
-    def __init__(self, embedder, settings: ServeSettings, on_fatal=None):
+    def __init__(self, served: ServedModel, settings: ServeSettings, backend, *,
+                 metrics: ServerMetrics | None = None, on_fatal=None):  # fmt: skip
         settings.check()
-        self.embedder = embedder
+        self.served = served
         self.settings = settings
-        self.engine = embedder.engine
-        self.metrics = ServerMetrics()
-        self.max_input_tokens = settings.max_input_tokens or int(embedder.rules.max_length)
-        self.max_batch_tokens = settings.max_batch_tokens or self.engine.token_budget
-        self.has_tokenizer = embedder.tokenizer is not None
-        self.batcher = Batcher(
-            self.engine,
-            mode=embedder.rules.pool_mode,
-            max_batch_tokens=self.max_batch_tokens,
-            max_batch_texts=settings.max_batch_texts,
-            max_wait_s=settings.max_wait_ms / 1000.0,
-            metrics=self.metrics,
-        )
+        self.backend = backend
+        self.metrics = metrics or ServerMetrics()
+        self.max_input_tokens = settings.max_input_tokens or served.max_length
+        self.preparer = Preparer(
+            served, max_client_batch_size=settings.max_client_batch_size,
+            max_input_tokens=self.max_input_tokens,
+            default_instruction=settings.default_instruction,
+            accept_any_model_name=settings.accept_any_model_name,
+        )  # fmt: skip
+        self.pool: TokenizerPool | None = None
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
         self.on_fatal = on_fatal
         self.ready = False
         self.error: str | None = None
         self.in_flight = 0
         self.started = int(time.time())
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._encoders: queue.SimpleQueue = queue.SimpleQueue()
+
+    @property
+    def batcher(self):
+        """The local continuous batcher (tests and the benchmark read its counters)."""
+        return self.backend.batcher
 
     # ------------------------------------------------------------------ life cycle
-    def start(self) -> None:
-        n = self.settings.tokenizer_threads
-        # One embedder view per tokenizer thread: same engine, own text rules and tokenizer.
-        for _ in range(n):
-            view = copy.copy(self.embedder)  # its own text rules (Embedder.__copy__)
-            if self.has_tokenizer:
-                view.rules.tokenizer = copy.deepcopy(self.embedder.tokenizer)
-            self._encoders.put(view)
-        self._pool = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="l2v-tokenizer")
-        self.batcher.start()
+    async def start(self) -> None:
+        workers = self.settings.workers
+        if workers > 0:
+            self.pool = TokenizerPool(self.preparer, workers)
+            await self.pool.start()
+        else:
+            self._thread = concurrent.futures.ThreadPoolExecutor(1, "l2v-tokenizer")
+        self.backend.start()
 
     async def warm_up(self) -> None:
-        """One pass through the whole path (tokenizer, worker, model); on CUDA also a pass of
-        a full token budget, so a budget that does not fit in memory fails now, and with
-        cuda_graphs every graph bucket the budget can use is captured first (no capture or
-        autotuning lands in a request)."""
+        """The replicas' own warm-up (LocalBackend.warm_up), then one request through the whole
+        path (tokenizer process, batcher, worker, model)."""
         try:
-            if self.engine.cuda_graphs:  # the worker is idle: nothing is admitted before ready
-                loop = asyncio.get_running_loop()
-                n = await loop.run_in_executor(None, self._capture_graphs)
-                logger.info("l2v serve: captured %d CUDA graph buckets", n)
-            if self.has_tokenizer:
-                texts, _ = await self.tokenize(["l2v warm-up", "Represent this text: warm-up"])
+            loop = asyncio.get_running_loop()
+            if self.served.has_tokenizer:
+                work = await self.prepare("tei", WARMUP_BODY)
+                if isinstance(work, ApiError):
+                    raise RuntimeError(work.message)
+                texts = work.texts()
             else:
-                texts = TokenizedTexts.whole([[1, 2, 3], [3, 2]])
-            await asyncio.wrap_future(self.batcher.submit(texts).future)
-            if self.engine.device.type == "cuda":
-                n = min(self.max_input_tokens, self.max_batch_tokens)
-                count = max(1, self.max_batch_tokens // n)
-                rng = np.random.default_rng(0)
-                ids = rng.integers(3, self.engine.vocab_size, size=(count, n)).tolist()
-                await asyncio.wrap_future(self.batcher.submit(TokenizedTexts.whole(ids)).future)
+                from l2v_models.packing import TokenizedTexts
+
+                texts = TokenizedTexts.whole(WARMUP_IDS)
+            warm = getattr(self.backend, "warm_up", None)
+            if warm is not None:
+                await loop.run_in_executor(None, warm, texts, self.max_input_tokens)
+            await asyncio.wrap_future(self.backend.submit(texts, None).future)
             self.ready = True
             logger.info("l2v serve: ready (warm-up done)")
         except Exception as e:
@@ -190,59 +288,27 @@ class ServerState:
             if self.on_fatal is not None:
                 self.on_fatal(self.error)
 
-    def _capture_graphs(self) -> int:
-        import torch
-
-        runner = self.engine.graph_runner()
-        top = min(self.max_batch_tokens, runner.max_tokens)
-        with torch.cuda.device(self.engine.device), torch.inference_mode():
-            return len(runner.warmup((self.batcher.mode,), (False,), max_tokens=top))
-
-    def close(self, timeout: float | None = 60.0) -> None:
+    async def close(self, timeout: float | None = 60.0) -> None:
         self.ready = False
-        if not self.batcher.stop(timeout):
-            logger.error("l2v serve: the model worker did not stop within %s s", timeout)
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-
-    # ------------------------------------------------------------------ tokenization
-    async def tokenize(
-        self, items: list, prompt: str | None = None, where: str = "input"
-    ) -> tuple[TokenizedTexts, list[Truncation]]:
-        """Texts -> (TokenizedTexts, the inputs a rule cut), by the model's text rules with
-        `prompt` for every text, in a tokenizer thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._tokenize, items, prompt, where)
+        if not await loop.run_in_executor(None, self.backend.stop, timeout):
+            logger.error("l2v serve: the model workers did not stop within %s s", timeout)
+        if self.pool is not None:
+            await self.pool.close()
+        if self._thread is not None:
+            self._thread.shutdown(wait=False, cancel_futures=True)
 
-    def _tokenize(self, items: list, prompt: str | None, where: str):
-        view = self._encoders.get()
-        try:
-            prepared = view.prepare(items, prompt=prompt or "", max_length=self.max_input_tokens,
-                                    where=where)  # fmt: skip
-            return prepared.texts, prepared.truncations
-        finally:
-            self._encoders.put(view)
-
-    def token_inputs(self, items: list) -> tuple[TokenizedTexts, list[Truncation]]:
-        """Token-id inputs -> (TokenizedTexts pooling every token, inputs over the limit),
-        cut at the limit."""
-        limit = self.max_input_tokens
-        over = [Truncation(i, len(ids), limit, "max_length")
-                for i, ids in enumerate(items) if len(ids) > limit]  # fmt: skip
-        if over:
-            items = [ids[:limit] for ids in items]
-        return TokenizedTexts.whole(items), over
-
-    def resolve_prompt(self, req: EmbedRequest) -> str | None:
-        """The request's prompt text (its instruction, its named prompt, the server's default
-        instruction or the model's default prompt); ApiError 422 naming the model's prompts for
-        an unknown prompt_name."""
-        if req.tokens:
-            return None
-        try:
-            return self.embedder.rules.resolve_prompt(req.prompt_name, req.prompt)
-        except ValueError as e:
-            raise ApiError(422, str(e), "prompt_name") from None
+    # ------------------------------------------------------------------ preparation
+    async def prepare(self, route: str, body: bytes):
+        """The Preparer's answer for a body (Work, bytes or ApiError), in a tokenizer process;
+        ApiError 503 when that process died."""
+        if self.pool is not None:
+            try:
+                return await self.pool.run(route, body)
+            except TokenizerDied as e:
+                return ApiError(503, f"the request was not prepared: {e}")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self.preparer.run, route, body)
 
     # ------------------------------------------------------------------ requests
     def check_auth(self, request: Request) -> None:
@@ -258,26 +324,17 @@ class ServerState:
         ):
             raise ApiError(401, "invalid API key")
 
-    def check_model(self, name) -> None:
-        """ApiError 404 model_not_found for a model name this server does not serve (any name
-        with accept_any_model_name; None, no name given, is fine; a non-string name is left to
-        the request validation)."""
-        served = self.settings.served_model_name
-        if not isinstance(name, str) or name == served or self.settings.accept_any_model_name:
-            return
-        raise _model_not_found(name, served, '; send that name or omit "model"')
-
-    def model_card(self) -> dict:
-        return {"id": self.settings.served_model_name, "object": "model",
-                "created": self.started, "owned_by": "l2v"}  # fmt: skip
+    def model_cards(self) -> list[dict]:
+        return [{"id": name, "object": "model", "created": self.started, "owned_by": "l2v"}
+                for name in self.served.names]  # fmt: skip
 
     def check_ready(self) -> None:
         if self.error is not None:
             raise ApiError(503, f"the server is not healthy: {self.error}")
         if not self.ready:
             raise ApiError(503, "the model is warming up; retry when GET /health answers 200")
-        if not self.batcher.alive:
-            raise ApiError(503, "the model worker has stopped (the server is shutting down)")
+        if not self.backend.alive:
+            raise ApiError(503, "the model workers have stopped (the server is shutting down)")
 
     async def read_body(self, request: Request) -> bytes:
         limit = self.settings.payload_limit
@@ -318,11 +375,13 @@ class ServerState:
             return result.result()
         # Nobody awaits the rows any more: mark their (dropped) outcome as seen.
         result.add_done_callback(lambda f: f.cancelled() or f.exception())
-        dropped = self.batcher.cancel(job)
+        dropped = self.backend.cancel(job)
         logger.info("l2v serve: client went away; dropped %d queued texts", dropped)
         raise ApiError(499, "client closed the request")
 
-    async def embed(self, request: Request, endpoint: str) -> Response:
+    async def handle(self, request: Request, route: str) -> Response:
+        """One request on `route` (preparer.ROUTES); the error shape follows the route."""
+        endpoint = "openai" if route == "openai" else "tei"
         t0 = time.perf_counter()
         admitted = False
         status = 500
@@ -337,39 +396,21 @@ class ServerState:
             self.in_flight += 1
             admitted = True
             self.metrics.in_flight.set(self.in_flight)
-            obj = parse_json(await self.read_body(request))
-            req = self.parse(obj, endpoint)
-            prompt = self.resolve_prompt(req)
+            body = await self.read_body(request)
             t1 = time.perf_counter()
-            name = "input" if endpoint == "openai" else "inputs"
-            if req.tokens:
-                texts, over = self.token_inputs(req.items)
-            else:
-                texts, over = await self.tokenize(req.items, prompt, name)
+            work = await self.prepare(route, body)
+            if isinstance(work, ApiError):
+                raise work
+            if isinstance(work, bytes):  # /tokenize, /decode: answered by the preparer
+                status = 200
+                return Response(content=work, media_type="application/json")
             self.metrics.tokenization_seconds.observe(time.perf_counter() - t1)
-            if over and not req.truncate:
-                raise ApiError(413, _truncation_refusal(over[0], name), f"{name}[{over[0].index}]")
-            if over:
-                self.metrics.truncated_inputs.inc(len(over))
-            try:
-                job = self.batcher.submit(texts)
-            except ShuttingDown:
-                raise ApiError(503, "the server is shutting down") from None
-            try:
-                rows = await self.wait_rows(request, job)
-            except (RequestDropped, ShuttingDown) as e:
-                raise ApiError(503, f"the request was not run: {e}") from None
-            except ApiError:
-                raise
-            except Exception as e:
-                logger.error("l2v serve: inference failed: %s: %s", type(e).__name__, e)
-                raise ApiError(
-                    500, f"inference failed ({type(e).__name__}: {_first_line(e)}); see the "
-                    "server log",
-                ) from None  # fmt: skip
-            response = await self.render(req, rows, texts, endpoint, truncated=len(over))
-            if over:
-                response.headers["X-Truncated-Inputs"] = str(len(over))
+            if work.truncations:
+                self.metrics.truncated_inputs.inc(len(work.truncations))
+            rows = await self.run_model(request, work)
+            response = await self.render(work, rows)
+            if work.truncations:
+                response.headers["X-Truncated-Inputs"] = str(len(work.truncations))
             status = 200
             return response
         except ApiError as e:
@@ -390,51 +431,52 @@ class ServerState:
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - t0)
 
-    def parse(self, obj: dict, endpoint: str) -> EmbedRequest:
-        common = dict(
-            vocab_size=self.engine.vocab_size,
-            max_inputs=self.settings.max_client_batch_size,
-            default_instruction=self.settings.default_instruction,
-            has_tokenizer=self.has_tokenizer,
-        )
-        if endpoint == "openai":
-            self.check_model(obj.get("model"))
-            return parse_openai(obj, dimension=self.engine.dimension, **common)
-        return parse_tei(obj, **common)
+    async def run_model(self, request: Request, work: Work) -> np.ndarray:
+        try:
+            job = self.backend.submit(work.texts(), work.model)
+        except ShuttingDown:
+            raise ApiError(503, "the server is shutting down") from None
+        try:
+            return await self.wait_rows(request, job)
+        except (RequestDropped, ShuttingDown) as e:
+            raise ApiError(503, f"the request was not run: {e}") from None
+        except ApiError:
+            raise
+        except Exception as e:
+            logger.error("l2v serve: inference failed: %s: %s", type(e).__name__, e)
+            raise ApiError(
+                500, f"inference failed ({type(e).__name__}: {_first_line(e)}); see the "
+                "server log",
+            ) from None  # fmt: skip
 
-    async def render(
-        self, req: EmbedRequest, rows: np.ndarray, texts, endpoint: str, truncated: int = 0
-    ) -> Response:
+    async def render(self, work: Work, rows: np.ndarray) -> Response:
+        req = work.request
         if req.dimensions is not None and req.dimensions < rows.shape[1]:
             rows = rows[:, : req.dimensions]  # Matryoshka: renormalized below when meant to be
-        if req.normalize or (req.dimensions is not None and self.embedder.normalizes):
+        unit = req.normalize or work.route == "similarity"
+        if unit or (req.dimensions is not None and self.served.normalizes):
             norms = np.linalg.norm(rows, axis=1, keepdims=True)
             rows = rows / np.maximum(norms, 1e-12)
-        rows = np.ascontiguousarray(rows, dtype="<f4")
-        n_tokens = int(texts.lengths.sum())
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        n_tokens = work.n_tokens
 
         def encode() -> bytes:
-            if endpoint == "tei":
-                body = rows.tolist()
-            else:
-                data = []
-                for i, row in enumerate(rows):
-                    emb = (base64.b64encode(row.tobytes()).decode("ascii")
-                           if req.encoding_format == "base64" else row.tolist())  # fmt: skip
-                    data.append({"object": "embedding", "index": i, "embedding": emb})
-                body = {
-                    "object": "list",
-                    "data": data,
-                    "model": self.settings.served_model_name,
-                    "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens,
-                              "truncated_inputs": truncated},
-                }
-            return json.dumps(body, separators=(",", ":")).encode()
+            if work.route == "tei":
+                return encoding.json_rows(rows)
+            if work.route == "similarity":
+                return encoding.dumps(rows[1:] @ rows[0])
+            usage = {"prompt_tokens": n_tokens, "total_tokens": n_tokens,
+                     "truncated_inputs": len(work.truncations)}  # fmt: skip
+            return encoding.embeddings_body(rows, req.encoding_format,
+                                            model=work.model or self.served.name, usage=usage)
 
-        if rows.size > _BIG_RESPONSE_FLOATS:
-            content = await asyncio.get_running_loop().run_in_executor(None, encode)
-        else:
-            content = encode()
+        try:
+            if encoding.orjson is None and rows.size > _BIG_RESPONSE_FLOATS:
+                content = await asyncio.get_running_loop().run_in_executor(None, encode)
+            else:
+                content = encode()
+        except encoding.EncodingError as e:
+            raise ApiError(400, str(e), "encoding_format") from None
         return Response(content=content, media_type="application/json")
 
 
@@ -451,13 +493,6 @@ def error_response(e: ApiError, endpoint: str, headers: dict | None = None) -> J
     return JSONResponse(body, status_code=status, headers=headers or None)
 
 
-def _model_not_found(name: str, served: str, hint: str = "") -> ApiError:
-    return ApiError(
-        404, f"the model {name!r:.200} does not exist on this server: it serves {served!r} "
-        f"(GET /v1/models){hint}", "model", code="model_not_found",
-    )  # fmt: skip
-
-
 def _is_openai_path(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
@@ -470,38 +505,40 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-def _truncation_refusal(cut: Truncation, name: str) -> str:
-    """The 413 message for an input a rule would cut when the request says "truncate": false."""
-    where = f"{name}[{cut.index}]"
-    if cut.rule == "doc_max_length":
-        return (f"{where} has {cut.tokens} text tokens, over the model's doc_max_length of "
-                f"{cut.limit} (llm2vec cuts longer texts by words); shorten it or send "
-                '"truncate": true')  # fmt: skip
-    return (f"{where} has {cut.tokens} tokens, over this server's limit of {cut.limit} "
-            '(--max-input-tokens); shorten it or send "truncate": true')  # fmt: skip
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def create_app(embedder, settings: ServeSettings | None = None, *, on_fatal=None) -> FastAPI:
-    """The ASGI app serving `embedder` (see the module docstring). on_fatal(message): called
-    when the warm-up fails (the CLI stops the server)."""
-    state = ServerState(embedder, settings or ServeSettings(), on_fatal=on_fatal)
+    """The ASGI app serving `embedder` in this process (see the module docstring); adapters
+    and devices that fail to load raise here (AdapterError / DeviceError naming them).
+    on_fatal(message): called when the warm-up fails (the CLI stops the server)."""
+    settings = settings or ServeSettings()
+    settings.check()
+    metrics = ServerMetrics()
+    backend = LocalBackend(embedder, settings, metrics)
+    served = ServedModel.of(embedder, settings.served_model_name, tuple(settings.adapters),
+                            device=backend.describe())  # fmt: skip
+    return build_app(ServerState(served, settings, backend, metrics=metrics, on_fatal=on_fatal))
+
+
+def build_app(state: ServerState) -> FastAPI:
+    """The routes over a ServerState (its lifespan starts and stops it)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.start()
+        await state.start()
         warm = asyncio.create_task(state.warm_up())
         try:
             yield
         finally:
             if not warm.done():
                 warm.cancel()
-            await asyncio.get_running_loop().run_in_executor(None, state.close)
-            logger.info("l2v serve: stopped after %d forward passes", state.batcher.batches_run)
+            await state.close()
+            runs = getattr(state.backend, "batcher", None)
+            logger.info("l2v serve: stopped after %s forward passes",
+                        runs.batches_run if runs is not None else "its")  # fmt: skip
 
     app = FastAPI(title="l2v serve", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)  # fmt: skip
@@ -513,9 +550,7 @@ def create_app(embedder, settings: ServeSettings | None = None, *, on_fatal=None
         the route's error shape instead of FastAPI's {"detail": ...}."""
         method, path = request.method, request.url.path[:200]
         if exc.status_code == 404:
-            message = (f"no route {method} {path}; this server answers POST /v1/embeddings, "
-                       "GET /v1/models, GET /v1/models/{id}, POST /embed, GET /health and "
-                       "GET /metrics")  # fmt: skip
+            message = f"no route {method} {path}; this server answers {ROUTE_NAMES}"
         elif exc.status_code == 405:
             allowed = (exc.headers or {}).get("Allow", "")
             message = f"method {method} is not allowed on {path} (allowed: {allowed})"
@@ -526,11 +561,23 @@ def create_app(embedder, settings: ServeSettings | None = None, *, on_fatal=None
 
     @app.post("/v1/embeddings")
     async def openai_embeddings(request: Request) -> Response:
-        return await state.embed(request, "openai")
+        return await state.handle(request, "openai")
 
     @app.post("/embed")
     async def tei_embed(request: Request) -> Response:
-        return await state.embed(request, "tei")
+        return await state.handle(request, "tei")
+
+    @app.post("/similarity")
+    async def tei_similarity(request: Request) -> Response:
+        return await state.handle(request, "similarity")
+
+    @app.post("/tokenize")
+    async def tei_tokenize(request: Request) -> Response:
+        return await state.handle(request, "tokenize")
+
+    @app.post("/decode")
+    async def tei_decode(request: Request) -> Response:
+        return await state.handle(request, "decode")
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
@@ -538,7 +585,7 @@ def create_app(embedder, settings: ServeSettings | None = None, *, on_fatal=None
             return JSONResponse({"status": "error", "error": state.error}, status_code=503)
         if not state.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
-        if not state.batcher.alive:
+        if not state.backend.alive:
             return JSONResponse({"status": "stopping"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
@@ -548,17 +595,18 @@ def create_app(embedder, settings: ServeSettings | None = None, *, on_fatal=None
             state.check_auth(request)
         except ApiError as e:
             return error_response(e, "openai")
-        return JSONResponse({"object": "list", "data": [state.model_card()]})
+        return JSONResponse({"object": "list", "data": state.model_cards()})
 
     @app.get("/v1/models/{model_id:path}")  # :path: served names may hold "/" (a repo id)
     async def model(request: Request, model_id: str) -> Response:
         try:
             state.check_auth(request)
-            if model_id != state.settings.served_model_name:  # whatever accept_any_model_name
-                raise _model_not_found(model_id, state.settings.served_model_name)
+            cards = {c["id"]: c for c in state.model_cards()}
+            if model_id not in cards:  # whatever accept_any_model_name
+                raise model_not_found(model_id, state.served.names)
         except ApiError as e:
             return error_response(e, "openai")
-        return JSONResponse(state.model_card())
+        return JSONResponse(cards[model_id])
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -2,6 +2,9 @@
 
     l2v serve                                    # the embedded SmolLM2 on http://127.0.0.1:8000
     l2v serve --model DIR --peft ADAPTER --device cuda --port 8080 --api-key KEY
+    l2v serve --model MNTP --adapter search=A --adapter nli=B   # many adapters on one base
+    l2v serve --devices cuda:0,cuda:1 --replicas-per-device 2   # engines on several devices
+    l2v serve --ray [--ray-address ADDR] ...     # a Ray Serve deployment (serve/ray_serve.py)
     L2V_API_KEY=KEY l2v serve ...                # the key from the environment
 
 Errors a user can fix (bad option value, port in use, unknown model) end in one line, exit 2.
@@ -112,12 +115,37 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="instruction for text inputs of requests that send none",
     )
     lim.add_argument(
-        "--tokenizer-threads",
+        "--tokenizer-workers",
         type=int,
-        default=2,
+        default=None,
         metavar="N",
-        help="threads tokenizing requests (default 2)",
+        help="processes parsing and tokenizing requests (default: half the cores, 1 to 8; 0: "
+        "a thread of the server process)",
     )
+    eng = p.add_argument_group("engines and adapters")
+    eng.add_argument("--devices", default=None, metavar="LIST",
+                     help="devices running the model: all (every visible GPU, else the CPU), "
+                     "cpu, or a list such as cuda:0,cuda:1 (default: --device if given, else "
+                     "all)")  # fmt: skip
+    eng.add_argument("--replicas-per-device", type=int, default=1, metavar="N",
+                     help="engines per device sharing its weights (for small models; default "
+                     "1)")  # fmt: skip
+    eng.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                     help="a LoRA adapter served on the base model as \"model\": NAME, applied "
+                     "unmerged (repeatable); it runs with the base model's text rules")  # fmt: skip
+    ray = p.add_argument_group("Ray Serve (several machines)")
+    ray.add_argument("--ray", action="store_true",
+                     help="run as a Ray Serve application: one model replica per GPU across the "
+                     "Ray cluster, autoscaled on queue depth, behind the same API")  # fmt: skip
+    ray.add_argument("--ray-address", default=None, metavar="ADDR",
+                     help="the Ray cluster (default: $RAY_ADDRESS, else a local one)")
+    ray.add_argument("--ray-min-replicas", type=int, default=1, metavar="N",
+                     help="model replicas kept running (default 1)")
+    ray.add_argument("--ray-max-replicas", type=int, default=None, metavar="N",
+                     help="model replicas at most (default: the cluster's GPUs, else 2)")
+    ray.add_argument("--ray-target-queue", type=int, default=64, metavar="N",
+                     help="requests queued per model replica that autoscaling aims at "
+                     "(default 64)")  # fmt: skip
     lim.add_argument("--shutdown-timeout", type=float, default=60.0, metavar="S",
                      help="on SIGTERM / Ctrl-C, wait this long for in-flight requests "
                      "(default 60)")  # fmt: skip
@@ -145,7 +173,11 @@ def cmd_serve(args) -> int:
         api_key=args.api_key if args.api_key is not None else os.environ.get("L2V_API_KEY") or None,
         served_model_name=args.served_model_name or args.peft or model_label(args.model),
         accept_any_model_name=args.accept_any_model_name,
-        tokenizer_threads=args.tokenizer_threads,
+        tokenizer_workers=args.tokenizer_workers,
+        # --devices, else --device alone, else every visible GPU (the CPU without one).
+        devices=args.devices if args.devices is not None else (None if args.device else "all"),
+        replicas_per_device=args.replicas_per_device,
+        adapters=_adapters(args.adapter),
     )
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
@@ -162,6 +194,10 @@ def cmd_serve(args) -> int:
     settings = ServeSettings(**settings_kwargs)
     settings.check()  # option errors before the (slow) model load
     check_model_available(args.model)
+    if args.ray:
+        from l2v_models.serve.ray_serve import run_cli
+
+        return run_cli(args, settings)
     # Bind before loading the model: a taken port fails in a second, not after the load.
     sock = _bind(args.host, args.port)
     logging.getLogger("l2v").setLevel(args.log_level.upper())
@@ -170,7 +206,12 @@ def cmd_serve(args) -> int:
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         logging.getLogger("l2v").addHandler(handler)
     try:
-        embedder = load_embedder(args, cuda_graphs=args.cuda_graphs)
+        device = args.device
+        if device is None:  # load where the first engine runs
+            from l2v_models.serve.replicas import parse_devices
+
+            device = str(parse_devices(settings.devices)[0])
+        embedder = load_embedder(_with(args, device=device), cuda_graphs=args.cuda_graphs)
         failure: list[str] = []
         server = None
 
@@ -181,8 +222,11 @@ def cmd_serve(args) -> int:
 
         app = create_app(embedder, settings, on_fatal=on_fatal)
         host, port = sock.getsockname()[:2]
+        state = app.state.l2v
+        adapters = f" + adapters {', '.join(settings.adapters)}" if settings.adapters else ""
         print(
-            f"l2v serve: {settings.served_model_name} on {embedder.device} ({embedder.dtype}), "
+            f"l2v serve: {settings.served_model_name}{adapters} on {state.served.device} "
+            f"({embedder.dtype}), {settings.workers} tokenizer process(es), "
             f"http://{_url_host(host)}:{port} (POST /v1/embeddings, POST /embed, GET /health)",
             flush=True,
         )
@@ -196,6 +240,30 @@ def cmd_serve(args) -> int:
     if failure:
         raise RuntimeError(failure[0])
     return 0
+
+
+def _adapters(values: list[str]) -> dict[str, str]:
+    """--adapter NAME=PATH options -> {name: path}; a repeated name is an error."""
+    from l2v_models.errors import UsageError
+    from l2v_models.serve.adapters import AdapterError, parse_adapter_option
+
+    out: dict[str, str] = {}
+    for value in values:
+        try:
+            name, path = parse_adapter_option(value)
+        except AdapterError as e:
+            raise UsageError(str(e)) from None
+        if name in out:
+            raise UsageError(f"--adapter: the name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+def _with(args, **changes):
+    new = argparse.Namespace(**vars(args))
+    for k, v in changes.items():
+        setattr(new, k, v)
+    return new
 
 
 def _bind(host: str, port: int):

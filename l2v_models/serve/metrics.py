@@ -16,6 +16,8 @@ Names (all prefixed l2v_):
 - requests_in_flight                        gauge, admitted requests not yet answered
 - dropped_texts_total                       counter, queued texts dropped (client went away)
 - truncated_inputs_total                    counter, inputs cut at --max-input-tokens
+- resent_requests_total                     counter, requests sent again to another model
+                                            replica after theirs died (`l2v serve --ray`)
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ class ServerMetrics:
         self.truncated_inputs = Counter(
             "l2v_truncated_inputs", "Inputs truncated at --max-input-tokens", registry=r
         )
+        self.resent_requests = Counter(
+            "l2v_resent_requests", "Requests sent again after their model replica died",
+            registry=r,
+        )  # fmt: skip
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

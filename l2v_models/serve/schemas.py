@@ -4,11 +4,20 @@ Validation is written out by hand (no pydantic models) so every message names th
 index that is wrong, e.g. ``input[3]: empty string (every input needs at least one character)``
 or ``input[1][4]: token id 60000 is outside the vocabulary [0, 49152)``.
 
-Two request shapes:
+Request shapes:
 - OpenAI `POST /v1/embeddings`: {input, model, encoding_format, dimensions, user} plus l2v's
-  extension fields instruction, prompt_name, normalize, truncate.
+  extension fields instruction, prompt_name, normalize, truncate, truncation_direction.
+  encoding_format: "float", "base64", "float16", "int8", "uint8", "binary" or "ubinary" (the
+  rules are in l2v_models.serve.encoding; int8 and uint8 need "normalize": true).
 - text-embeddings-inference `POST /embed`: {inputs, normalize, truncate, truncation_direction,
   prompt_name} plus instruction.
+- TEI `POST /similarity`: {inputs: {source_sentence, sentences}, truncate, truncation_direction,
+  prompt_name, instruction}.
+- TEI `POST /tokenize`: {inputs, add_special_tokens, prompt_name, instruction}; `POST /decode`:
+  {ids, skip_special_tokens}.
+
+truncation_direction: "right" (the default: the end of a too-long sequence is cut) or "left"
+(its beginning), in any case ("Left" is TEI's spelling).
 
 `input` / `inputs`: a string, a list of strings, a list of token ids (one input) or a list of
 lists of token ids. Statuses: 422 for malformed JSON (including JSON nested too deeply and
@@ -41,6 +50,9 @@ class ApiError(Exception):
         self.message = message
         self.param = param
         self.code = code
+
+    def __reduce__(self):  # crosses the pipe from a tokenizer process intact
+        return (ApiError, (self.status, self.message, self.param, self.code))
 
     def openai_status(self) -> int:
         """The status on the OpenAI routes: 400 for an invalid request (what this module calls
@@ -86,23 +98,30 @@ class EmbedRequest:
     `tokens` is True). prompt: the prompt (instruction) for the text inputs, or the server's
     default instruction; prompt_name: one of the model's named prompts (at most one of the two).
     normalize: L2-normalize the rows. truncate: cut inputs the model's rules would cut (else
-    413). encoding_format: "float" or "base64". model: the name the client asked for (None when
-    not given). dimensions: keep the first this many features (Matryoshka; None: all).
+    413). truncation_direction: "right" or "left" (which end a cut removes). encoding_format:
+    one of encoding.FORMATS. model: the name the client asked for (None when not given).
+    dimensions: keep the first this many features (Matryoshka; None: all). n_inputs: how many
+    inputs the request had (items may be dropped once tokenized).
     """
 
     items: list
     tokens: bool
     normalize: bool = True
     truncate: bool = True
+    truncation_direction: str = "right"
     encoding_format: str = "float"
     model: str | None = None
     prompt: str | None = None
     prompt_name: str | None = None
     dimensions: int | None = None
     extra: dict = field(default_factory=dict)
+    n_inputs: int = 0
+
+    def __post_init__(self):
+        self.n_inputs = self.n_inputs or len(self.items)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return self.n_inputs
 
 
 def parse_json(body: bytes) -> dict:
@@ -155,8 +174,11 @@ def parse_openai(
 ) -> EmbedRequest:
     """Validate an OpenAI /v1/embeddings body (see the module docstring). dimension: the
     model's output width (the most `dimensions` may ask for)."""
+    from l2v_models.serve.encoding import FORMATS, UNIT_ROW_FORMATS
+
     _reject_unknown(obj, ("input", "model", "encoding_format", "dimensions", "user",
-                          "instruction", "prompt_name", "normalize", "truncate"))  # fmt: skip
+                          "instruction", "prompt_name", "normalize", "truncate",
+                          "truncation_direction"))  # fmt: skip
     if "input" not in obj:
         raise ApiError(422, 'missing field "input" (a string or a list of strings)', "input")
     model = obj.get("model")
@@ -168,9 +190,9 @@ def parse_openai(
     fmt = obj.get("encoding_format")
     if fmt is None:
         fmt = "float"
-    if fmt not in ("float", "base64"):
+    if fmt not in FORMATS:
         raise ApiError(
-            422, f'"encoding_format" must be "float" or "base64", got {fmt!r:.40}',
+            422, f'"encoding_format" must be one of {", ".join(FORMATS)}, got {fmt!r:.40}',
             "encoding_format",
         )  # fmt: skip
     dims = obj.get("dimensions")
@@ -188,6 +210,11 @@ def parse_openai(
         obj, "input", vocab_size=vocab_size, max_inputs=max_inputs,
         default_instruction=default_instruction, has_tokenizer=has_tokenizer,
     )  # fmt: skip
+    if fmt in UNIT_ROW_FORMATS and not req.normalize:
+        raise ApiError(
+            422, f'"encoding_format": "{fmt}" quantizes unit vectors; it needs "normalize": true',
+            "encoding_format",
+        )  # fmt: skip
     req.encoding_format = fmt
     req.model = model
     req.dimensions = dims
@@ -207,16 +234,96 @@ def parse_tei(
                           "prompt_name", "instruction"))  # fmt: skip
     if "inputs" not in obj:
         raise ApiError(422, 'missing field "inputs" (a string or a list of strings)', "inputs")
-    direction = obj.get("truncation_direction")
-    if direction is not None and direction not in ("Right", "right"):
-        raise ApiError(
-            422, f'"truncation_direction" must be "Right" (llm2vec truncates at the end), got '
-            f"{direction!r:.40}", "truncation_direction",
-        )  # fmt: skip
     return _parse_inputs(
         obj, "inputs", vocab_size=vocab_size, max_inputs=max_inputs,
         default_instruction=default_instruction, has_tokenizer=has_tokenizer,
     )  # fmt: skip
+
+
+def parse_similarity(
+    obj: dict, *, max_inputs: int, default_instruction: str | None = None,
+    has_tokenizer: bool = True,
+) -> EmbedRequest:  # fmt: skip
+    """Validate a TEI /similarity body: {"inputs": {"source_sentence": str, "sentences":
+    [str, ...]}, ...}. The request's items are the source sentence, then the sentences."""
+    _reject_unknown(obj, ("inputs", "truncate", "truncation_direction", "prompt_name",
+                          "instruction"))  # fmt: skip
+    inputs = obj.get("inputs")
+    if not isinstance(inputs, dict):
+        raise ApiError(
+            422, '"inputs" must be an object {"source_sentence": "...", "sentences": ["...", '
+            f"...]}}, got {_json_type(inputs)}", "inputs",
+        )  # fmt: skip
+    _reject_unknown(inputs, ("source_sentence", "sentences"))
+    source, sentences = inputs.get("source_sentence"), inputs.get("sentences")
+    if not isinstance(source, str):
+        raise ApiError(422, f'"inputs.source_sentence" must be a string, got '
+                       f"{_json_type(source)}", "inputs.source_sentence")  # fmt: skip
+    if not isinstance(sentences, list) or not sentences:
+        raise ApiError(422, '"inputs.sentences" must be a non-empty list of strings',
+                       "inputs.sentences")  # fmt: skip
+    if len(sentences) + 1 > max_inputs:
+        raise ApiError(
+            413, f'"inputs.sentences" has {len(sentences)} sentences but this server takes at '
+            f"most {max_inputs - 1} with the source (--max-client-batch-size): split the request",
+            "inputs.sentences",
+        )  # fmt: skip
+    for i, text in enumerate(sentences):
+        if not isinstance(text, str):
+            raise ApiError(422, f"inputs.sentences[{i}]: expected a string, got "
+                           f"{_json_type(text)}", f"inputs.sentences[{i}]")  # fmt: skip
+    body = {k: v for k, v in obj.items() if k != "inputs"}
+    body["inputs"] = [source, *sentences]
+    req = _parse_inputs(body, "inputs", vocab_size=1, max_inputs=max_inputs,
+                        default_instruction=default_instruction, has_tokenizer=has_tokenizer)
+    if req.tokens:  # only strings reach here; keep the check explicit
+        raise ApiError(422, '"inputs" of /similarity are texts', "inputs")
+    return req
+
+
+def parse_tokenize(obj: dict, *, max_inputs: int, default_instruction: str | None = None,
+                   has_tokenizer: bool = True) -> tuple[EmbedRequest, bool]:  # fmt: skip
+    """Validate a TEI /tokenize body -> (request, add_special_tokens)."""
+    _reject_unknown(obj, ("inputs", "add_special_tokens", "prompt_name", "instruction",
+                          "truncate", "truncation_direction"))  # fmt: skip
+    if "inputs" not in obj:
+        raise ApiError(422, 'missing field "inputs" (a string or a list of strings)', "inputs")
+    special = _bool_field(obj, "add_special_tokens", True)
+    body = {k: v for k, v in obj.items() if k != "add_special_tokens"}
+    req = _parse_inputs(body, "inputs", vocab_size=1, max_inputs=max_inputs,
+                        default_instruction=default_instruction, has_tokenizer=has_tokenizer)
+    if req.tokens:
+        raise ApiError(422, '"inputs" of /tokenize are texts (a string or a list of strings)',
+                       "inputs")  # fmt: skip
+    if not has_tokenizer:
+        raise ApiError(422, "this server's model has no tokenizer", "inputs")
+    return req, special
+
+
+def parse_decode(obj: dict, *, vocab_size: int, max_inputs: int) -> tuple[list, bool]:
+    """Validate a TEI /decode body -> (lists of token ids, skip_special_tokens)."""
+    _reject_unknown(obj, ("ids", "skip_special_tokens"))
+    if "ids" not in obj:
+        raise ApiError(422, 'missing field "ids" (a list of token ids or of such lists)', "ids")
+    skip = _bool_field(obj, "skip_special_tokens", True)
+    ids = obj["ids"]
+    if not isinstance(ids, list) or not ids:
+        raise ApiError(422, f'"ids" must be a non-empty list of token ids, got {_json_type(ids)}',
+                       "ids")  # fmt: skip
+    if _is_int(ids[0]):
+        ids = [ids]
+    if len(ids) > max_inputs:
+        raise ApiError(413, f'"ids" has {len(ids)} inputs but this server takes at most '
+                       f"{max_inputs} per request (--max-client-batch-size)", "ids")  # fmt: skip
+    for i, seq in enumerate(ids):
+        if not isinstance(seq, list):
+            raise ApiError(422, f"ids[{i}]: expected a list of token ids, got {_json_type(seq)}",
+                           f"ids[{i}]")  # fmt: skip
+        for j, t in enumerate(seq):
+            if not _is_int(t) or not 0 <= t < vocab_size:
+                raise ApiError(422, f"ids[{i}][{j}]: a token id in [0, {vocab_size}), got "
+                               f"{t!r:.40}", f"ids[{i}][{j}]")  # fmt: skip
+    return ids, skip
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -225,6 +332,15 @@ def _parse_inputs(
 ) -> EmbedRequest:
     normalize = _bool_field(obj, "normalize", True)
     truncate = _bool_field(obj, "truncate", True)
+    direction = obj.get("truncation_direction")
+    if direction is None:
+        direction = "right"
+    if not isinstance(direction, str) or direction.lower() not in ("left", "right"):
+        raise ApiError(
+            422, f'"truncation_direction" must be "right" or "left", got {direction!r:.40}',
+            "truncation_direction",
+        )  # fmt: skip
+    direction = direction.lower()
     instruction = obj.get("instruction")
     if instruction is not None and not isinstance(instruction, str):
         raise ApiError(
@@ -276,7 +392,8 @@ def _parse_inputs(
         if instruction is None and prompt_name is None:
             instruction = default_instruction
         return EmbedRequest(list(value), tokens=False, normalize=normalize, truncate=truncate,
-                            prompt=instruction, prompt_name=prompt_name)  # fmt: skip
+                            truncation_direction=direction, prompt=instruction,
+                            prompt_name=prompt_name)  # fmt: skip
     if instruction or prompt_name is not None:
         field_name = "instruction" if instruction else "prompt_name"
         raise ApiError(
@@ -305,7 +422,8 @@ def _parse_inputs(
                     f"{vocab_size})", f"{where}[{j}]",
                 )  # fmt: skip
         items.append(ids)
-    return EmbedRequest(items, tokens=True, normalize=normalize, truncate=truncate)
+    return EmbedRequest(items, tokens=True, normalize=normalize, truncate=truncate,
+                        truncation_direction=direction)
 
 
 def _bool_field(obj: dict, name: str, default: bool) -> bool:

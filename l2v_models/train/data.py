@@ -2,7 +2,7 @@
 
     index = DataIndex.scan(["wiki.txt", "pairs.jsonl"], kind="text")   # checks every line once
     stream = ExampleStream(index, seed=0)           # epoch e reads a permutation seeded (seed, e)
-    batcher = Batcher(stream, encode, batch_size=32, batch_tokens=None)
+    batcher = TrainingBatcher(stream, encode, batch_size=32, batch_tokens=None)
     items = batcher.next_batch()                    # [(Example, item), ...] for one step
 
 Formats (by file name): `.jsonl` / `.ndjson` hold one JSON object per line, anything else is
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from l2v_models.packing import fits
 
 KINDS = ("text", "triplet")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -199,8 +201,8 @@ class ExampleStream:
         self._handles.clear()
 
 
-class Batcher:
-    """Token-budget batches of encoded items.
+class TrainingBatcher:
+    """Token-budget batches of encoded items for training steps (cut by packing.fits).
 
     encode(example) -> list of (item, n_tokens): one example may give several items (an MNTP
     passage split into limit-sized pieces) or none (a skipped over-long line). A batch takes
@@ -239,7 +241,7 @@ class Batcher:
         while self.batch_size is None or len(batch) < self.batch_size:
             self._fill()
             example, item, n = self._pending[0]
-            if batch and self.batch_tokens is not None and tokens + n > self.batch_tokens:
+            if not fits(n, tokens, len(batch), self.batch_tokens):
                 break
             batch.append((example, item))
             tokens += n

@@ -41,8 +41,9 @@ import torch
 
 from l2v_models import text_inputs, text_rules
 from l2v_models import tokenization as tk
+from l2v_models.engine import Engine
 from l2v_models.packing import TokenizedTexts, pack
-from l2v_models.train.data import Batcher, DataError, DataIndex, Example, ExampleStream
+from l2v_models.train.data import DataError, DataIndex, Example, ExampleStream, TrainingBatcher
 from l2v_models.train.lora import LORA_TARGETS, LoraAdapters, LoraOps, merge_adapter_
 from l2v_models.train.objectives import (
     MASK_POLICIES,
@@ -362,8 +363,8 @@ class Trainer:
         raise DataError(self._over_limit(example, text, n))
 
     def encode(self, example: Example) -> list:
-        """One example -> [(item, real tokens), ...] (see data.Batcher): MNTP a list of ids per
-        piece; SimCSE a TokenizedTexts of 1 text (run twice); supervised one of 3 (or 2)
+        """One example -> [(item, real tokens), ...] (see data.TrainingBatcher): MNTP a list of ids
+        per piece; SimCSE a TokenizedTexts of 1 text (run twice); supervised one of 3 (or 2)
         texts: [instruction, query], positive, negative."""
         c = self.config
         if c.stage == "mntp":
@@ -464,18 +465,18 @@ class Trainer:
                 "texts": batch.packed.num_texts, "lr": lr, "grad_norm": float(norm)}  # fmt: skip
 
     # ------------------------------------------------------------------ data
-    def batches(self, paths, *, index: DataIndex | None = None) -> Batcher:
-        """A Batcher over data files for this stage (validated now; seeded order)."""
+    def batches(self, paths, *, index: DataIndex | None = None) -> TrainingBatcher:
+        """A TrainingBatcher over data files for this stage (validated now; seeded order)."""
         c = self.config
         kind = "triplet" if c.stage == "supervised" else "text"
         index = index if index is not None else DataIndex.scan(paths, kind)
         stream = ExampleStream(index, seed=c.seed, shuffle=c.shuffle)
-        return Batcher(stream, self.encode, batch_size=c.batch_size,
-                       batch_tokens=c.batch_tokens)  # fmt: skip
+        return TrainingBatcher(stream, self.encode, batch_size=c.batch_size,
+                               batch_tokens=c.batch_tokens)  # fmt: skip
 
     # ------------------------------------------------------------------ the loop
-    def fit(self, batcher: Batcher, *, output=None, progress: bool = True, log_path=None,
-            stop_at: int | None = None) -> list[dict]:  # fmt: skip
+    def fit(self, batcher: TrainingBatcher, *, output=None, progress: bool = True,
+            log_path=None, stop_at: int | None = None) -> list[dict]:  # fmt: skip
         """Run until config.steps: batches from `batcher`, a JSON line per step in `log_path`
         (default output/train_log.jsonl), a checkpoint every save_every steps, the adapter in
         `output` at the end. stop_at: stop after that step instead (an interrupted run; the
@@ -544,7 +545,7 @@ class Trainer:
             mntp_layout=(self.loaded, self.model_arg) if c.stage == "mntp" else None,
         )  # fmt: skip
 
-    def state_dict(self, batcher: Batcher | None = None) -> dict:
+    def state_dict(self, batcher: TrainingBatcher | None = None) -> dict:
         state = {
             "step": self.step,
             "lora": self.adapters.peft_state_dict(),
@@ -557,7 +558,7 @@ class Trainer:
             state["cuda_rng"] = torch.cuda.get_rng_state(self.model.device)
         return state
 
-    def save_checkpoint(self, directory, batcher: Batcher | None = None) -> Path:
+    def save_checkpoint(self, directory, batcher: TrainingBatcher | None = None) -> Path:
         """A resumable checkpoint: the adapter (usable as is) + trainer_state.pt + the config."""
         directory = Path(directory)
         self.save(directory)
@@ -574,7 +575,7 @@ class Trainer:
         record["model"] = self.model_arg
         return record
 
-    def load_checkpoint(self, directory, batcher: Batcher | None = None) -> None:
+    def load_checkpoint(self, directory, batcher: TrainingBatcher | None = None) -> None:
         """Restore a checkpoint written by save_checkpoint (same config required)."""
         directory = Path(directory)
         saved = json.loads((directory / CONFIG_FILE).read_text())
@@ -607,9 +608,7 @@ class Trainer:
         self.train(False)
         try:
             texts = self.prepare(sentences, rules)
-            batch = pack(texts, np.arange(len(texts))).to(self.model.device)
-            hidden = train_forward(self.model, batch)
-            return pooled_rows(self.model, hidden, batch).cpu()
+            return Engine(self.model).run_batch(texts, mode="mean").cpu()
         finally:
             self.train(was)
 
