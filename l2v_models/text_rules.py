@@ -91,6 +91,12 @@ class TextRules:
     def pool_mode(self) -> str:
         raise NotImplementedError
 
+    def from_token_ids(self, input_ids) -> TokenizedTexts:
+        """Token-id inputs (special tokens included, no prompt): every token is the text's, and
+        the pooled span is the one the rule's mode reads (mean: all; a one-token mode: its
+        token, e.g. the first for cls, the BOS for bos_token)."""
+        raise NotImplementedError
+
     def check(self) -> None:
         """ValueError for an invalid setting (they are settable attributes)."""
 
@@ -222,6 +228,9 @@ class Llm2vecRules(TextRules):
         return Prepared(self.texts_from_token_ids(tokens.input_ids, tokens.embed_lengths),
                         truncations)  # fmt: skip
 
+    def from_token_ids(self, input_ids) -> TokenizedTexts:
+        return self.texts_from_token_ids(input_ids, [len(x) for x in input_ids])
+
     def texts_from_token_ids(self, input_ids, embed_lengths) -> TokenizedTexts:
         """Token ids + llm2vec embed lengths (the last N ids are the text part) -> the engine's
         TokenizedTexts, pool spans by pooling_mode and skip_instruction."""
@@ -329,6 +338,21 @@ class SentenceTransformersRules(TextRules):
             "prompts": prompts + (f" (default: {default})" if default else ""),
         }
 
+    def from_token_ids(self, input_ids) -> TokenizedTexts:
+        lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
+        return TokenizedTexts(input_ids, *self._spans(lengths, np.zeros_like(lengths)))
+
+    def _spans(self, lengths: np.ndarray, skip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, counts) of the pooled tokens: after `skip` prompt tokens; cls: the first of
+        them; lasttoken: the last token of the sequence."""
+        starts = np.minimum(skip, lengths)
+        counts = lengths - starts
+        if self.pooling == "lasttoken":
+            return np.maximum(lengths - 1, 0), np.minimum(lengths, 1)
+        if self.pooling == "cls":
+            counts = np.minimum(counts, 1)
+        return starts, counts
+
     def prompt_length(self, prompt: str) -> int:
         """sentence-transformers' count of a prompt's tokens: the prompt tokenized alone (special
         tokens included), less one when its last token is a special token (an EOS the tokenizer
@@ -353,12 +377,7 @@ class SentenceTransformersRules(TextRules):
         skip = np.zeros(n, dtype=np.int64)
         if not self.include_prompt:
             skip = np.array([self.prompt_length(p) if p else 0 for p, _ in pairs], dtype=np.int64)
-        starts = np.minimum(skip, lengths)
-        counts = lengths - starts
-        if self.pooling == "lasttoken":
-            starts, counts = np.maximum(lengths - 1, 0), np.minimum(lengths, 1)
-        elif self.pooling == "cls":
-            counts = np.minimum(counts, 1)
+        starts, counts = self._spans(lengths, skip)
         truncations = self._cut_at(self.tokenizer, full.__getitem__, ids, limit, "max_seq_length")
         return Prepared(TokenizedTexts(ids, starts, counts), truncations)
 

@@ -314,3 +314,20 @@ def test_a_tokenizer_process_that_dies_answers_503_and_is_replaced(tiny):
         assert r.status_code == 200, r.text
         assert_healthy(url)
         assert metric(metrics(url), "l2v_requests_total", endpoint="openai", status="503") == 1
+
+
+@pytest.mark.parametrize("pooling", ["cls", "lasttoken", "mean"])
+def test_token_id_inputs_pool_the_token_the_rule_reads(tmp_path, pooling):
+    """Token ids and the text they came from give the same row, whatever the pooling (cls reads
+    the first token, not the last)."""
+    from st_folders import make_st_folder
+
+    folder = make_st_folder(tmp_path, "llama", pooling=pooling, config={"is_causal": False})
+    emb = Embedder.from_pretrained(str(folder), device="cpu")
+    text = "the cat sat on the mat"
+    ids = [int(i) for i in emb.prepare([text]).texts.input_ids[0]]
+    with served(emb) as (url, _):
+        as_text = httpx.post(url + "/v1/embeddings", json={"input": text}, timeout=30).json()
+        as_ids = httpx.post(url + "/v1/embeddings", json={"input": [ids]}, timeout=30).json()
+    a, b = as_text["data"][0]["embedding"], as_ids["data"][0]["embedding"]
+    assert cosines([a], [b])[0] >= COS

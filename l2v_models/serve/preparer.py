@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from l2v_models import text_rules as tr
+from l2v_models import text_inputs
 from l2v_models.packing import TokenizedTexts
 from l2v_models.serve.schemas import (
     ApiError,
@@ -180,16 +180,16 @@ class Preparer:
             items = req.items
             if over:
                 items = [ids[-limit:] if left else ids[:limit] for ids in items]
-            return TokenizedTexts.whole(items), over
+            return self.served.rules.from_token_ids(items), over
         rules = self.served.rules
         try:
             prompt = rules.resolve_prompt(req.prompt_name, req.prompt)
         except ValueError as e:
             raise ApiError(422, str(e), "prompt_name") from None
         # What Embedder.prepare does, on the rules alone (no torch in this process).
-        pairs, _ = tr.as_pairs(req.items)
-        pairs = tr.with_prompt(pairs, prompt)
-        tr.warn_empty_texts(tr.empty_text_indices(pairs), name)
+        pairs, _ = text_inputs.as_pairs(req.items)
+        pairs = text_inputs.with_prompt(pairs, prompt)
+        text_inputs.warn_empty_texts(text_inputs.empty_text_indices(pairs), name)
         tokenizer = rules.tokenizer
         side = getattr(tokenizer, "truncation_side", "right")
         tokenizer.truncation_side = "left" if left else "right"
