@@ -999,6 +999,33 @@ class FlashAttnVarlen(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
+@triton.jit
+def _dropout_mask_kernel(M, n_rows, n_keys, dropout_p, dropout_seed,
+                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = _dropout_keep(dropout_seed, offs_r.to(tl.int64)[:, None], offs_k[None, :], dropout_p)
+    inside = (offs_r[:, None] < n_rows) & (offs_k[None, :] < n_keys)
+    tl.store(M + offs_r.to(tl.int64)[:, None] * n_keys + offs_k[None, :], keep.to(tl.int8),
+             mask=inside)
+
+
+def attention_dropout_mask(num_tokens: int, num_heads: int, max_seqlen: int, dropout_p: float,
+                           dropout_seed: int, device=None) -> torch.Tensor:
+    """The keep mask flash_attn_varlen's dropout uses: bool [T, Hq, max_seqlen], entry
+    [t, h, j] True when query head h of packed token t keeps its probability of the key at
+    position j of the token's own text (False: dropped). For tests and for checking a run: pass
+    it with dropout_p to l2v_kernels.reference.attention_varlen to reproduce the kernel."""
+    device = torch.device("cuda") if device is None else torch.device(device)
+    rows = num_tokens * num_heads
+    mask = torch.empty((num_tokens, num_heads, max_seqlen), dtype=torch.int8, device=device)
+    if mask.numel():
+        grid = (triton.cdiv(rows, 32), triton.cdiv(max_seqlen, 64))
+        _dropout_mask_kernel[grid](mask, rows, max_seqlen, float(dropout_p), int(dropout_seed),
+                                   BLOCK_R=32, BLOCK_K=64)  # fmt: skip
+    return mask.bool()
+
+
 def draw_dropout_seed(generator: torch.Generator | None = None) -> int:
     """A dropout seed in [0, 2**31) from torch's CPU generator (the default one when None):
     torch.manual_seed makes it reproducible, torch.utils.checkpoint's RNG-state restore makes a
