@@ -78,6 +78,14 @@ _CUDA_TILES_MASKED = {
     256: [(64, 32, 8, 2), (64, 16, 4, 2)],
 }
 
+# Training's forward with dropout (Philox draws in the key loop): the tiles that stay spill-free
+# (D=256: 64x64 spills 32 B, 64x16/4 warps 24 B with softcap; D=128: 64x64/4 warps is at 242
+# registers without a mask, so the masked modes' list).
+_CUDA_TILES_DROPOUT = {
+    64: _CUDA_TILES[64],
+    128: _CUDA_TILES_MASKED[128],
+    256: [(64, 32, 8, 2)],
+}
 
 # Autotuning size classes: the longest text (max_rows) and the launch's rows (batch * max_rows,
 # an upper bound of the tokens) decide which tile wins, so each class is tuned on its own (the
@@ -98,7 +106,7 @@ def _configs() -> list[triton.Config]:
     if interpreting():
         # The interpreter would run every config when autotuning: one small fixed config.
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    tiles = sorted({t for table in (_CUDA_TILES, _CUDA_TILES_MASKED)
+    tiles = sorted({t for table in (_CUDA_TILES, _CUDA_TILES_MASKED, _CUDA_TILES_DROPOUT)
                     for ts in table.values() for t in ts})
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -107,13 +115,16 @@ def _configs() -> list[triton.Config]:
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep the tiles listed for this head dim and mode; fp32 (a testing dtype) is not tuned:
-    the first one."""
+    """Keep the tiles listed for this head dim and mode (dropout: _CUDA_TILES_DROPOUT); fp32 (a
+    testing dtype) is not tuned: the first one."""
     def arg(name):
         return kwargs.get(name, named_args.get(name))
 
     masked = any(arg(n) for n in ("CAUSAL", "PADDED", "WINDOW", "SOFTCAP"))
-    tiles = (_CUDA_TILES_MASKED if masked else _CUDA_TILES).get(arg("HEAD_DIM"))
+    table = _CUDA_TILES_MASKED if masked else _CUDA_TILES
+    if arg("DROPOUT"):
+        table = _CUDA_TILES_DROPOUT
+    tiles = table.get(arg("HEAD_DIM"))
     if tiles is None:
         return configs
     kept = [
@@ -535,32 +546,41 @@ def flash_attn_padded_fwd(
 
 # (BLOCK_M rows, BLOCK_N keys, num_warps, num_stages) per head dim, spill-free on sm_90a in
 # bf16 and fp16 under Triton 3.8 (bench/aot_check.py compiles every one in every mode).
+# The dq kernel keeps q, dO and the fp32 dq accumulator live across its key loop: at D = 256
+# every tile of 64 rows or more spills (150-800 B), so it runs 16-32 rows. dk/dv keep k, v and
+# two fp32 accumulators: D = 256 takes 32 keys (64 keys spill 1-2 KB); at D = 128, 64 x 64 and
+# with dropout (Philox keeps more live) only 32-row tiles stay spill-free.
 _BWD_DQ_TILES = {
-    64: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
-    128: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
-    256: [(64, 32, 8, 1), (64, 64, 8, 1)],
+    64: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
+    128: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
+    256: [(32, 64, 8, 1), (32, 32, 8, 1), (16, 64, 4, 1)],
 }
 _BWD_DKDV_TILES = {
     64: [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2)],
-    128: [(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2)],
-    256: [(32, 32, 4, 1), (32, 64, 8, 1), (16, 64, 4, 1)],
+    128: [(32, 128, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2)],
+    256: [(32, 32, 8, 1), (32, 32, 4, 1)],
 }
+_BWD_DKDV_TILES_DROPOUT = {128: [(32, 128, 8, 2), (32, 64, 8, 2)]}
 
 
-def _bwd_configs(table) -> list[triton.Config]:
+def _bwd_configs(*tables) -> list[triton.Config]:
     if interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    tiles = sorted({t for ts in table.values() for t in ts})
+    tiles = sorted({t for table in tables for ts in table.values() for t in ts})
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in tiles
     ]
 
 
-def _bwd_pruner(table):
-    """Keep the tiles listed for this head dim; fp32 (a testing dtype): the first one."""
+def _bwd_pruner(table, dropout_table=None):
+    """Keep the tiles listed for this head dim (with dropout: dropout_table's, where it has
+    the head dim); fp32 (a testing dtype): the first one."""
     def prune(configs, named_args, **kwargs):
-        tiles = table.get(kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")))
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        tiles = table.get(head_dim)
+        if kwargs.get("DROPOUT", named_args.get("DROPOUT")) and dropout_table:
+            tiles = dropout_table.get(head_dim, tiles)
         if tiles is None:
             return configs
         kept = [
@@ -793,9 +813,11 @@ def _attn_bwd_dkdv_loop(
 
 
 @triton.autotune(
-    configs=_bwd_configs(_BWD_DKDV_TILES),
+    configs=_bwd_configs(_BWD_DKDV_TILES, _BWD_DKDV_TILES_DROPOUT),
     key=_BWD_KEY,
-    prune_configs_by={"early_config_prune": _bwd_pruner(_BWD_DKDV_TILES)},
+    prune_configs_by={
+        "early_config_prune": _bwd_pruner(_BWD_DKDV_TILES, _BWD_DKDV_TILES_DROPOUT)
+    },
     **_AUTOTUNE_EXTRA,
 )
 @triton.jit(do_not_specialize=["max_rows", "size_class", "dropout_seed"])

@@ -43,6 +43,13 @@ def _loss_and_grads(trainer, items, *, kernel: bool, seed: int = 3):
     return loss.detach(), [p.grad.clone() for p in trainer.adapters.parameters()]
 
 
+def _forbid_padded_attention(monkeypatch):
+    def no_padding(*args, **kwargs):
+        raise AssertionError("the padded SDPA path ran")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_padding)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_kernel_attention_gives_the_padded_paths_loss_and_grads(bases, text_file, arch,
                                                                 monkeypatch):
@@ -54,10 +61,7 @@ def test_kernel_attention_gives_the_padded_paths_loss_and_grads(bases, text_file
     items = [item for _, item in trainer.batches([text_file]).next_batch()]
     ref_loss, ref_grads = _loss_and_grads(trainer, items, kernel=False)
 
-    def no_padding(*args, **kwargs):
-        raise AssertionError("the padded SDPA path ran")
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_padding)
+    _forbid_padded_attention(monkeypatch)
     loss, grads = _loss_and_grads(trainer, items, kernel=True)
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     for g, r in zip(grads, ref_grads, strict=True):
@@ -65,10 +69,11 @@ def test_kernel_attention_gives_the_padded_paths_loss_and_grads(bases, text_file
     assert any(g.abs().sum() > 0 for g in grads)
 
 
-def test_kernel_attention_dropout_under_gradient_checkpointing(bases, text_file):
+def test_kernel_attention_dropout_under_gradient_checkpointing(bases, text_file, monkeypatch):
     """SimCSE's attention dropout in the kernel: checkpointed layers recompute the forward with
     the same dropout mask, so loss and gradients equal those without checkpointing; the dropout
     is active (another seed changes the loss)."""
+    _forbid_padded_attention(monkeypatch)
     runs = []
     for ckpt in (False, True):
         trainer = make_trainer(bases["llama"], "simcse", batch_size=2, attn_dropout=0.3,
