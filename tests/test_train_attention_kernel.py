@@ -2,10 +2,11 @@
 
 On CPU the trainer keeps TorchOps' padded SDPA path (LoraOps turns the kernel on only where
 the Triton backend runs); here `ops.attention_kernel = True` runs the kernels in the Triton
-interpreter on tiny random models with head_dim 64 (the kernel's smallest), fp32: the loss and
-every LoRA gradient equal the padded path's, nothing is padded, and gradient checkpointing
-with attention dropout repeats the kernel's dropout mask. The `gpu` test does the same on CUDA
-in bf16, where LoraOps picks the kernel by itself.
+interpreter on a tiny random Gemma-2 (GQA 2/1, soft-capping, local layers with a window) with
+head_dim 64 (the kernel's smallest), fp32: the loss and every LoRA gradient equal the padded
+path's, nothing is padded, and gradient checkpointing with attention dropout repeats the
+kernel's dropout mask. The `gpu` test does the same on CUDA in bf16, where LoraOps picks the
+kernel by itself.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ HEAD_64 = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, he
 
 
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kernel-train")
-    return {arch: make_tiny_checkpoint(root, arch, **HEAD_64) for arch in ("llama", "gemma2")}
+def base(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("kernel-train"), "gemma2", **HEAD_64)
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +50,8 @@ def _forbid_padded_attention(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_padding)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2"])
-def test_kernel_attention_gives_the_padded_paths_loss_and_grads(bases, text_file, arch,
-                                                                monkeypatch):
-    """Gemma-2: soft-capping and local (window) layers; Llama: GQA 2/1."""
-    trainer = make_trainer(bases[arch], "simcse", batch_size=4, attn_dropout=0.0,
+def test_kernel_attention_gives_the_padded_paths_loss_and_grads(base, text_file, monkeypatch):
+    trainer = make_trainer(base, "simcse", batch_size=4, attn_dropout=0.0,
                            lora_dropout=0.0)
     assert trainer.ops.attention_kernel is False  # CPU: the torch path unless asked
     randomize_lora_(trainer)
@@ -69,14 +66,14 @@ def test_kernel_attention_gives_the_padded_paths_loss_and_grads(bases, text_file
     assert any(g.abs().sum() > 0 for g in grads)
 
 
-def test_kernel_attention_dropout_under_gradient_checkpointing(bases, text_file, monkeypatch):
+def test_kernel_attention_dropout_under_gradient_checkpointing(base, text_file, monkeypatch):
     """SimCSE's attention dropout in the kernel: checkpointed layers recompute the forward with
     the same dropout mask, so loss and gradients equal those without checkpointing; the dropout
     is active (another seed changes the loss)."""
     _forbid_padded_attention(monkeypatch)
     runs = []
     for ckpt in (False, True):
-        trainer = make_trainer(bases["llama"], "simcse", batch_size=2, attn_dropout=0.3,
+        trainer = make_trainer(base, "simcse", batch_size=2, attn_dropout=0.3,
                                gradient_checkpointing=ckpt)
         randomize_lora_(trainer)
         items = [item for _, item in trainer.batches([text_file]).next_batch()]
@@ -92,12 +89,11 @@ def test_kernel_attention_dropout_under_gradient_checkpointing(bases, text_file,
 
 
 @pytest.mark.gpu
-def test_gpu_training_uses_the_kernel_and_matches_the_padded_path(bases, text_file):
+def test_gpu_training_uses_the_kernel_and_matches_the_padded_path(base, text_file):
     """On CUDA LoraOps runs attention on the packed kernel by itself; bf16 loss and LoRA
     gradients agree with the padded SDPA path (bf16 tolerance)."""
     from test_train import TrainConfig, Trainer, load_for_training
 
-    base = bases["gemma2"]
     loaded = load_for_training(str(base), None, dtype=torch.bfloat16, device="cuda")
     trainer = Trainer(loaded, TrainConfig("simcse", batch_size=8, attn_dropout=0.0,
                                           lora_dropout=0.0), model_arg=str(base))  # fmt: skip
