@@ -1,9 +1,12 @@
 """Bidirectional (or causal) flash attention for packed varlen and padded batches, with optional
-local (sliding-window) attention and attention-logit soft-capping.
+local (sliding-window) attention and attention-logit soft-capping; for packed batches also the
+backward (training), with attention dropout.
 
-Forward only, FlashAttention-2 style: one program owns a block of query rows of one sequence and
+Forward, FlashAttention-2 style: one program owns a block of query rows of one sequence and
 one kv head, keeps the softmax statistics in fp32 registers (online softmax with exp2, log2(e)
-folded into the scale) and walks over the keys of its own sequence only.
+folded into the scale) and walks over the keys of its own sequence only. Backward: see
+"Backward" below (a dq pass and a dk/dv pass from the forward's saved log-sum-exp);
+FlashAttnVarlen is the autograd Function, flash_attn_varlen is differentiable.
 
 - GQA packing: the query heads that share a kv head are processed together. A program's
   BLOCK_M rows are (token, head) pairs in token-major order, row r = token r // G, query head
@@ -26,7 +29,9 @@ folded into the scale) and walks over the keys of its own sequence only.
   Query blocks past a sequence's end exit at once.
 - `flash_attn_varlen_fwd` / `flash_attn_padded_fwd` are the unchecked launchers for the model's
   hot loop: no host sync, no validation, no data-dependent allocation, so they can be captured in
-  a CUDA graph (after one warm-up call, which compiles and autotunes).
+  a CUDA graph (after one warm-up call, which compiles and autotunes). Training adds the
+  forward's `lse` output and dropout (constexpr-gated: the inference kernel is unchanged) and
+  the unchecked backward `flash_attn_varlen_bwd`.
 
 Longer than ~500 lines on purpose: one op, one kernel, with its layouts (packed, padded), modes
 (causal, window, soft-cap), tile lists per mode, launchers and checks; splitting it would split
