@@ -92,7 +92,7 @@ def test_kernel_attention_dropout_under_gradient_checkpointing(base, text_file, 
 def test_gpu_training_uses_the_kernel_and_matches_the_padded_path(base, text_file):
     """On CUDA LoraOps runs attention on the packed kernel by itself; bf16 loss and LoRA
     gradients agree with the padded SDPA path (bf16 tolerance)."""
-    from test_train import TrainConfig, Trainer, load_for_training
+    from l2v_models.train.trainer import TrainConfig, Trainer, load_for_training
 
     loaded = load_for_training(str(base), None, dtype=torch.bfloat16, device="cuda")
     trainer = Trainer(loaded, TrainConfig("simcse", batch_size=8, attn_dropout=0.0,
