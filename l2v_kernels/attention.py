@@ -552,20 +552,21 @@ def flash_attn_padded_fwd(
 # (BLOCK_M rows, BLOCK_N keys, num_warps, num_stages) per head dim, spill-free on sm_90a in
 # bf16 and fp16 under Triton 3.8 (bench/aot_check.py compiles every one in every mode).
 # The dq kernel keeps q, dO and the fp32 dq accumulator live across its key loop: at D = 256
-# every tile of 64 rows or more spills (150-800 B), so it runs 16-32 rows. dk/dv keep k, v and
-# two fp32 accumulators: D = 256 takes 32 keys (64 keys spill 1-2 KB); at D = 128, 64 x 64 and
-# with dropout (Philox keeps more live) only 32-row tiles stay spill-free.
+# every tile of 64 rows or more spills (150-800 B), so it runs 16-32 rows (32 x 32 / 8 warps
+# spills 28 B with softcap). dk/dv keep k, v and two fp32 accumulators: D = 256 takes 32 keys
+# (64 keys spill 1-2 KB); with dropout (Philox keeps more live) D = 128 needs 32-row tiles
+# (64 x 64 spills 24 B) and D = 256 8 warps (4 spill 32-40 B).
 _BWD_DQ_TILES = {
     64: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
     128: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
-    256: [(32, 64, 8, 1), (32, 32, 8, 1), (16, 64, 4, 1)],
+    256: [(32, 64, 8, 1), (16, 64, 4, 1)],
 }
 _BWD_DKDV_TILES = {
     64: [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2)],
     128: [(32, 128, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2)],
     256: [(32, 32, 8, 1), (32, 32, 4, 1)],
 }
-_BWD_DKDV_TILES_DROPOUT = {128: [(32, 128, 8, 2), (32, 64, 8, 2)]}
+_BWD_DKDV_TILES_DROPOUT = {128: [(32, 128, 8, 2), (32, 64, 8, 2)], 256: [(32, 32, 8, 1)]}
 
 
 def _bwd_configs(*tables) -> list[triton.Config]:
