@@ -133,6 +133,40 @@ def record_attention(rec: Recorder, name: str, hq: int, hkv: int, d: int, dtype,
                          "causal" in words, None, **extra)  # fmt: skip
 
 
+def record_attention_train(rec: Recorder, name: str, hq: int, hkv: int, d: int, dtype, modes,
+                           shapes):
+    """Training's attention: the forward writing its log-sum-exp (flash_attn_varlen_fwd with
+    lse, and dropout) and the backward (flash_attn_varlen_bwd: the dq and dk/dv kernels).
+    modes: "-"-joined words of train, causal, window, softcap, dropout."""
+    from l2v_kernels import attention
+
+    for shape_name in shapes:
+        batch, length = ATTN_SHAPES[shape_name]
+        t = batch * length
+        qkv = _empty(t, (hq + 2 * hkv) * d, dtype=dtype)
+        q = qkv[:, : hq * d].view(t, hq, d)
+        k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+        v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
+        out, dout = _empty(t, hq, d, dtype=dtype), _empty(t, hq, d, dtype=dtype)
+        lse = torch.empty(t, hq, dtype=torch.float32)
+        cu = _cu(batch, length)
+        for mode in modes:
+            words = mode.split("-")
+            extra = {}
+            if "window" in words:
+                extra["window"] = (511, 511)
+            if "softcap" in words:
+                extra["softcap"] = 50.0
+            if "dropout" in words:
+                extra.update(dropout_p=0.1, dropout_seed=1)
+            causal = "causal" in words
+            label = f"{name} attention {mode} {shape_name} {str(dtype)[6:]}"
+            rec.call(f"{label} fwd", attention.flash_attn_varlen_fwd, q, k, v, cu, length, causal,
+                     None, lse=lse, **extra)  # fmt: skip
+            rec.call(f"{label} bwd", attention.flash_attn_varlen_bwd, dout, q, k, v, out, lse, cu,
+                     length, causal, None, **extra)  # fmt: skip
+
+
 def record_swiglu(rec: Recorder, name: str, cfg: dict, dtype, m_classes, acts=("silu",)):
     """The SwiGLU GEMM of one model shape at a representative M of each class."""
     from l2v_kernels import gemm
@@ -192,6 +226,9 @@ def record_all(fast: bool, fp32: bool = False) -> list[Launch]:
                 modes = ["varlen"] if fast else ["varlen", "causal", "padded", "padded-causal"]
                 shapes = ["passages"] if fast else list(ATTN_SHAPES)
                 record_attention(rec, name, hq, hkv, head_dim(cfg), dtype, modes, shapes)
+                # Training (MNTP, supervised: plain; SimCSE: dropout): forward + backward.
+                train = ["train"] if fast else ["train", "train-dropout", "train-causal"]
+                record_attention_train(rec, name, hq, hkv, head_dim(cfg), dtype, train, shapes)
                 if fast:  # the autotuned kernels, whose tiles are the register budget
                     record_swiglu(rec, name, cfg, dtype, ["query", "large"])
                 else:
@@ -204,6 +241,9 @@ def record_all(fast: bool, fp32: bool = False) -> list[Launch]:
                     local = "window" if name == "gemma-3-4b" else "softcap"
                     modes = ["varlen", local, "padded", f"padded-{local}"]
                     record_attention(rec, name, hq, hkv, d, dtype, modes, ["passages", "long"])
+                    record_attention_train(rec, name, hq, hkv, d, dtype,
+                                           [f"train-{local}", f"train-{local}-dropout"],
+                                           ["passages"])  # fmt: skip
                     record_gemma_ops(rec, name, hq, hkv, d, dtype)
     return rec.launches
 
@@ -358,7 +398,8 @@ def _knob(group, name, value):
 # ---------------------------------------------------------------------------------------------
 
 _SHOW = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_T", "BLOCK_D", "BLOCK", "HEAD_DIM", "GROUP",
-         "CAUSAL", "PADDED", "WINDOW", "SOFTCAP", "M_CLASS", "MODE", "ACT")  # fmt: skip
+         "CAUSAL", "PADDED", "WINDOW", "SOFTCAP", "STORE_LSE", "DROPOUT", "M_CLASS", "MODE",
+         "ACT")  # fmt: skip
 
 
 def _describe(v: Variant) -> str:

@@ -1,6 +1,10 @@
 """Bidirectional varlen attention: l2v Triton kernel vs torch SDPA, varlen_attn and FlexAttention.
 
-python -m bench.bench_attention [--smoke] [--out DIR]
+python -m bench.bench_attention [--backward] [--smoke] [--out DIR] [--time-budget SECONDS]
+
+Without --backward: the forward (inference) groups below, report `attention`. With --backward:
+the training groups (forward + backward, and backward alone; see "Backward" below), report
+`backward_attention`. `cases()` (pytest-benchmark, bench/test_kernels_bench.py) holds both.
 
 Heads from the models' config.json (bench.workloads): Mistral-7B (Hq 32 / Hkv 8 / D 128) and
 Llama-2-7B (32 / 32 / 128), bf16, non-causal. One group per (batch, heads):
@@ -34,6 +38,18 @@ Local attention and soft-capping (Gemma-2/3), after the groups above:
 SDPA's math backend (also with a window band mask and with softcap), seconds. The padded
 layout's comparison is l2v_padded vs sdpa_efficient_mask (ours_speedup is always relative to
 "l2v", the varlen kernel).
+
+Backward (training: MNTP and the contrastive stages run attention forward and backward),
+Mistral-7B heads (32 / 8 / 128), bf16; groups "fwd+bwd ..." (forward with its log-sum-exp, then
+the backward, through autograd) and "bwd ..." (the backward alone, on a saved forward):
+- "l2v": our FlashAttnVarlen / flash_attn_varlen_bwd on the packed tokens;
+- equal lengths (B, L) in (32, 512), (8, 2048), non-causal and causal: "sdpa_flash" (SDPA's
+  flash backend on [B, H, L, D]; no padding exists there);
+- "mixed" (the log-normal batch above): "sdpa_efficient_mask", SDPA's efficient backend on the
+  left-padded [B, H, 512, D] batch with its boolean key mask (training's old padded path).
+FLOPs count real tokens' attended pairs only, as FlashAttention-2's paper counts them: forward
+4 * pairs * Hq * D, backward 2.5x that (5 matmuls against 2), fwd+bwd 3.5x. FlashAttention-2's
+published figures (quoted, not measured here) are appended to the backward report.
 """
 
 from __future__ import annotations
@@ -51,7 +67,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.common import Case, Lazy, kernel_bench_main, on_gpu  # noqa: E402
 from bench.workloads import MODEL_SHAPES, head_dim  # noqa: E402
-from l2v_kernels.attention import flash_attn_padded_fwd, flash_attn_varlen_fwd  # noqa: E402
+from l2v_kernels.attention import (  # noqa: E402
+    FlashAttnVarlen,
+    flash_attn_padded_fwd,
+    flash_attn_varlen_bwd,
+    flash_attn_varlen_fwd,
+)
 
 EQUAL_SHAPES = ((256, 64), (64, 128), (32, 512), (8, 2048))
 REAL_MODELS = ("mistral-7b", "llama-2-7b")
@@ -361,6 +382,139 @@ def _softcap_cases(name, lengths, hq, hkv, d, dtype, device, softcap, *, smoke=F
     return out
 
 
+BACKWARD_SHAPES = ((32, 512, False), (8, 2048, False), (8, 2048, True))
+# FlashAttention-2's own figures (Dao, "FlashAttention-2", 2023, section 4.1), quoted: they were
+# measured on other machines and setups (16k tokens per batch, seqlen 512-16k, head dim 64 and
+# 128, hidden 2048, FLOPs counted as here).
+FA2_PUBLISHED = (
+    "FlashAttention-2's published figures (quoted from the paper, section 4.1; not measured "
+    "here): up to 230 TFLOP/s on an A100 80GB SXM4 (73% of its peak), and up to 335 TFLOP/s "
+    "forward + backward on an H100 80GB SXM5 (its Fig. 8), with 16k tokens per batch, sequence "
+    "lengths 512-16k, head dim 64 or 128, FLOPs counted as here (backward = 2.5x forward)."
+)
+
+
+def _pairs(lengths, causal: bool) -> int:
+    """Attended (query, key) pairs of a packed batch."""
+    return sum(n * (n + 1) // 2 if causal else n * n for n in lengths)
+
+
+def _backward_cases(name, lengths, hq, hkv, d, dtype, device, *, causal=False, equal=True,
+                    smoke=False) -> list[Case]:  # fmt: skip
+    """Two groups: "fwd+bwd" (autograd through the forward and the backward) and "bwd" (the
+    backward alone on a saved forward), ours and SDPA's (flash on equal lengths, efficient with
+    the padding mask on the mixed batch; math in the smoke run)."""
+    from torch.nn.attention import SDPBackend
+
+    fwd_flops = 4.0 * _pairs(lengths, causal) * hq * d
+    x = Lazy(lambda: _packed(lengths, hq, hkv, d, dtype, device, seed=3))
+    params = {"B": len(lengths), "L": lengths[0] if equal else "mixed", "tokens": sum(lengths),
+              "max_len": max(lengths), "Hq": hq, "Hkv": hkv, "D": d, "dtype": str(dtype)[6:],
+              "causal": causal}  # fmt: skip
+    shape = f"{name} Hq{hq} Hkv{hkv} D{d}" + (" causal" if causal else "")
+
+    def leaves(a):
+        return [a[n].detach().clone().requires_grad_() for n in ("q", "k", "v")]
+
+    def ours_fwd_bwd(_):
+        a = x()
+        q, k, v = leaves(a)
+        dout = torch.randn_like(a["q"])
+
+        def run():
+            out = FlashAttnVarlen.apply(q, k, v, a["cu"], a["max"], causal, None, None, None,
+                                        0.0, 0)  # fmt: skip
+            return torch.autograd.grad(out, (q, k, v), dout)
+        return run
+
+    def ours_bwd(_):
+        a = x()
+        lse = torch.empty(a["q"].shape[:2], dtype=torch.float32, device=a["q"].device)
+        out = flash_attn_varlen_fwd(a["q"], a["k"], a["v"], a["cu"], a["max"], causal, lse=lse)
+        dout = torch.randn_like(a["q"])
+        return lambda: flash_attn_varlen_bwd(dout, a["q"], a["k"], a["v"], out, lse, a["cu"],
+                                             a["max"], causal)
+
+    def sdpa_inputs(p):
+        """[B, H, L, D] leaves (padded when the lengths differ), the mask, the gradient."""
+        a = x()
+        if equal:
+            b, L = len(lengths), lengths[0]
+            q, k, v = (a[n].view(b, L, -1, d).transpose(1, 2) for n in ("q", "k", "v"))
+            mask = None
+        else:
+            pad = _left_padded(a)
+            q, k, v = (pad[n].transpose(1, 2) for n in ("q", "k", "v"))
+            mask = pad["mask"][:, None, None, :]
+        group = q.shape[1] // k.shape[1]
+        if group > 1:  # the backward of SDPA's GQA path expands k/v anyway: expand once here
+            k, v = _expand(k, group, 1), _expand(v, group, 1)
+            p["kv_expanded"] = True
+        q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        return q, k, v, mask, torch.randn_like(q)
+
+    def sdpa_fwd_bwd(backend):
+        def make(p):
+            from torch.nn.attention import sdpa_kernel
+
+            q, k, v, mask, dout = sdpa_inputs(p)
+
+            def run():
+                with sdpa_kernel(backend):
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                         is_causal=causal)  # fmt: skip
+                    return torch.autograd.grad(out, (q, k, v), dout)
+            return run
+        return make
+
+    def sdpa_bwd(backend):
+        def make(p):
+            from torch.nn.attention import sdpa_kernel
+
+            q, k, v, mask, dout = sdpa_inputs(p)
+            with sdpa_kernel(backend):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+            def run():
+                with sdpa_kernel(backend):
+                    return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+            return run
+        return make
+
+    if smoke:
+        backend, base = SDPBackend.MATH, "sdpa_math"
+    elif equal:
+        backend, base = SDPBackend.FLASH_ATTENTION, "sdpa_flash"
+    else:
+        backend, base = SDPBackend.EFFICIENT_ATTENTION, "sdpa_efficient_mask"
+    both = f"attention fwd+bwd {shape}"
+    bwd = f"attention bwd {shape}"
+    return [
+        _case(both, "l2v", ours_fwd_bwd, 3.5 * fwd_flops, {**params, "pass": "fwd+bwd"}),
+        _case(both, base, sdpa_fwd_bwd(backend), 3.5 * fwd_flops, {**params, "pass": "fwd+bwd"}),
+        _case(bwd, "l2v", ours_bwd, 2.5 * fwd_flops, {**params, "pass": "bwd"}),
+        _case(bwd, base, sdpa_bwd(backend), 2.5 * fwd_flops, {**params, "pass": "bwd"}),
+    ]
+
+
+def backward_cases(smoke: bool) -> list[Case]:
+    if smoke:
+        device = "cuda" if on_gpu() else "cpu"
+        return (_backward_cases("smoke B2 L16", [16, 16], 4, 2, 64, torch.float32, device,
+                                smoke=True)
+                + _backward_cases("smoke mixed", [9, 16], 4, 2, 64, torch.float32, device,
+                                  equal=False, smoke=True))  # fmt: skip
+    cfg = MODEL_SHAPES["mistral-7b"]
+    hq, hkv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], head_dim(cfg)
+    lengths = mixed_lengths()
+    out = _backward_cases(f"mixed B{len(lengths)} T{sum(lengths)}", lengths, hq, hkv, d,
+                          torch.bfloat16, "cuda", equal=False)  # fmt: skip
+    for b, L, causal in BACKWARD_SHAPES:
+        out += _backward_cases(f"B{b} L{L}", [L] * b, hq, hkv, d, torch.bfloat16, "cuda",
+                               causal=causal)  # fmt: skip
+    return out
+
+
 # Run order (run_cases times cases in list order and stops at the time budget): every group's
 # cheap rows first (ours and SDPA), then varlen_attn, then FlexAttention, whose compile
 # (dynamic=False) costs 5-30 s per group. ours_speedup pairs rows by group, not by position.
@@ -372,6 +526,11 @@ def _by_tier(cases: list[Case]) -> list[Case]:
 
 
 def cases(smoke: bool) -> list[Case]:
+    """Every group, forward then backward (pytest-benchmark's list)."""
+    return forward_cases(smoke) + backward_cases(smoke)
+
+
+def forward_cases(smoke: bool) -> list[Case]:
     if smoke:  # without CUDA: the Triton interpreter and SDPA's math backend
         device = "cuda" if on_gpu() else "cpu"
         return (
@@ -400,5 +559,27 @@ def cases(smoke: bool) -> list[Case]:
     return _by_tier(out)
 
 
+def main(argv=None) -> None:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--backward" not in argv:
+        kernel_bench_main("attention", forward_cases, argv,
+                          title="Bidirectional varlen attention (forward)")  # fmt: skip
+        return
+    argv.remove("--backward")
+    kernel_bench_main("backward_attention", backward_cases, argv,
+                      title="Varlen attention, training: forward + backward and backward alone")
+    # The report's markdown gets FlashAttention-2's published figures, marked as quoted.
+    from bench.common import out_dir
+
+    out = None
+    if "--out" in argv:
+        out = argv[argv.index("--out") + 1]
+    smoke = "--smoke" in argv or not on_gpu()
+    for md in out_dir(out).glob("backward_attention" + ("_smoke" if smoke else "") + ".md"):
+        md.write_text(md.read_text() + "\n" + FA2_PUBLISHED + "\n")
+
+
 if __name__ == "__main__":
-    kernel_bench_main("attention", cases, title="Bidirectional varlen attention (forward)")
+    main()

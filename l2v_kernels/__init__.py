@@ -24,6 +24,10 @@ _OPS = {
     # capturable); each docstring says what the caller must guarantee.
     "flash_attn_varlen_fwd": "attention",
     "flash_attn_padded_fwd": "attention",
+    # Training: the unchecked backward and the autograd Function (flash_attn_varlen is
+    # differentiable itself).
+    "flash_attn_varlen_bwd": "attention",
+    "FlashAttnVarlen": "attention",
     "masked_pool_fwd": "pooling",
     "rms_norm_fwd": "norm",
     "norm_add_norm_fwd": "norm",

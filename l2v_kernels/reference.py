@@ -51,6 +51,8 @@ def attention_varlen(
     softmax_scale: float | None = None,
     window: tuple[int | None, int | None] | None = None,
     softcap: float | None = None,
+    dropout_keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Packed attention. q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int [B+1] -> [T, Hq, D].
 
@@ -60,6 +62,10 @@ def attention_varlen(
     i - left <= j <= i + right (combined with causal; None on a side = unlimited).
     softcap: scores s = (q . k) * scale become softcap * tanh(s / softcap) before the mask and
     the softmax.
+    dropout_keep: attention dropout with a given mask, bool [T, Hq, >= longest text] (entry
+    [t, h, j]: token t, query head h keeps key position j of its text): the softmax
+    probabilities are multiplied by keep / (1 - dropout_p) before P @ V.
+    Differentiable (autograd of this definition is the gradients' reference).
     """
     T, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -80,7 +86,11 @@ def attention_varlen(
         if window is not None:
             keep &= _window_allowed(n, n, window, q.device)
         scores = scores.masked_fill(~keep, float("-inf"))
-        out[start:end] = (scores.softmax(-1) @ vs).transpose(0, 1).to(q.dtype)
+        probs = scores.softmax(-1)
+        if dropout_keep is not None:
+            kept = dropout_keep[start:end, :, :n].transpose(0, 1)  # [Hq, n, n]
+            probs = probs * kept / (1.0 - dropout_p)
+        out[start:end] = (probs @ vs).transpose(0, 1).to(q.dtype)
     return out
 
 

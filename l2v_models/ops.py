@@ -93,19 +93,27 @@ class TorchOps:
 
     Attention runs on a padded [B, H, L, D] view of the packed tokens (one SDPA call; soft-capped
     scores take an explicit softmax), with a boolean mask per layer kind (keys of the same text,
-    within the window, causal when the config says so).
+    within the window, causal when the config says so). attention_kernel=True (training on
+    CUDA: the trainer's LoraOps sets it where the Triton backend can run) runs it instead on the
+    packed tokens with l2v_kernels' differentiable FlashAttnVarlen (Triton forward and backward,
+    attention dropout in the kernel): nothing is padded.
     """
 
     backend = "torch"
 
-    def __init__(self, config: ModelConfig, *, attn_dropout: float = 0.0):
+    def __init__(self, config: ModelConfig, *, attn_dropout: float = 0.0,
+                 attention_kernel: bool = False):  # fmt: skip
         self.c = config
         # Dropout on the attention probabilities while `training` (the trainer's SimCSE stage).
         self.attn_dropout = attn_dropout
         self.training = False
+        self.attention_kernel = attention_kernel
 
     def prepare(self, b: BatchTables, device: torch.device) -> None:
-        """Padded-view index and attention masks, once per forward (read by every layer)."""
+        """Padded-view index and attention masks, once per forward (read by every layer); the
+        packed attention kernel needs neither."""
+        if self.attention_kernel:
+            return
         c = self.c
         T = b.positions.shape[0]
         lengths = (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).long()
@@ -114,8 +122,12 @@ class TorchOps:
             torch.arange(n_seq, device=device), lengths, output_size=T
         )
         b.pad_index = seq_ids * L + b.positions.long()
-        key_ok = torch.arange(L, device=device)[None, :] < lengths[:, None]
-        key_ok |= (lengths == 0)[:, None]  # an empty text would give NaN rows nobody reads
+        real = torch.arange(L, device=device)[None, :] < lengths[:, None]
+        key_ok = real | (lengths == 0)[:, None]  # an empty text would give NaN rows nobody reads
+        # Padded query rows (outputs discarded) see every real key of their text: a row with no
+        # key (past the end, outside every window) has a NaN softmax whose NaN gradient would
+        # reach q and k in the backward.
+        pad_row = ~real[:, None, :, None]
         b.allowed = {}
         for local in {c.layer_is_local(i) for i in range(c.num_layers)}:
             window = attention_window(c, local)
@@ -129,7 +141,7 @@ class TorchOps:
                 pair &= j <= i
             if window is not None:
                 pair &= (j >= i - window[0]) & (j <= i + window[1])
-            b.allowed[local] = key_ok[:, None, None, :] & pair
+            b.allowed[local] = key_ok[:, None, None, :] & (pair | pad_row)
 
     def rms_norm(self, x, w):
         return _norm(x, w, self.c.rms_norm_eps, self.c.norm_offset)
@@ -156,6 +168,8 @@ class TorchOps:
         return _rotate(q, c, s), _rotate(k, c, s)
 
     def attention(self, q, k, v, b: BatchTables, local: bool):
+        if self.attention_kernel:
+            return self._packed_attention(q, k, v, b, local)
         allowed = b.allowed[local]
         n_seq, L = allowed.shape[0], allowed.shape[-1]
         groups = self.c.num_heads // self.c.num_kv_heads
@@ -180,6 +194,19 @@ class TorchOps:
                 probs = F.dropout(probs, p, training=True)
             out = (probs.to(vp.dtype) @ vp).to(q.dtype)
         return out.transpose(1, 2).reshape(n_seq * L, q.shape[1], q.shape[2])[b.pad_index]
+
+    def _packed_attention(self, q, k, v, b: BatchTables, local: bool):
+        """l2v_kernels' FlashAttnVarlen on the packed tokens (autograd: the Triton backward).
+        The dropout seed comes from torch's CPU generator: seeded runs repeat, and a layer
+        recomputed under torch.utils.checkpoint draws the same mask."""
+        from l2v_kernels.attention import FlashAttnVarlen, draw_dropout_seed
+
+        c = self.c
+        p = self.attn_dropout if self.training else 0.0
+        seed = draw_dropout_seed() if p > 0 else 0
+        return FlashAttnVarlen.apply(q, k, v, b.cu_seqlens, b.max_seqlen, c.causal,
+                                     c.softmax_scale, attention_window(c, local), c.attn_softcap,
+                                     float(p), seed)  # fmt: skip
 
     def pool(self, hidden, mask, cu_seqlens, mode="mean", normalize=False):
         return masked_pool_torch(hidden, mask, cu_seqlens, mode, normalize)

@@ -33,10 +33,17 @@ def test_fast_subset_compiles_for_sm90a_without_spills(tmp_path):
     assert data["target"] == "sm_90a" and data["shared_limit"] == 227 * 1024
     variants = data["variants"]
     kernels = {v["kernel"] for v in variants}
-    assert {"_attn_fwd_kernel", "_gemm_swiglu_kernel"} <= kernels
-    # Every tile autotuning may pick for D = 128 and every config of the two M classes.
+    assert {"_attn_fwd_kernel", "_gemm_swiglu_kernel", "_attn_bwd_dq_kernel",
+            "_attn_bwd_dkdv_kernel"} <= kernels
+    # Every tile autotuning may pick for D = 128 and every config of the two M classes;
+    # training's forward (writing its log-sum-exp) and both backward kernels too.
     attn = [v for v in variants if v["kernel"] == "_attn_fwd_kernel"]
-    assert len(attn) == len(attention._CUDA_TILES[128])
+    inference = [v for v in attn if v["constexprs"]["STORE_LSE"] == "False"]
+    assert len(inference) == len(attention._CUDA_TILES[128])
+    assert len(attn) - len(inference) == len(attention._CUDA_TILES[128])
+    for kernel, table in (("_attn_bwd_dq_kernel", attention._BWD_DQ_TILES),
+                          ("_attn_bwd_dkdv_kernel", attention._BWD_DKDV_TILES)):
+        assert len([v for v in variants if v["kernel"] == kernel]) == len(table[128]), kernel
     swiglu = [v for v in variants if v["kernel"] == "_gemm_swiglu_kernel"]
     assert len(swiglu) >= len(gemm._CLASS_CONFIGS[1]) + len(gemm._CLASS_CONFIGS[3])
     for v in variants:
@@ -82,7 +89,9 @@ def test_gemm_m_classes_and_fixed_shapes():
 
 
 def test_attention_size_class_is_in_the_key():
-    assert "size_class" in attention._attn_fwd_kernel.keys
+    for kernel in (attention._attn_fwd_kernel, attention._attn_bwd_dq_kernel,
+                   attention._attn_bwd_dkdv_kernel):
+        assert "size_class" in kernel.keys
     classes = {
         "6-text test batch": attention.size_class_of(6, 200),
         "batch-1 query": attention.size_class_of(1, 56),

@@ -593,3 +593,335 @@ def test_gpu_window_softcap_cuda_graph_and_padded():
     qp[mask], kp[mask], vp[mask] = q, k, v
     outp = flash_attn_padded(qp, kp, vp, mask, **kw)
     assert rel_err(outp[mask], ref) < REL_TOL[torch.bfloat16]
+
+
+# ------------------------------------------------------------------------------------------
+# backward (training): dq, dk, dv against autograd of the reference
+# ------------------------------------------------------------------------------------------
+# fp32: rel error < REL_TOL (1e-5; the kernels land ~5e-7). fp16: flash-attention's rule, at most
+# 2x (+1e-5) the error of plain PyTorch at that precision (SDPA per text, autograd) against the
+# same fp64 truth, and below REL_TOL[fp16]. Every gradient buffer the kernels write is poisoned
+# (NaN) first; rel_err gives inf on any NaN, so NaN never passes.
+
+def _grads(fn, inputs, dout):
+    """(out, dq, dk, dv) of fn(q, k, v) with autograd, inputs cloned as leaves."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    out.backward(dout)
+    return (out, *(x.grad for x in leaves))
+
+
+def _ref_grads(q, k, v, cu, dout, causal=False, scale=None, window=None, softcap=None,
+               keep=None, dropout_p=0.0):
+    """Autograd of the reference in fp64."""
+    def fn(q_, k_, v_):
+        return reference.attention_varlen(q_, k_, v_, cu, causal, scale, window, softcap, keep,
+                                          dropout_p)
+    return _grads(fn, [x.double() for x in (q, k, v)], dout.double())
+
+
+def _sdpa_varlen(q, k, v, cu, causal=False, window=None):
+    """Plain PyTorch (SDPA per text, boolean mask) in the inputs' dtype: the error baseline."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    g = q.shape[1] // k.shape[1]
+    outs = []
+    bounds = cu.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+        n = e - s
+        qs = q[s:e].transpose(0, 1)[None]
+        ks, vs = (x[s:e].transpose(0, 1).repeat_interleave(g, 0)[None] for x in (k, v))
+        allowed = reference._window_allowed(n, n, window or (None, None), q.device)
+        if causal:
+            allowed &= torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        outs.append(sdpa(qs, ks, vs, attn_mask=allowed)[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _poisoned_autograd_buffers(monkeypatch):
+    """flash_attn_varlen_bwd allocates dq/dk/dv/delta with torch.empty: make those NaN."""
+    from l2v_kernels import attention
+
+    real = attention.flash_attn_varlen_bwd
+
+    def bwd(dout, q, k, v, *args, **kwargs):
+        kwargs["dq"] = poison(torch.empty(q.shape, dtype=q.dtype, device=q.device))
+        kwargs["dk"] = poison(torch.empty(k.shape, dtype=k.dtype, device=k.device))
+        kwargs["dv"] = poison(torch.empty(v.shape, dtype=v.dtype, device=v.device))
+        return real(dout, q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "flash_attn_varlen_bwd", bwd)
+
+
+BACKWARD_CASES = [
+    # dtype, lengths, hq, hkv, d, causal, window, softcap
+    (torch.float32, [1, 7, 33, 97], 6, 2, 64, False, None, None),
+    (torch.float32, [1, 7, 33, 61], 9, 3, 64, True, None, None),
+    (torch.float32, [33, 7, 1], 4, 4, 128, False, None, None),  # MHA, D 128
+    (torch.float32, [7, 70, 1], 6, 2, 64, False, (5, 9), None),  # window << BLOCK
+    (torch.float32, [33, 61], 6, 1, 64, True, (40, 0), 2.0),  # MQA, causal window, softcap
+    (torch.float32, [1, 7, 33, 40], 9, 3, 64, False, None, 3.0),
+    (torch.float32, [20, 33], 4, 2, 256, False, (None, 3), None),  # D 256, one side unlimited
+    (torch.float16, [1, 7, 33, 97], 6, 2, 64, False, None, None),
+    (torch.float16, [1, 7, 33, 40], 9, 3, 128, True, None, None),
+    (torch.float16, [7, 70], 6, 2, 64, False, (31, 31), None),
+]
+
+
+@pytest.mark.parametrize("dtype,lengths,hq,hkv,d,causal,window,softcap", BACKWARD_CASES)
+def test_backward_matches_reference_autograd(monkeypatch, dtype, lengths, hq, hkv, d, causal,
+                                             window, softcap):
+    q, k, v, cu = _varlen_inputs(lengths, hq, hkv, d, dtype, seed=hq + d + len(lengths))
+    if softcap is not None:
+        q = (q.float() * 3).to(dtype)  # large scores, so the cap bends them
+    dout = _randn(*q.shape, dtype=dtype, seed=99)
+    _poisoned_autograd_buffers(monkeypatch)
+    ours = _grads(lambda q_, k_, v_: flash_attn_varlen(
+        q_, k_, v_, cu, max(lengths), causal=causal, window=window, softcap=softcap),
+        (q, k, v), dout)
+    ref = _ref_grads(q, k, v, cu, dout, causal, None, window, softcap)
+    names = ("out", "dq", "dk", "dv")
+    for name, o, r in zip(names, ours, ref, strict=True):
+        assert o.dtype == dtype and o.shape == r.shape, name
+        err = rel_err(o, r)
+        assert err < REL_TOL[dtype], f"{name}: rel error {err:.2e}"
+    if dtype != torch.float32:
+        base = _grads(lambda q_, k_, v_: _sdpa_varlen(q_, k_, v_, cu, causal, window),
+                      (q, k, v), dout)
+        for name, o, b, r in zip(names, ours, base, ref, strict=True):
+            assert rel_err(o, r) <= 2 * rel_err(b, r) + 1e-5, (name, rel_err(o, r),
+                                                                rel_err(b, r))
+
+
+def test_backward_launcher_writes_every_element_of_strided_views():
+    """q/k/v as column slices of one fused QKV buffer, dout strided, and dq/dk/dv written into
+    the column slices of one poisoned fused buffer: every element written, nothing outside."""
+    from l2v_kernels.attention import flash_attn_varlen_bwd
+
+    lengths, hq, hkv, d, dt = [23, 1, 40], 6, 2, 64, torch.float32
+    t, width = sum(lengths), hq + 2 * hkv
+    qkv = _randn(t, width, d, dtype=dt, seed=3)
+    q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
+    cu = _cu(lengths)
+    lse = poison(torch.empty(t, hq, dtype=torch.float32, device=DEV))
+    out = flash_attn_varlen_fwd(q, k, v, cu, max(lengths), lse=lse)
+    dout = _randn(t, 2 * hq, d, dtype=dt, seed=4)[:, ::2]  # head stride 2 * d
+    buf = poison(torch.empty(t, width + 1, d, dtype=dt, device=DEV))
+    dq, dk, dv = buf[:, :hq], buf[:, hq:hq + hkv], buf[:, hq + hkv:width]
+    ret = flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu, max(lengths), dq=dq, dk=dk, dv=dv)
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(ret, (dq, dk, dv), strict=True))
+    assert torch.isnan(buf[:, width]).all()  # nothing written outside
+    ref = _ref_grads(q, k, v, cu, dout)
+    for got, want in zip((dq, dk, dv), ref[1:], strict=True):
+        assert_close_rel(got, want, REL_TOL[dt])
+
+
+def test_forward_lse_is_the_log_sum_exp_of_the_scores():
+    lengths, hq, hkv, d = [1, 30, 9], 4, 2, 64
+    q, k, v, cu = _varlen_inputs(lengths, hq, hkv, d, torch.float32, seed=8)
+    for causal, window, softcap in ((False, None, None), (True, (4, 0), 2.0)):
+        lse = poison(torch.empty(q.shape[0], hq, dtype=torch.float32, device=DEV))
+        flash_attn_varlen_fwd(q, k, v, cu, 30, causal, 0.2, window=window, softcap=softcap,
+                              lse=lse)
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+            n = e - s
+            qs = q[s:e].double().transpose(0, 1)
+            ks = k[s:e].double().transpose(0, 1).repeat_interleave(hq // hkv, 0)
+            scores = reference._scores(qs, ks, 0.2, softcap)
+            keep = reference._window_allowed(n, n, window or (None, None), DEV)
+            if causal:
+                keep &= torch.ones(n, n, dtype=torch.bool, device=DEV).tril()
+            want = scores.masked_fill(~keep, float("-inf")).logsumexp(-1).transpose(0, 1)
+            assert_close_rel(lse[s:e], want, REL_TOL[torch.float32])
+
+
+def test_backward_zero_length_texts_loose_max_seqlen_and_empty_batch():
+    lengths = [0, 5, 0, 45, 0]
+    q, k, v, cu = _varlen_inputs(lengths, 6, 2, 64, torch.float32, seed=7)
+    dout = _randn(*q.shape, dtype=torch.float32, seed=1)
+    ours = _grads(lambda *x: flash_attn_varlen(*x, cu, 100, softmax_scale=0.3), (q, k, v), dout)
+    ref = _ref_grads(q, k, v, cu, dout, scale=0.3)
+    for o, r in zip(ours, ref, strict=True):
+        assert_close_rel(o, r, REL_TOL[torch.float32])
+    q, k, v, _ = _varlen_inputs([], 4, 2, 64, torch.float32)
+    ours = _grads(lambda *x: flash_attn_varlen(*x, _cu([0, 0]), 0), (q, k, v), q)
+    assert [tuple(g.shape) for g in ours[1:]] == [(0, 4, 64), (0, 2, 64), (0, 2, 64)]
+
+
+def test_dropout_forward_and_backward_match_the_reference_with_the_kernels_mask(monkeypatch):
+    from l2v_kernels.attention import attention_dropout_mask
+
+    lengths, hq, hkv, d, p, seed = [1, 7, 33, 40], 6, 2, 64, 0.3, 1234
+    q, k, v, cu = _varlen_inputs(lengths, hq, hkv, d, torch.float32, seed=5)
+    dout = _randn(*q.shape, dtype=torch.float32, seed=6)
+    keep = attention_dropout_mask(q.shape[0], hq, max(lengths), p, seed, DEV)
+    _poisoned_autograd_buffers(monkeypatch)
+    for causal, window, softcap in ((False, None, None), (True, (9, 3), 2.0)):
+        kw = dict(causal=causal, window=window, softcap=softcap, dropout_p=p, dropout_seed=seed)
+        ours = _grads(lambda *x, kw=kw: flash_attn_varlen(*x, cu, max(lengths), **kw), (q, k, v),
+                      dout)
+        ref = _ref_grads(q, k, v, cu, dout, causal, None, window, softcap, keep, p)
+        for name, o, r in zip(("out", "dq", "dk", "dv"), ours, ref, strict=True):
+            assert rel_err(o, r) < REL_TOL[torch.float32], (name, rel_err(o, r))
+        # The dropout is real: without it the result differs.
+        plain = _ref_grads(q, k, v, cu, dout, causal, None, window, softcap)
+        assert rel_err(ours[0], plain[0]) > 0.1
+
+
+def test_dropout_mask_statistics_and_determinism():
+    from l2v_kernels.attention import attention_dropout_mask
+
+    t, hq, length, p = 64, 4, 128, 0.3
+    a = attention_dropout_mask(t, hq, length, p, 7, DEV)
+    assert a.shape == (t, hq, length) and a.dtype == torch.bool
+    n = a.numel()
+    rate = a.float().mean().item()
+    assert abs(rate - (1 - p)) < 4 * math.sqrt(p * (1 - p) / n), rate
+    assert torch.equal(a, attention_dropout_mask(t, hq, length, p, 7, DEV))  # pure function
+    b = attention_dropout_mask(t, hq, length, p, 8, DEV)
+    assert abs((a == b).float().mean().item() - (p * p + (1 - p) ** 2)) < 0.02  # independent
+    # Heads and tokens draw independently: no two rows share their pattern.
+    rows = a.reshape(t * hq, length)
+    assert torch.unique(rows, dim=0).shape[0] == t * hq
+    # A row's draws do not depend on the launch's max_seqlen (keys are counted in the text).
+    assert torch.equal(attention_dropout_mask(t, hq, 40, p, 7, DEV), a[:, :, :40])
+
+
+def test_backward_under_checkpoint_with_dropout_repeats_the_mask():
+    """torch.utils.checkpoint recomputes the forward in the backward pass: the dropout seed is
+    drawn from torch's CPU generator, whose state checkpoint restores, so the recomputed
+    forward uses the same mask and the gradients equal those without checkpointing (bit for
+    bit: the kernels are deterministic)."""
+    from torch.utils.checkpoint import checkpoint
+
+    lengths, hq, hkv, d = [9, 30], 4, 2, 64
+    q, k, v, cu = _varlen_inputs(lengths, hq, hkv, d, torch.float32, seed=11)
+    dout = _randn(*q.shape, dtype=torch.float32, seed=12)
+
+    def layer(q_, k_, v_):
+        o = flash_attn_varlen(q_ * 1.5, k_, v_, cu, max(lengths), causal=True, dropout_p=0.25)
+        return o * 2
+
+    torch.manual_seed(3)
+    plain = _grads(layer, (q, k, v), dout)
+    torch.manual_seed(3)
+    ckpt = _grads(lambda *x: checkpoint(layer, *x, use_reentrant=False), (q, k, v), dout)
+    for a, b in zip(plain, ckpt, strict=True):
+        assert torch.equal(a, b)
+    torch.manual_seed(4)  # another seed: another mask
+    assert not torch.equal(_grads(layer, (q, k, v), dout)[0], plain[0])
+
+
+def test_dropout_validation():
+    a = _good()
+    for bad in (-0.1, 1.0, float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match="dropout_p must be a number in"):
+            flash_attn_varlen(**a, dropout_p=bad)
+    for bad in (-1, 2**31, 1.5, True):
+        with pytest.raises(ValueError, match="dropout_seed must be None or an int"):
+            flash_attn_varlen(**a, dropout_p=0.1, dropout_seed=bad)
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="counts tiles in the Triton interpreter")
+def test_backward_skips_blocks_outside_the_window(monkeypatch):
+    """With a window the backward walks only the tiles whose rows see some key, as the forward:
+    far fewer dots than without the window."""
+    T, hq, hkv = 192, 2, 1
+    q, k, v, cu = _varlen_inputs([T], hq, hkv, 64, torch.float32, seed=2)
+    dout = _randn(*q.shape, dtype=torch.float32, seed=3)
+    calls = _count_dots(monkeypatch)
+    ours = _grads(lambda *x: flash_attn_varlen(*x, cu, T, window=(8, 8)), (q, k, v), dout)
+    windowed = calls[0]
+    ref = _ref_grads(q, k, v, cu, dout, window=(8, 8))
+    for o, r in zip(ours, ref, strict=True):
+        assert_close_rel(o, r, REL_TOL[torch.float32])
+    calls[0] = 0
+    _grads(lambda *x: flash_attn_varlen(*x, cu, T), (q, k, v), dout)
+    # 32 x 32 tiles: 12 row blocks x 6 key blocks; forward 2 dots per tile, dq 3, dk/dv 4.
+    assert calls[0] == (2 + 3 + 4) * (T * hq // 32) * (T // 32)
+    assert windowed < calls[0] / 2, (windowed, calls[0])
+
+
+def _torch_lowp_varlen(q, k, v, cu, causal=False, scale=None, window=None, softcap=None,
+                       keep=None, dropout_p=0.0):
+    """Plain PyTorch at the inputs' precision, as training's padded path computes soft-capped
+    attention (fp32 scores and softmax, probabilities rounded to the dtype before P @ V): the
+    error baseline where SDPA has no soft-cap."""
+    g = q.shape[1] // k.shape[1]
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    outs = []
+    bounds = cu.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+        n = e - s
+        qs = q[s:e].transpose(0, 1)
+        ks, vs = (x[s:e].transpose(0, 1).repeat_interleave(g, 0) for x in (k, v))
+        scores = (qs.float() @ ks.float().transpose(-1, -2)) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        allowed = reference._window_allowed(n, n, window or (None, None), q.device)
+        if causal:
+            allowed &= torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        if keep is not None:
+            probs = probs * keep[s:e, :, :n].transpose(0, 1) / (1 - dropout_p)
+        outs.append((probs.to(vs.dtype) @ vs).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _check_gpu_backward(lengths, hq, hkv, d, *, causal=False, window=None, softcap=None,
+                        scale=None, q_mult=1.0, dropout_p=0.0, seed=0, dt=torch.bfloat16):
+    """bf16 dq/dk/dv within 2x (+1e-3) of plain PyTorch's bf16 error against the fp64
+    reference's autograd (SDPA where it applies, else _torch_lowp_varlen)."""
+    from l2v_kernels.attention import attention_dropout_mask
+
+    q, k, v, cu = _varlen_inputs(lengths, hq, hkv, d, dt, seed=seed)
+    q = (q.float() * q_mult).to(dt)
+    dout = _randn(*q.shape, dtype=dt, seed=seed + 5)
+    keep = None
+    if dropout_p:
+        keep = attention_dropout_mask(q.shape[0], hq, max(lengths), dropout_p, seed, DEV)
+    ours = _grads(lambda *x: flash_attn_varlen(
+        *x, cu, max(lengths), causal=causal, softmax_scale=scale, window=window,
+        softcap=softcap, dropout_p=dropout_p, dropout_seed=seed), (q, k, v), dout)
+    ref = _ref_grads(q, k, v, cu, dout, causal, scale, window, softcap, keep, dropout_p)
+    if softcap is None and keep is None and scale is None:
+        base = _grads(lambda *x: _sdpa_varlen(*x, cu, causal, window), (q, k, v), dout)
+    else:
+        base = _grads(lambda *x: _torch_lowp_varlen(*x, cu, causal, scale, window, softcap,
+                                                    keep, dropout_p), (q, k, v), dout)
+    for name, o, b, r in zip(("out", "dq", "dk", "dv"), ours, base, ref, strict=True):
+        err, base_err = rel_err(o, r), rel_err(b, r)
+        assert err <= 2 * base_err + 1e-3, (name, err, base_err)
+    # Deterministic: no atomics, so a second backward is bit for bit the same.
+    again = _grads(lambda *x: flash_attn_varlen(
+        *x, cu, max(lengths), causal=causal, softmax_scale=scale, window=window,
+        softcap=softcap, dropout_p=dropout_p, dropout_seed=seed), (q, k, v), dout)
+    assert all(torch.equal(a, b) for a, b in zip(ours, again, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_bf16_backward_mistral_heads_mixed_lengths(causal):
+    _check_gpu_backward(_lognormal_lengths(60, seed=31), 32, 8, 128, causal=causal, seed=32)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_backward_equal_lengths_mha_and_d64():
+    _check_gpu_backward([512] * 16, 32, 32, 128, seed=33)  # Llama-2-7B heads
+    _check_gpu_backward([1, 77, 512, 300], 9, 3, 64, seed=34)  # SmolLM2-135M heads
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_backward_gemma_window_and_softcap():
+    # Gemma-3-4B made bidirectional (window 512 each side), Gemma-2-9B soft-capping at 50.
+    _check_gpu_backward([2048, 700, 5], 8, 4, 256, window=(512, 512), seed=35)
+    _check_gpu_backward(_lognormal_lengths(40, seed=36), 16, 8, 256, softcap=50.0,
+                        scale=256 ** -0.5, q_mult=4.0, seed=37)
+    _check_gpu_backward([1000, 333], 16, 8, 256, causal=True, window=(255, 0), softcap=30.0,
+                        scale=256 ** -0.5, q_mult=4.0, seed=38)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_backward_dropout():
+    """SimCSE's attention dropout (llm2vec: 0.3) against the reference with the kernel's mask."""
+    _check_gpu_backward(_lognormal_lengths(40, seed=39), 32, 8, 128, dropout_p=0.3, seed=40)

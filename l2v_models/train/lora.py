@@ -17,10 +17,12 @@ l2v_models.model runs unchanged. Attention dropout (SimCSE: 0.3, as llm2vec sets
 `attention_dropout`) is TorchOps' own: on the attention probabilities while `training`, as
 transformers' eager and SDPA paths do.
 
-Attention stays TorchOps' padded [B, H, L, D] view with a key mask: measured on this CPU (fwd +
-bwd, SmolLM2 heads, CPU seconds per layer call) it beat one block-diagonal [T, T] mask and a
-loop of per-text SDPA calls (SimCSE batch of 64 texts, median 30 tokens: 0.29 s vs 0.67 s and
-3.1 s; MNTP 16 texts, median 200: 0.71 s vs 2.35 s and 1.66 s).
+Attention: on CUDA, where the Triton backend can run (resolve_backend "auto"), l2v_kernels'
+packed FlashAttnVarlen with its Triton backward (and the attention dropout in the kernel), so
+nothing is padded. Elsewhere (CPU) TorchOps' padded [B, H, L, D] view with a key mask: measured
+on this CPU (fwd + bwd, SmolLM2 heads, CPU seconds per layer call) it beat one block-diagonal
+[T, T] mask and a loop of per-text SDPA calls (SimCSE batch of 64 texts, median 30 tokens:
+0.29 s vs 0.67 s and 3.1 s; MNTP 16 texts, median 200: 0.71 s vs 2.35 s and 1.66 s).
 
 A later backend (Triton backward kernels) slots in per op: subclass LoraOps and replace
 `linear`, `gated_mlp` or `attention`.
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from l2v_models.config import ModelConfig
-from l2v_models.model import layer_shapes
+from l2v_models.model import layer_shapes, resolve_backend
 from l2v_models.ops import TorchOps
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -172,8 +174,10 @@ class LoraOps(TorchOps):
         for name, p in (("lora_dropout", lora_dropout), ("attn_dropout", attn_dropout)):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p!r}")
-        # TorchOps applies attention dropout to the attention probabilities while `training`.
-        super().__init__(model.config, attn_dropout=float(attn_dropout))
+        # TorchOps applies attention dropout to the attention probabilities while `training`;
+        # on CUDA its attention is the packed Triton kernel (forward and backward).
+        kernel = resolve_backend("auto", model.device, model.config) == "triton"
+        super().__init__(model.config, attn_dropout=float(attn_dropout), attention_kernel=kernel)
         self.adapters = adapters
         self.lora_dropout = float(lora_dropout)
         self.training = True
