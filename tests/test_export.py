@@ -199,6 +199,7 @@ def default_encoder():
     return LLM2Vec.from_pretrained(device_map="cpu", torch_dtype=torch.float32)
 
 
+@pytest.mark.slow
 def test_default_model_export(tmp_path, default_encoder):
     """The default smollm2-llm2vec (byte-level BPE, a BOS that llm2vec does not pool): exact
     without an instruction; with one, both marks are used, and sentence-transformers, l2v on
@@ -228,3 +229,70 @@ def test_default_model_export(tmp_path, default_encoder):
     # first word tokenizes alike alone and after a space is exact.
     assert cos[: len(PROBE_TEXTS)].min() >= COS and report.checks[1].exact
     assert cos.mean() > 0.95
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_output_folder_is_never_overwritten_without_force(tmp_path):
+    enc = load(make_tiny_checkpoint(tmp_path, "llama"))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="exists and is not empty; pass --force"):
+        export_sentence_transformers(enc, taken)
+    with pytest.raises(ExportError, match="not an earlier export.*--force will not replace"):
+        export_sentence_transformers(enc, taken, force=True)
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match="is a file"):
+        export_sentence_transformers(enc, tmp_path / "file", force=True)
+
+    out = tmp_path / "out"
+    export_sentence_transformers(enc, out, prompts={"a": INSTRUCTION})
+    with pytest.raises(ExportError, match="pass --force"):
+        export_sentence_transformers(enc, out, prompts={"b": INSTRUCTION})
+    assert "a" in json.loads((out / EXPORT_FILE).read_text())["prompts"]
+    export_sentence_transformers(enc, out, prompts={"b": INSTRUCTION}, force=True)
+    prompts = json.loads((out / EXPORT_FILE).read_text())["prompts"]
+    assert "b" in prompts and "a" not in prompts
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_bad_prompts_and_sources_are_refused(tmp_path):
+    enc = load(make_tiny_checkpoint(tmp_path, "llama"))
+    with pytest.raises(ExportError, match="the instruction is empty"):
+        export_sentence_transformers(enc, tmp_path / "a", prompts={"q": "  "})
+    with pytest.raises(ExportError, match="default prompt 'x' is not one of the prompts"):
+        export_sentence_transformers(enc, tmp_path / "b", default_prompt_name="x")
+    folder = make_st_folder(tmp_path, "llama")
+    st_model = LLM2Vec.from_pretrained(str(folder), device_map="cpu")
+    with pytest.raises(ExportError, match="already a sentence-transformers folder"):
+        export_sentence_transformers(st_model, tmp_path / "c")
+    assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_cli_export(tmp_path, capsys):
+    """`l2v export`: adapters merged, named prompts and LLM2Vec's MTEB instructions written,
+    the summary printed; an existing folder is refused before the model loads."""
+    mntp, second = llm2vec_dirs(tmp_path, "llama")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("the cat sat\n\na query text\n")
+    out = tmp_path / "exported"
+    code = cli.main(["export", "--model", str(mntp), "--peft", str(second), "--output", str(out),
+                     "--device", "cpu", "--dtype", "float32", "--prompt", f"query={INSTRUCTION}",
+                     "--mteb-prompts", "--check-texts", str(texts), "--normalize", "-q"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "check: no prompt: exact: 18/18 texts with identical tokens" in captured.out
+    assert "prompts: query, " in captured.out
+    prompts = json.loads((out / "config_sentence_transformers.json").read_text())["prompts"]
+    assert prompts["SciFact-query"].startswith("Given a scientific claim")
+    assert prompts["STS"] == "Retrieve semantically similar text: "
+    model = sentence_transformer(out)
+    want = load(mntp, second).encode([["Retrieve semantically similar text:", t]
+                                      for t in TEXTS], show_progress_bar=False)  # fmt: skip
+    assert cosines(model.encode(TEXTS, prompt_name="STS"), want).min() >= COS
+
+    assert cli.main(["export", "--model", "/nonexistent", "--output", str(out)]) == 2
+    assert "exists and is not empty; pass --force" in capsys.readouterr().err
+    assert cli.main(["export", "--output", str(tmp_path / "x"), "--prompt", "noequals"]) == 2
+    assert "--prompt takes NAME=INSTRUCTION" in capsys.readouterr().err
