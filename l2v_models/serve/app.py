@@ -67,6 +67,15 @@ logger = logging.getLogger("l2v.serve")
 # reset connection) unless they run past this many times the limit.
 _DRAIN_FACTOR = 8
 _BIG_RESPONSE_FLOATS = 65536  # responses with more floats are encoded off the event loop
+# Token ids mean nothing without the tokenizer that made them, and no check on the ids can tell
+# (a foreign tokenizer's in-vocabulary ids often decode and re-encode unchanged), so a server
+# whose model has a tokenizer takes text unless its operator says otherwise.
+TOKEN_IDS_REFUSED = (
+    '"{name}" holds token ids, which this server refuses: it cannot tell which tokenizer made '
+    "them, and another tokenizer's ids give wrong embeddings (LangChain's OpenAIEmbeddings "
+    "sends tiktoken ids unless given check_embedding_ctx_length=False); send the text, or "
+    "start the server with --accept-token-ids if you tokenize with this model's own tokenizer"
+)
 
 
 @dataclass
@@ -83,6 +92,9 @@ class ServeSettings:
     required as "Authorization: Bearer KEY" on /v1/* and /embed (None: no key). served_model_name:
     the name in responses and /v1/models; a request naming another "model" gets 404
     model_not_found unless accept_any_model_name. tokenizer_threads: threads tokenizing requests.
+    accept_token_ids: embed token-id inputs although the model has a tokenizer (a server cannot
+    tell which tokenizer made ids, so by default they are refused; a model without a tokenizer
+    takes only ids).
     """
 
     max_batch_tokens: int | None = None
@@ -97,6 +109,7 @@ class ServeSettings:
     served_model_name: str = "l2v"
     accept_any_model_name: bool = False
     tokenizer_threads: int = 2
+    accept_token_ids: bool = False
 
     def check(self) -> None:
         """ValueError naming the first invalid setting."""
@@ -110,10 +123,9 @@ class ServeSettings:
             raise ValueError(f"max_wait_ms must be a number >= 0, got {self.max_wait_ms!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (pass None for no key)")
-        if not isinstance(self.accept_any_model_name, bool):
-            raise ValueError(
-                f"accept_any_model_name must be True or False, got {self.accept_any_model_name!r}"
-            )
+        for name in ("accept_any_model_name", "accept_token_ids"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 def _check_int(name: str, value) -> None:
@@ -399,8 +411,13 @@ class ServerState:
         )
         if endpoint == "openai":
             self.check_model(obj.get("model"))
-            return parse_openai(obj, dimension=self.engine.dimension, **common)
-        return parse_tei(obj, **common)
+            req = parse_openai(obj, dimension=self.engine.dimension, **common)
+        else:
+            req = parse_tei(obj, **common)
+        if req.tokens and self.has_tokenizer and not self.settings.accept_token_ids:
+            name = "input" if endpoint == "openai" else "inputs"
+            raise ApiError(422, TOKEN_IDS_REFUSED.format(name=name), name)
+        return req
 
     async def render(
         self, req: EmbedRequest, rows: np.ndarray, texts, endpoint: str, truncated: int = 0
