@@ -1,4 +1,4 @@
-"""How far `l2v export`'s folder is from l2v's embeddings, under sentence-transformers, on real text.
+"""How far `l2v export`'s folder is from l2v's embeddings under sentence-transformers, on real text.
 
     python -m bench.export_check [--output DIR] [--instruction TEXT] [--limit N]
 
