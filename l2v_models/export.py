@@ -21,10 +21,13 @@ What the folder holds:
 
 llm2vec's rules, written in sentence-transformers' terms (l2v_models.text_rules.Llm2vecRules):
 - an instruction I becomes the prompt `I.strip() + " "` (llm2vec's join) with `include_prompt:
-  false`; llm2vec pools the LAST N tokens, N = the text's own token count, sentence-transformers
-  the tokens after the prompt's own token count: they differ by a token where the tokenizer
-  splits "instruction text" elsewhere than "instruction " + "text" (byte-level BPE: always, as
-  the space is its own token in the prompt and part of the text's first token in the sequence);
+  false`. Where the tokenizer makes the prompt's trailing space a token of its own (byte-level
+  BPE: in the sequence the space belongs to the text's first token), the prompt ends in JOIN
+  (U+FDD1) instead, which a normalizer added in front of the tokenizer's own turns into that
+  space before a text and deletes at the end of the prompt tokenized alone, so the prompt counts
+  the instruction's tokens. llm2vec pools the LAST N tokens, N = the text's token count when
+  tokenized alone, sentence-transformers every token after the prompt: they still differ where
+  a text's first word splits otherwise alone than after a space (noted and measured);
 - a BOS token the tokenizer prepends is attended to but not pooled by llm2vec. sentence-
   transformers leaves it out of the mean only when a prompt is given, so the export writes a
   prompt that stands for "no instruction": U+FDD0 (a Unicode noncharacter), which a normalizer
