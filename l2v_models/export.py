@@ -44,7 +44,8 @@ llm2vec's rules, written in sentence-transformers' terms (l2v_models.text_rules.
 Every export is measured: each prompt (and no prompt) on PROBE_TEXTS plus the caller's texts,
 the original rules against the folder's (l2v_models.text_rules.SentenceTransformersRules, which
 equal sentence-transformers') on the same weights; a text counts as exact when its token ids and
-pooled tokens are identical. Differences are logged as a warning with the measured cosines
+pooled tokens are identical (then its row is the same by construction; the others are embedded
+both ways and compared by cosine). Differences are logged as a warning with the measured cosines
 (`strict=True` refuses instead). The folder is built beside `output` and renamed into place
 only when complete; an existing folder is replaced only with `force=True`, and only if it is
 empty or an earlier export (it holds l2v_export.json).
@@ -662,13 +663,27 @@ def _measure(encoder, folder: Path, report: ExportReport, texts: list[str]) -> l
     for name, instruction in _check_cases(report):
         ours = encoder.prepare([[instruction, t] if instruction else t for t in texts]).texts
         theirs = exported.prepare(texts, prompt_name=name).texts
-        same = sum(_same_pool(ours, theirs, i, encoder.rules.pool_mode) for i in range(len(texts)))
-        a = encoder.embed(ours)
-        b = exported.embed(theirs)
-        cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1).numpy()
-        checks.append(PromptCheck(name, instruction, len(texts), int(same),
+        same = [_same_pool(ours, theirs, i, encoder.rules.pool_mode) for i in range(len(texts))]
+        # Identical ids and pooled tokens on the same engine give the same row (batching never
+        # changes results), so only the texts that differ are embedded.
+        cos = np.ones(len(texts))
+        differ = [i for i, s in enumerate(same) if not s]
+        if differ:
+            a = encoder.embed(_subset(ours, differ))
+            b = exported.embed(_subset(theirs, differ))
+            cos[differ] = torch.nn.functional.cosine_similarity(a.double(), b.double(),
+                                                                dim=1).numpy()  # fmt: skip
+        checks.append(PromptCheck(name, instruction, len(texts), int(sum(same)),
                                   float(np.min(cos)), float(np.mean(cos))))  # fmt: skip
     return checks
+
+
+def _subset(texts, rows: list[int]):
+    """The TokenizedTexts of `texts` at `rows`."""
+    from l2v_models.packing import TokenizedTexts
+
+    return TokenizedTexts([texts.input_ids[i] for i in rows], texts.pool_starts[rows],
+                          texts.pool_counts[rows])  # fmt: skip
 
 
 def _same_pool(a, b, i: int, mode: str) -> bool:
