@@ -34,6 +34,7 @@ FEATURE_COMMANDS: tuple[str, ...] = (
     "l2v_models.corpus.cli",  # l2v encode-corpus
     "l2v_models.train.cli",  # l2v train
     "l2v_models.eval.cli",  # l2v eval
+    "l2v_models.export_cli",  # l2v export
 )
 
 

@@ -204,7 +204,8 @@ def test_openai_client_matches_offline_encode(default_encoder):
     ref_ins = enc.encode([[instruction, t] for t in texts], show_progress_bar=False).numpy()
     assert cosines(ref, ref_ins).min() < 0.999  # the instruction changes the embedding
     # A budget of 16 tokens splits the requests over several passes.
-    with served(enc, api_key="sk-test", max_batch_tokens=16, tokenizer_workers=1) as (url, state):
+    with served(enc, api_key="sk-test", max_batch_tokens=16, tokenizer_workers=1,
+                accept_token_ids=True) as (url, state):
         client = openai.OpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0, timeout=60)
 
         # No encoding_format: the client asks for base64 and decodes it itself.
@@ -320,7 +321,7 @@ ERROR_CASES = [
 
 @pytest.fixture(scope="module")
 def limits_server(tiny):
-    with served(tiny, **LIMITS) as s:
+    with served(tiny, **LIMITS, accept_token_ids=True) as s:
         yield s
 
 
@@ -683,7 +684,7 @@ def test_concurrent_clients_mixed_requests_are_batched_together_and_correct(tiny
             )
 
     with served(tiny, max_batch_tokens=256, max_wait_ms=20, max_client_batch_size=16,
-                tokenizer_workers=1) as (url, _):
+                tokenizer_workers=1, accept_token_ids=True) as (url, _):
 
         async def main():
             limits = httpx.Limits(max_connections=n_clients, max_keepalive_connections=n_clients)

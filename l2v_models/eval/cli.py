@@ -6,6 +6,8 @@
                                                     # same references, one table
     l2v eval --tasks lee --references none --output lee.json
     l2v eval --list                                 # the tasks, their data and licences
+    l2v eval --mteb STS16 SciFact                   # MTEB tasks whose data is on this machine,
+                                                    # with LLM2Vec's instructions
 
 Imports argparse only; everything heavy is imported inside the command.
 """
@@ -83,6 +85,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "under l2v's cache dir)",
     )
     p.add_argument("--list", action="store_true", help="list the tasks, their data and licences")
+    p.add_argument(
+        "--mteb",
+        nargs="+",
+        metavar="TASK",
+        help="run these MTEB tasks instead (the mteb package; data already in the local Hugging "
+        "Face cache, nothing is downloaded; tasks without local data are named), each text with "
+        "the instruction LLM2Vec's paper gave it; --output writes the scores as JSON",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_eval)
     return p
@@ -116,6 +126,8 @@ def cmd_eval(args) -> int:
     from l2v_models.eval.wordnet import DataMissing
     from l2v_models.model_options import check_model_available, model_kwargs
 
+    if args.mteb:
+        return cmd_mteb(args)
     if args.list:
         for name, cls in TASKS.items():
             print(f"{name}: {cls.description}\n    data: {cls.source}\n    licence: {cls.licence}")
@@ -185,3 +197,51 @@ def _model_name(args) -> str:
     if label.lower() == BASE_MODEL:
         return "untrained SmolLM2"
     return label.rstrip("/").split("/")[-1]
+
+
+def cmd_mteb(args) -> int:
+    """`l2v eval --mteb TASK...`: data first (before the model loads), then the present tasks;
+    a user error at the end names the tasks whose data is missing."""
+    import json
+    from pathlib import Path
+
+    from l2v_models.errors import UsageError
+    from l2v_models.model_options import check_model_available, model_kwargs
+
+    try:
+        from l2v_models.eval import mteb_run
+    except ImportError as e:
+        raise UsageError(f"--mteb needs the mteb package ({e}): pip install mteb (l2v's [eval] "
+                         "extra)") from None  # fmt: skip
+    output = Path(args.output) if args.output else None
+    if output is not None and not output.parent.exists():
+        raise UsageError(f"output directory {output.parent} does not exist")
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    names = list(dict.fromkeys(args.mteb))
+    try:
+        tasks, missing = mteb_run.load_local_tasks(names, log=log)
+    except mteb_run.UnknownTask as e:
+        raise UsageError(str(e)) from None
+    for name, why in missing.items():
+        print(f"l2v: MTEB task {name} not run: {why}", file=sys.stderr)
+    if not tasks:
+        raise UsageError(
+            f"no MTEB task could run: the data of {', '.join(missing)} is not on this machine; "
+            + mteb_run.download_hint(list(missing))
+        )
+    check_model_available(args.model)
+    from l2v_models.eval.mteb_model import L2VMtebEncoder
+
+    encoder = L2VMtebEncoder(args.model, peft=args.peft, name=args.name, **model_kwargs(args))
+    rows = mteb_run.run_tasks(encoder, tasks, log=log)
+    print(mteb_run.format_rows(rows, encoder.mteb_model_meta.name))
+    if output is not None:
+        output.write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
+        if log:
+            log(f"[mteb] wrote {len(rows)} rows to {output}")
+    if missing:
+        raise UsageError(
+            f"{len(missing)} of {len(names)} MTEB tasks not run, their data is not on this "
+            f"machine: {', '.join(missing)}; " + mteb_run.download_hint(list(missing))
+        )
+    return 0

@@ -91,7 +91,9 @@ class ServeSettings:
     default_instruction: the instruction for text inputs of requests that give none. api_key:
     required as "Authorization: Bearer KEY" on /v1/* and the TEI routes (None: no key).
     served_model_name: the name in responses and /v1/models; a request naming another "model"
-    (not an adapter) gets 404 model_not_found unless accept_any_model_name. tokenizer_workers:
+    (not an adapter) gets 404 model_not_found unless accept_any_model_name. accept_token_ids:
+    embed token-id inputs although the model has a tokenizer (by default refused: a server cannot
+    tell which tokenizer made ids; a model without a tokenizer takes only ids). tokenizer_workers:
     tokenizer processes (None: tokenizer_pool.default_workers(); 0: a thread of this process,
     for debugging). devices: where engines run (None: every visible GPU, else the CPU; see
     replicas.parse_devices). replicas_per_device: engines per device. adapters: {name: path}
@@ -110,6 +112,7 @@ class ServeSettings:
     served_model_name: str = "l2v"
     accept_any_model_name: bool = False
     tokenizer_workers: int | None = None
+    accept_token_ids: bool = False
     devices: str | None = None
     replicas_per_device: int = 1
     adapters: dict = field(default_factory=dict)
@@ -128,10 +131,9 @@ class ServeSettings:
             raise ValueError(f"max_wait_ms must be a number >= 0, got {self.max_wait_ms!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (pass None for no key)")
-        if not isinstance(self.accept_any_model_name, bool):
-            raise ValueError(
-                f"accept_any_model_name must be True or False, got {self.accept_any_model_name!r}"
-            )
+        for name in ("accept_any_model_name", "accept_token_ids"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in self.adapters:
             if name == self.served_model_name:
                 raise ValueError(
@@ -238,6 +240,7 @@ class ServerState:
             max_input_tokens=self.max_input_tokens,
             default_instruction=settings.default_instruction,
             accept_any_model_name=settings.accept_any_model_name,
+            accept_token_ids=settings.accept_token_ids,
         )  # fmt: skip
         self.pool: TokenizerPool | None = None
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None

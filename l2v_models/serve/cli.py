@@ -51,6 +51,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     net.add_argument("--served-model-name", default=None,
                      help="model name in responses and /v1/models (default: --peft, else "
                      "--model, else smollm2-llm2vec)")  # fmt: skip
+    net.add_argument("--accept-token-ids", action="store_true",
+                     help="embed token-id inputs (default: refused, since a server cannot tell "
+                     "which tokenizer made them; LangChain's OpenAIEmbeddings sends tiktoken "
+                     "ids unless check_embedding_ctx_length=False)")  # fmt: skip
     net.add_argument("--accept-any-model-name", action="store_true",
                      help='answer requests whatever "model" they name (default: a name other '
                      "than --served-model-name is answered 404 model_not_found, as OpenAI "
@@ -173,6 +177,7 @@ def cmd_serve(args) -> int:
         api_key=args.api_key if args.api_key is not None else os.environ.get("L2V_API_KEY") or None,
         served_model_name=args.served_model_name or args.peft or model_label(args.model),
         accept_any_model_name=args.accept_any_model_name,
+        accept_token_ids=args.accept_token_ids,
         tokenizer_workers=args.tokenizer_workers,
         # --devices, else --device alone, else every visible GPU (the CPU without one).
         devices=args.devices if args.devices is not None else (None if args.device else "all"),

@@ -109,8 +109,10 @@ class Preparer:
 
     def __init__(self, served: ServedModel, *, max_client_batch_size: int,
                  max_input_tokens: int | None = None, default_instruction: str | None = None,
-                 accept_any_model_name: bool = False):  # fmt: skip
+                 accept_any_model_name: bool = False,
+                 accept_token_ids: bool = False):  # fmt: skip
         self.served = served
+        self.accept_token_ids = accept_token_ids
         self.max_inputs = max_client_batch_size
         self.max_input_tokens = max_input_tokens or served.max_length
         self.default_instruction = default_instruction
@@ -148,6 +150,8 @@ class Preparer:
         else:
             raise ValueError(f"unknown route {route!r}")
         name = INPUT_FIELD[route]
+        if req.tokens and s.has_tokenizer and not self.accept_token_ids:
+            raise ApiError(422, TOKEN_IDS_REFUSED.format(name=name), name)
         texts, cuts = self.prepare(req, name)
         if cuts and not req.truncate:
             raise ApiError(413, truncation_refusal(cuts[0], name), f"{name}[{cuts[0].index}]")
@@ -224,6 +228,17 @@ class Preparer:
             raise ApiError(422, "this server's model has no tokenizer", "ids")
         tok = self.served.rules.tokenizer
         return dumps([tok.decode(seq, skip_special_tokens=skip) for seq in ids])
+
+
+# Token ids mean nothing without the tokenizer that made them, and no check on the ids can tell
+# (a foreign tokenizer's in-vocabulary ids often decode and re-encode unchanged), so a server
+# whose model has a tokenizer takes text unless its operator says otherwise.
+TOKEN_IDS_REFUSED = (
+    '"{name}" holds token ids, which this server refuses: it cannot tell which tokenizer made '
+    "them, and another tokenizer's ids give wrong embeddings (LangChain's OpenAIEmbeddings "
+    "sends tiktoken ids unless given check_embedding_ctx_length=False); send the text, or "
+    "start the server with --accept-token-ids if you tokenize with this model's own tokenizer"
+)
 
 
 def model_not_found(name: str, served: list[str], hint: str = "") -> ApiError:
