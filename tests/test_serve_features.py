@@ -123,7 +123,7 @@ def test_json_without_orjson_gives_the_same_values(monkeypatch):
 # ------------------------------------------------------------------------------ TEI routes
 def test_tokenize_decode_similarity_and_left_truncation(tiny):
     texts = ["the cat sat on the mat", "a dog"]
-    with served(tiny, max_input_tokens=6) as (url, _):
+    with served(tiny, max_input_tokens=6, accept_token_ids=True) as (url, _):
         r = httpx.post(url + "/tokenize", json={"inputs": texts[1]}, timeout=30)
         assert r.status_code == 200, r.text
         want = tiny.prepare_texts([texts[1]])
@@ -326,7 +326,7 @@ def test_token_id_inputs_pool_the_token_the_rule_reads(tmp_path, pooling):
     emb = Embedder.from_pretrained(str(folder), device="cpu")
     text = "the cat sat on the mat"
     ids = [int(i) for i in emb.prepare([text]).texts.input_ids[0]]
-    with served(emb) as (url, _):
+    with served(emb, accept_token_ids=True) as (url, _):
         as_text = httpx.post(url + "/v1/embeddings", json={"input": text}, timeout=30).json()
         as_ids = httpx.post(url + "/v1/embeddings", json={"input": [ids]}, timeout=30).json()
     a, b = as_text["data"][0]["embedding"], as_ids["data"][0]["embedding"]
