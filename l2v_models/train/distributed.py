@@ -120,6 +120,18 @@ def broadcast_object(obj, d: Dist):
     return box[0]
 
 
+def agree(problem: str | None, d: Dist) -> str | None:
+    """The first (in rank order) of every process's problem, on every process, so that all of
+    them stop on the same error instead of some waiting for the others forever."""
+    if not d.active:
+        return problem
+    import torch.distributed as dist
+
+    every = [None] * d.world
+    dist.all_gather_object(every, problem)
+    return next((p for p in every if p is not None), None)
+
+
 class _GatherRows(torch.autograd.Function):
     """all_gather of equal-shape tensors; backward: the gradient summed over the ranks, this
     rank's slice (every rank's loss depends on every rank's rows)."""
