@@ -199,7 +199,7 @@ def replicate(adapters: nn.Module, d: Dist) -> nn.Module:
         return holder
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(holder, device_ids=None, broadcast_buffers=False)
+    return DistributedDataParallel(holder, device_ids=None)
 
 
 def shard_base(model, device: torch.device, d: Dist) -> None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -489,7 +490,9 @@ class Trainer:
         return history
 
     def _lost_message(self, error: BaseException, output) -> str:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # gloo: "[.../pair.cc:545] Read error [addr]: Connection reset by peer. This is ...".
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\]\s*", "", text).split(". ")[0].rstrip(".")
         newest = latest_checkpoint(output) if output is not None else None
         where = (f"the newest checkpoint is {newest}: rerun the same command with --resume"
                  if newest is not None else "no checkpoint was written (--save-every N)")
