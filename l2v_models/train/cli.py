@@ -290,8 +290,11 @@ def _train(args, d, device) -> int:
     t0 = time.perf_counter()
     first, *more = args.peft or [None]
     load_device = "cpu" if args.fsdp else (str(device) if device is not None else args.device)
+    dtype = args.dtype
+    if dtype is None and args.fsdp and device is not None and device.type == "cuda":
+        dtype = "bfloat16"  # loaded on the CPU, trained on the GPU: the GPU's default dtype
     try:
-        loaded = load_for_training(args.model, first, extra_peft=more, dtype=args.dtype,
+        loaded = load_for_training(args.model, first, extra_peft=more, dtype=dtype,
                                    device=load_device, bos_token=args.bos_token)  # fmt: skip
     except BosTokenError as e:
         raise UsageError(str(e)) from None
