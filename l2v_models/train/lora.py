@@ -12,8 +12,9 @@ fused weight carries one (A, B) pair per part:
 
 with an independent dropout mask per projection (PEFT has one dropout module per LoRA layer).
 The frozen weights are never modified; only A and B require gradients. LoraOps finds the
-adapters of a weight by the identity of the weight tensor, so the layer body in
-l2v_models.model runs unchanged. Attention dropout (SimCSE: 0.3, as llm2vec sets
+adapters of a weight by the identity of the weight tensor (whichever tensor the layer's
+attribute holds when it runs: its parameter, or FSDP2's gathered stand-in), so the layer body
+in l2v_models.model runs unchanged. Attention dropout (SimCSE: 0.3, as llm2vec sets
 `attention_dropout`) is TorchOps' own: on the attention probabilities while `training`, as
 transformers' eager and SDPA paths do.
 
