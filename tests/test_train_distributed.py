@@ -152,11 +152,13 @@ def test_killed_process_stops_the_run_and_resume_finishes_it(setup, two_processe
     victim.kill()
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err[-3000:]
-    # The surviving process's line, then the launcher's naming the one that died.
-    survivor, line = [x for x in err.splitlines() if x.startswith("l2v: error:")]
-    assert "rank 0 lost the other processes during step" in survivor, err[-3000:]
-    assert "Connection reset by peer" in survivor and "GLHF" not in survivor
+    # The launcher's line naming the process that died; before it, the survivor's own line when
+    # it noticed the loss before the launcher stopped it (a race: it may not have).
+    *survivor, line = [x for x in err.splitlines() if x.startswith("l2v: error:")]
     assert f"rank 1 (pid {victim.pid}) was killed by SIGKILL" in line, err[-3000:]
+    for x in survivor:
+        assert "rank 0 lost the other processes during step" in x, err[-3000:]
+        assert "Connection" in x and "GLHF" not in x
     assert "--resume" in line and str(out / "checkpoints" / "step-0000") in line
     stopped_at = latest_checkpoint(out)
     assert int(stopped_at.name.split("-")[1]) < RESUMED["steps"]
@@ -177,16 +179,18 @@ def test_killed_process_stops_the_run_and_resume_finishes_it(setup, two_processe
 def test_resume_on_another_number_of_processes_says_what_changes(setup, two_processes):
     root, base, text, _ = setup
     out = root / "killed"  # written by the test above on 2 processes
-    if latest_checkpoint(out) is None:
+    done = sorted(p for p in out.glob("checkpoints/step-*") if (p / "trainer_state.pt").is_file())
+    if len(done) < 2:
         pytest.skip("needs the 2-process checkpoints of the killed-run test")
-    checkpoint = out / "checkpoints" / "step-000004"
+    checkpoint = done[1]  # step 4: steps remain to train
+    step = int(checkpoint.name.split("-")[1])
     loaded = load_for_training(str(base), dtype=torch.float32, device="cpu")
     config = TrainConfig(**RESUMED)
     trainer = Trainer(loaded, config, model_arg=str(base))
     batcher = trainer.batches([text])
     notes = trainer.load_checkpoint(checkpoint, batcher)
-    assert trainer.step == 4 and len(notes) == 1
+    assert trainer.step == step and len(notes) == 1
     assert "written by a run on 2 process(es); resuming on 1" in notes[0]
     assert f"1 x ({B} examples) instead of 2 x" in notes[0]
-    history = trainer.fit(batcher, progress=False, stop_at=5)
+    history = trainer.fit(batcher, progress=False, stop_at=step + 1)
     assert len(history) == 1 and np.isfinite(history[0]["loss"])
