@@ -13,7 +13,7 @@ import pytest
 from bench import train
 
 
-@pytest.mark.parametrize("stage", ["simcse", "mntp"])
+@pytest.mark.parametrize("stage", ["simcse", "mntp", "supervised"])
 def test_train_bench_smoke(tmp_path, stage):
     result = train.main(["--smoke", "--stage", stage, "--out", str(tmp_path),
                          "--name", f"train-{stage}"])  # fmt: skip

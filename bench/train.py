@@ -1,7 +1,7 @@
 """Training throughput: l2v's packed LoRA step vs a padded Hugging Face + PEFT step (llm2vec's way).
 
     python -m bench.train --shape smollm2-135m --stage simcse --batch-size 32    # CPU or GPU
-    python -m bench.train --shape mistral-7b --stage simcse --batch-size 64      # a GPU
+    python -m bench.train --shape mistral-7b --stage supervised --batch-size 64  # a GPU
     python -m bench.train --smoke                                                # CI (CPU)
 
 Both sides train the same model (random weights of a real model's shape, or the embedded
@@ -14,7 +14,9 @@ clipping at 1.0) and the same loss:
 - hf-peft: transformers' model made bidirectional (l2v_models.hf_compat) + peft.get_peft_model,
   llm2vec's batches: SimCSE = two padded forwards of the batch (queries, then positives);
   MNTP = one padded forward, logits for every position, shifted cross-entropy (what
-  LlamaForCausalLM computes in llm2vec's run_mntp.py).
+  LlamaForCausalLM computes in llm2vec's run_mntp.py); supervised = three padded forwards
+  (queries with their instruction, positives, hard negatives), scale 50 (run_supervised.py).
+  l2v packs the three in one forward; the query's instruction is attended, not pooled.
 Before timing, both compute the loss (SimCSE: and the embeddings) of the first batch with
 dropout off: `same_result` says they agree (same weights, same data, same work).
 
@@ -51,8 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="model shape with random weights (bench/workloads.MODEL_SHAPES)")
     p.add_argument("--model", default=None,
                    help="real weights instead: smollm2 (the embedded GGUF) or a HF model dir")
-    p.add_argument("--stage", default="simcse", choices=("simcse", "mntp"))
-    p.add_argument("--batch-size", type=int, default=32, help="sentences per step")
+    p.add_argument("--stage", default="simcse", choices=("simcse", "mntp", "supervised"))
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="sentences (supervised: query, positive, negative triples) per step")
+    p.add_argument("--instruction-length", type=int, default=8,
+                   help="supervised: tokens of the query's instruction (attended, not pooled)")
     p.add_argument("--median-length", type=int, default=30, help="median sentence tokens")
     p.add_argument("--max-length", type=int, default=128, help="longest sentence (tokens)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per side")
@@ -74,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.smoke:
         args.shape, args.model, args.batch_size, args.steps = "smoke", None, 8, 1
         args.median_length, args.max_length = 12, 24
+        if args.stage == "supervised":  # three texts per example
+            args.batch_size, args.instruction_length = 4, 4
     return args
 
 
@@ -123,13 +130,29 @@ def make_lengths(n: int, median: int, longest: int, rng: np.random.Generator) ->
 
 
 def make_batches(args, vocab: int, steps: int) -> list[list[list[int]]]:
-    """Per step, batch_size texts of token ids: BOS (1) + random ids in [3, vocab)."""
+    """Per step, batch_size texts of token ids: BOS (1) + random ids in [3, vocab).
+    Supervised: 3 x batch_size texts (queries, positives, negatives), each query with
+    --instruction-length instruction tokens after its BOS."""
     rng = np.random.default_rng(args.seed)
     out = []
+    per_step = args.batch_size * (3 if args.stage == "supervised" else 1)
     for _ in range(steps):
-        lengths = make_lengths(args.batch_size, args.median_length, args.max_length, rng)
-        out.append([[1] + rng.integers(3, vocab, size=n - 1).tolist() for n in lengths])
+        lengths = make_lengths(per_step, args.median_length, args.max_length, rng)
+        texts = [[1] + rng.integers(3, vocab, size=n - 1).tolist() for n in lengths]
+        if args.stage == "supervised":
+            k = args.instruction_length
+            for i in range(args.batch_size):
+                texts[i] = texts[i][:1] + rng.integers(3, vocab, size=k).tolist() + texts[i][1:]
+        out.append(texts)
     return out
+
+
+def pool_start(args, i: int) -> int:
+    """First pooled token of text i of a step: after the BOS, and after a query's
+    instruction (supervised)."""
+    if args.stage == "supervised" and i < args.batch_size:
+        return 1 + args.instruction_length
+    return 1
 
 
 # ------------------------------------------------------------------------------ the sides
@@ -171,12 +194,21 @@ class L2VSide:
                          gradient_checkpointing=args.gradient_checkpointing,
                          mask_policy="bert", mask_prob=0.2)  # fmt: skip
         self.trainer = Trainer(loaded, tc, lm_head=head, mask_token_id=2)
+        self.args = args
 
     def batch(self, texts):
         from l2v_models.packing import TokenizedTexts
 
         if self.trainer.config.stage == "mntp":
             return self.trainer.collate(texts)
+        starts = [pool_start(self.args, i) for i in range(len(texts))]
+        if self.trainer.config.stage == "supervised":  # one item per (query, pos, neg)
+            n = self.args.batch_size
+            items = [TokenizedTexts([texts[j] for j in (i, n + i, 2 * n + i)],
+                                    [starts[j] for j in (i, n + i, 2 * n + i)],
+                                    [len(texts[j]) - starts[j] for j in (i, n + i, 2 * n + i)])
+                     for i in range(n)]  # fmt: skip
+            return self.trainer.collate(items)
         items = [TokenizedTexts([t], [1], [len(t) - 1]) for t in texts]  # BOS not pooled
         return self.trainer.collate(items)
 
@@ -217,6 +249,7 @@ class HFPeftSide:
         hf_config = type(hf_config).from_dict(hf_config.to_dict())
         if args.stage == "simcse":
             hf_config.attention_dropout = 0.3  # llm2vec's simcse_dropout
+        self.args = args
         model = build_hf_model(hf_config, state, dtype=dtype, device=device)
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(
@@ -245,7 +278,30 @@ class HFPeftSide:
         """The l2v side's batch, re-laid out the way llm2vec feeds transformers."""
         return texts
 
+    def _pooled(self, texts, starts) -> torch.Tensor:
+        """One padded forward (left padding, llm2vec's tokenizer), mean over each text's tokens
+        from starts[i] on (llm2vec's embed_mask) -> fp32 [len(texts), H]."""
+        ids, mask = self._padded(texts, "left")
+        L = ids.shape[1]
+        pool = mask.clone()
+        for i, (t, s) in enumerate(zip(texts, starts, strict=True)):
+            pool[i, L - len(t) : L - len(t) + s] = 0
+        h = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        w = pool.unsqueeze(-1).to(h.dtype)
+        return ((h * w).sum(1) / w.sum(1)).float()
+
     def _loss(self, l2v_batch, texts, embed_only: bool = False):
+        if self.stage == "supervised":  # queries, positives, negatives: three forwards
+            n = self.args.batch_size
+            reps = [self._pooled(texts[k * n : (k + 1) * n],
+                                 [pool_start(self.args, i) for i in range(k * n, (k + 1) * n)])
+                    for k in range(3)]  # fmt: skip
+            if embed_only:
+                return reps[0]
+            q = F.normalize(reps[0], dim=-1)
+            d = F.normalize(torch.cat(reps[1:]), dim=-1)
+            scores = q @ d.t() * 50.0
+            return F.cross_entropy(scores, torch.arange(n, device=scores.device))
         if self.stage == "simcse":  # two padded forwards, left padding (llm2vec's tokenizer)
             ids, mask = self._padded(texts, "left")
             pool = mask.clone()
@@ -262,6 +318,7 @@ class HFPeftSide:
             scores = q @ d.t() * 20.0
             return F.cross_entropy(scores, torch.arange(len(texts), device=scores.device))
         # MNTP: right padding (transformers' collator), logits everywhere, shifted CE.
+        l2v_batch = l2v_batch.chunks[0]
         masked = l2v_batch.packed.input_ids.long()
         cu = l2v_batch.packed.cu_seqlens.tolist()
         new_texts = [masked[cu[i] : cu[i + 1]].tolist() for i in range(len(cu) - 1)]
@@ -299,6 +356,9 @@ class HFPeftSide:
 
     def padded_tokens(self, pair) -> int:
         texts = pair[1]
+        if self.stage == "supervised":
+            n = self.args.batch_size
+            return sum(n * max(len(t) for t in texts[k * n : (k + 1) * n]) for k in range(3))
         return (2 if self.stage == "simcse" else 1) * len(texts) * max(len(t) for t in texts)
 
 
@@ -330,7 +390,7 @@ def main(argv=None) -> dict:
         side = sides[name]()
         inputs = batches if name == "l2v" else list(zip(batches, texts, strict=True))
         losses[name] = side.loss(inputs[0])
-        if args.stage == "simcse":
+        if args.stage != "mntp":
             embeddings[name] = side.embed(inputs[0])
         gc.collect()
         _sync(device)

@@ -125,6 +125,11 @@ class Layer(nn.Module):
         for name, shape in shapes.items():
             setattr(self, name, _weight(*shape))
 
+    def forward(self, ops, x, xn, next_norm, b: BatchTables, c: ModelConfig, local: bool):
+        """layer_forward on this layer's weights, as a module call so that module hooks run
+        (training shards layers with FSDP2, whose hooks gather a layer's weights)."""
+        return layer_forward(ops, self, x, xn, next_norm, b, c, local)
+
 
 def split_qkv(qkv: torch.Tensor, c: ModelConfig):
     """Views [T, H, D] of the q, k, v column blocks of the fused projection output."""
@@ -291,11 +296,11 @@ class Transformer(nn.Module):
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             next_norm = self.layers[i + 1].attn_norm if i + 1 < n else self.norm
-            args = (ops, layer, x, xn, next_norm, b, c, c.layer_is_local(i))
+            args = (ops, x, xn, next_norm, b, c, c.layer_is_local(i))
             if recompute:
-                x, xn = torch.utils.checkpoint.checkpoint(layer_forward, *args, use_reentrant=False)
+                x, xn = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
-                x, xn = layer_forward(*args)
+                x, xn = layer(*args)
         return xn
 
     def pool(

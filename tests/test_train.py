@@ -120,13 +120,13 @@ def test_loss_and_lora_grads_match_hf_peft(base, triples_file, text_file, stage)
     ids, mask, texts = left_padded(batch.packed)
     hidden = unpadded(peft_model(input_ids=ids, attention_mask=mask).last_hidden_state, texts)
     if stage == "mntp":
-        ref = mntp_loss(hidden, batch, trainer.lm_head)
+        ref = mntp_loss(hidden, batch.chunks[0], trainer.lm_head)
     else:
         m = batch.packed.pool_mask.bool()
         seq = torch.repeat_interleave(torch.arange(len(texts)), torch.tensor([len(t) for t in
                                                                                texts]))
         pooled = torch.stack([hidden[(seq == i) & m].mean(0) for i in range(len(texts))])
-        ref = contrastive_loss(pooled, batch.n, batch.groups, trainer.config.scale)
+        ref = contrastive_loss(pooled, batch.n, trainer.config.scale, keys=batch.keys)
     ref.backward()
     assert abs(ours.item() - ref.item()) <= 1e-5 * abs(ref.item()) + 1e-6
     for t, a_param, b_param in zip(trainer.adapters.targets, trainer.adapters.A,
@@ -212,7 +212,7 @@ def test_simcse_positive_is_the_same_sentence_under_dropout(base, text_file):
     randomize_lora_(trainer)
     items = [item for _, item in trainer.batches([text_file]).next_batch()]
     batch = trainer.collate(items)
-    assert batch.n == 5 and batch.groups == 2
+    assert batch.n == 5 and batch.num_negatives == 0
     cu = batch.packed.cu_seqlens.tolist()
     ids = [batch.packed.input_ids[cu[i] : cu[i + 1]].tolist() for i in range(10)]
     pools = [batch.packed.pool_mask[cu[i] : cu[i + 1]].tolist() for i in range(10)]
@@ -254,7 +254,7 @@ def test_supervised_pools_the_text_not_the_instruction(base, triples_file):
     n_text = len(trainer.tokenizer("the cat sat", add_special_tokens=False)["input_ids"])
     assert texts.pool_counts[0] == n_text < len(texts.input_ids[0])
     batch = trainer.collate([texts, texts])
-    assert batch.groups == 3 and batch.n == 2
+    assert batch.num_negatives == 2 and batch.n == 2
     assert int(batch.packed.pool_mask[: len(texts.input_ids[0])].sum()) == n_text
 
 

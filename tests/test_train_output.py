@@ -148,12 +148,12 @@ def test_supervised_data_errors_quote_the_fields_once(base, tmp_path, capsys):
     args = ["train", "supervised", "--model", str(base), "--output", str(tmp_path / "o"), "-q"]
     assert main([*args, "--data", str(plain)]) == 2
     err = capsys.readouterr().err
-    assert '({"query", "positive", "negative", "instruction"} per line)' in err and "}}" not in err
+    assert '({"query", "positive", "negatives", "instruction"} per line)' in err and "}}" not in err
     loaded = load_for_training(str(base), dtype=torch.float32, device="cpu")
     trainer = Trainer(loaded, TrainConfig("supervised", batch_size=2), model_arg=str(base))
     with pytest.raises(DataError) as info:
         trainer.encode(Example("f:1", text="not a triple"))
-    assert str(info.value) == ('f:1: supervised training reads {"query", "positive", "negative", '
+    assert str(info.value) == ('f:1: supervised training reads {"query", "positive", "negatives", '
                                '"instruction"} objects')
 
 

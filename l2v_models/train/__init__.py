@@ -4,9 +4,14 @@
 
 Modules: lora (unmerged LoRA on the fused weights + the LoraOps table), objectives (training
 forward, MNTP masking and loss, contrastive losses), data (files -> validated index -> seeded
-stream -> token-budget batches), trainer (the Trainer API), save (PEFT adapter folders), cli
-(`l2v train mntp|simcse|supervised`). Names are imported on first use, so importing this
-package (as the CLI does to build its parser) costs nothing.
+stream -> token-budget batches), parquet (Parquet files), mixing (files mixed by weight),
+collate (a step's items -> this process's packed batches), step (one step's forward and
+backward: gathered contrastive rows, GradCache), distributed (torchrun, DDP, FSDP2), seeding
+(every random draw derived from the seed), checkpoints (resumable checkpoints), outputs (the
+output folder's safety), loading (models for training), trainer (the Trainer API), save (PEFT
+adapter folders), launch (`--nproc-per-node`), cli (`l2v train mntp|simcse|supervised`;
+`python -m l2v_models.train` under torchrun). Names are imported on first use, so importing
+this package (as the CLI does to build its parser) costs nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ _EXPORTS = {
     "DataError": "data",
     "DataIndex": "data",
     "save_adapter": "save",
+    "StepBatch": "collate",
+    "Dist": "distributed",
+    "init_from_environment": "distributed",
+    "MixedStream": "mixing",
+    "RankLost": "trainer",
 }
 
 __all__ = sorted(_EXPORTS)

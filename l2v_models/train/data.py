@@ -5,22 +5,26 @@
     batcher = TrainingBatcher(stream, encode, batch_size=32, batch_tokens=None)
     items = batcher.next_batch()                    # [(Example, item), ...] for one step
 
-Formats (by file name): `.jsonl` / `.ndjson` hold one JSON object per line, anything else is
-plain text with one passage per line (UTF-8; blank lines skipped).
-- kind "text" (MNTP, SimCSE): a plain line, or a JSON object with a string "text".
-- kind "triplet" (supervised): a JSON object with strings "query" and "positive", and optional
-  "negative" and "instruction" (plain text files are refused for this kind).
+Formats (by file name): `.jsonl` / `.ndjson` hold one JSON object per line, `.parquet` / `.pq`
+one example per row (l2v_models.train.parquet), anything else is plain text with one passage per
+line (UTF-8; blank lines skipped).
+- kind "text" (MNTP, SimCSE): a plain line, or a JSON object (Parquet column) with a string
+  "text".
+- kind "triplet" (supervised): strings "query" and "positive", optional "instruction", and the
+  hard negatives as one string "negative" or a list of strings "negatives" (any number per
+  example, none included). Plain text files are refused for this kind.
 Every line is parsed once by `scan` before training starts, so a malformed line stops the run
 at once with its file and line number (DataError); afterwards lines are read back by byte
-offset, so the data is never held in memory. The stream's state (epoch, cursor) makes a
-checkpointed run resume on exactly the next example.
+offset, so the data is never held in memory (Parquet columns are, as Arrow arrays). The stream's
+state (epoch, cursor) makes a checkpointed run resume on exactly the next example. Several files
+mixed with weights: l2v_models.train.mixing.MixedStream.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +43,8 @@ class DataError(ValueError):
 class Example:
     """One training example and where it came from ("path:line").
 
-    kind "text": text. kind "triplet": query, positive, negative (or None), instruction ("")."""
+    kind "text": text. kind "triplet": query, positive, instruction (""), and the hard
+    negatives: `negatives` holds all of them (`negative`, the one-negative form, comes first)."""
 
     where: str
     text: str | None = None
@@ -47,6 +52,13 @@ class Example:
     positive: str | None = None
     negative: str | None = None
     instruction: str = ""
+    negatives: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        negatives = tuple(self.negatives)
+        if self.negative is not None:
+            negatives = (self.negative, *negatives)
+        object.__setattr__(self, "negatives", negatives)
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -70,7 +82,7 @@ def parse_line(raw: bytes, path: Path, lineno: int, kind: str) -> Example | None
         if kind == "triplet":
             raise DataError(
                 f"{path}: supervised training reads JSONL ({{\"query\", \"positive\", "
-                "\"negative\", \"instruction\"} per line); name the file *.jsonl"
+                "\"negatives\", \"instruction\"} per line) or Parquet; name the file *.jsonl"
             )
         return Example(where, text=line)
     try:
@@ -80,7 +92,7 @@ def parse_line(raw: bytes, path: Path, lineno: int, kind: str) -> Example | None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
 
-    def field(name: str, required: bool) -> str | None:
+    def string_field(name: str, required: bool) -> str | None:
         value = obj.get(name)
         if value is None:
             if required:
@@ -92,10 +104,23 @@ def parse_line(raw: bytes, path: Path, lineno: int, kind: str) -> Example | None
         return value
 
     if kind == "text":
-        return Example(where, text=field("text", True))
-    return Example(where, query=field("query", True), positive=field("positive", True),
-                   negative=field("negative", False),
-                   instruction=field("instruction", False) or "")  # fmt: skip
+        return Example(where, text=string_field("text", True))
+    negatives = obj.get("negatives")
+    if negatives is not None:
+        if "negative" in obj:
+            raise DataError(f'{where}: has both "negative" and "negatives"; give one (a list '
+                            'goes in "negatives")')  # fmt: skip
+        if not isinstance(negatives, list):
+            raise DataError(f'{where}: "negatives" must be a list of strings, got '
+                            f"{type(negatives).__name__}")  # fmt: skip
+        for j, value in enumerate(negatives):
+            if not isinstance(value, str):
+                raise DataError(f'{where}: "negatives"[{j}] must be a string, got '
+                                f"{type(value).__name__}")  # fmt: skip
+    return Example(where, query=string_field("query", True),
+                   positive=string_field("positive", True),
+                   negative=string_field("negative", False), negatives=tuple(negatives or ()),
+                   instruction=string_field("instruction", False) or "")  # fmt: skip
 
 
 @dataclass
@@ -109,6 +134,8 @@ class DataIndex:
     linenos: np.ndarray  # int64 [N]
 
     excluded: int = 0  # examples dropped by `exclude`
+    # Parquet files' checked columns by file id (their rows are read from memory).
+    tables: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.offsets.shape[0])
@@ -123,36 +150,57 @@ class DataIndex:
         paths = [Path(p) for p in paths]
         if not paths:
             raise DataError("no data files given (--data FILE ...)")
+        from l2v_models.train.parquet import ParquetRows, is_parquet
+
         file_ids, offsets, linenos = [], [], []
         excluded = 0
+        tables: dict[int, ParquetRows] = {}
         for fid, path in enumerate(paths):
             if not path.exists():
                 raise DataError(f"{path}: data file not found")
             if path.is_dir():
                 raise DataError(f"{path} is a directory; pass data files")
             count = 0
-            with open(path, "rb") as f:
-                pos = 0
-                for lineno, raw in enumerate(f, 1):
-                    example = parse_line(raw, path, lineno, kind)
-                    if example is not None and exclude is not None and exclude(example):
+            if is_parquet(path):
+                rows = tables[fid] = ParquetRows.open(path, kind)
+                for i in range(len(rows)):
+                    if exclude is not None and exclude(rows.example(i)):
                         excluded += 1
-                    elif example is not None:
-                        file_ids.append(fid)
-                        offsets.append(pos)
-                        linenos.append(lineno)
-                        count += 1
-                    pos += len(raw)
+                        continue
+                    file_ids.append(fid)
+                    offsets.append(i)
+                    linenos.append(i + 1)
+                    count += 1
+            else:
+                with open(path, "rb") as f:
+                    pos = 0
+                    for lineno, raw in enumerate(f, 1):
+                        example = parse_line(raw, path, lineno, kind)
+                        if example is not None and exclude is not None and exclude(example):
+                            excluded += 1
+                        elif example is not None:
+                            file_ids.append(fid)
+                            offsets.append(pos)
+                            linenos.append(lineno)
+                            count += 1
+                        pos += len(raw)
             if count == 0:
                 why = "every example is evaluation data" if excluded else "the file is empty"
                 raise DataError(f"{path}: no training examples ({why} or blank)")
         return cls(paths, kind, np.asarray(file_ids, dtype=np.int32),
                    np.asarray(offsets, dtype=np.int64), np.asarray(linenos, dtype=np.int64),
-                   excluded)
+                   excluded, tables)  # fmt: skip
+
+    def file_range(self, fid: int) -> tuple[int, int]:
+        """[start, stop) of file `fid`'s examples in index order (files are scanned in order)."""
+        lo, hi = np.searchsorted(self.file_ids, [fid, fid + 1])
+        return int(lo), int(hi)
 
     def read(self, i: int, handles: dict) -> Example:
-        """Example i (index order), read back by its byte offset."""
+        """Example i (index order), read back by its byte offset (Parquet: its row)."""
         fid = int(self.file_ids[i])
+        if fid in self.tables:
+            return self.tables[fid].example(int(self.offsets[i]))
         f = handles.get(fid)
         if f is None:
             f = handles[fid] = open(self.paths[fid], "rb")
@@ -192,6 +240,9 @@ class ExampleStream:
         return {"epoch": self.epoch, "cursor": self.cursor}
 
     def restore(self, state: dict) -> None:
+        if "mix" in state:
+            raise DataError(f"cannot resume: the checkpoint's data was mixed with --data-weights "
+                            f"{state['mix']}; resume with the same data options")  # fmt: skip
         if (state["epoch"], state["cursor"]) != (self.epoch, self.cursor):
             self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
 
@@ -271,7 +322,7 @@ class TrainingBatcher:
 
 def evaluation_filter() -> Callable[[Example], bool]:
     """exclude(example) for DataIndex.scan: True when any of the example's texts (text, query,
-    positive, negative; stripped) is one that `l2v eval` scores: a Lee document, a held-out
+    positive, negatives; stripped) is one that `l2v eval` scores: a Lee document, a held-out
     WordNet synset's definition or example (l2v_models.eval.wordnet.is_heldout), a SimLex or
     WordSim word. Exact matches only: data built from WordNet should also skip held-out
     synsets itself (is_heldout). Raises the eval package's DataMissing (what to install) when
@@ -281,7 +332,7 @@ def evaluation_filter() -> Callable[[Example], bool]:
     texts = {t.strip() for t in evaluation_texts()}
 
     def exclude(example: Example) -> bool:
-        fields = (example.text, example.query, example.positive, example.negative)
+        fields = (example.text, example.query, example.positive, *example.negatives)
         return any(f is not None and f.strip() in texts for f in fields)
 
     return exclude

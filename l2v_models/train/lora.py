@@ -12,8 +12,9 @@ fused weight carries one (A, B) pair per part:
 
 with an independent dropout mask per projection (PEFT has one dropout module per LoRA layer).
 The frozen weights are never modified; only A and B require gradients. LoraOps finds the
-adapters of a weight by the identity of the weight tensor, so the layer body in
-l2v_models.model runs unchanged. Attention dropout (SimCSE: 0.3, as llm2vec sets
+adapters of a weight by the identity of the weight tensor (whichever tensor the layer's
+attribute holds when it runs: its parameter, or FSDP2's gathered stand-in), so the layer body
+in l2v_models.model runs unchanged. Attention dropout (SimCSE: 0.3, as llm2vec sets
 `attention_dropout`) is TorchOps' own: on the attention probabilities while `training`, as
 transformers' eager and SDPA paths do.
 
@@ -181,25 +182,39 @@ class LoraOps(TorchOps):
         self.adapters = adapters
         self.lora_dropout = float(lora_dropout)
         self.training = True
-        # id(frozen weight) -> [(start, stop, A, B)] sorted by rows; the weight is kept alive by
-        # the model, so its id is stable for the table's lifetime.
-        self._table: dict[int, tuple[torch.Tensor, list]] = {}
+        # (layer module, weight name) -> [(start, stop, A, B)] sorted by rows.
+        self._sites: dict[tuple[int, str], tuple[nn.Module, str, list]] = {}
         if adapters is not None:
             for t, a, b in zip(adapters.targets, adapters.A, adapters.B, strict=True):
-                w = getattr(model.layers[t.layer], t.weight)
-                entry = self._table.setdefault(id(w), (w, []))
-                entry[1].append((t.start, t.stop, a, b))
-            for _, parts in self._table.values():
+                layer = model.layers[t.layer]
+                site = self._sites.setdefault((t.layer, t.weight), (layer, t.weight, []))
+                site[2].append((t.start, t.stop, a, b))
+            for _, _, parts in self._sites.values():
                 parts.sort(key=lambda p: p[0])
+        # id(weight) -> (weight, parts or None): the weight tensor a layer hands to linear() is
+        # its parameter, or under FSDP2 the gathered copy that stands in for it during the
+        # layer's forward; either is looked up once and kept alive here, so its id is stable.
+        self._table: dict[int, tuple[torch.Tensor, list | None]] = {}
 
-    def _lora_delta(self, x: torch.Tensor, w: torch.Tensor):
+    def _parts(self, w: torch.Tensor) -> list | None:
         entry = self._table.get(id(w))
         if entry is None or entry[0] is not w:
+            found = None
+            for layer, name, parts in self._sites.values():
+                if getattr(layer, name) is w:
+                    found = parts
+                    break
+            entry = self._table[id(w)] = (w, found)
+        return entry[1]
+
+    def _lora_delta(self, x: torch.Tensor, w: torch.Tensor):
+        parts = self._parts(w)
+        if parts is None:
             return None
         scale = self.adapters.scale
         p = self.lora_dropout if self.training else 0.0
         pieces, row = [], 0
-        for start, stop, a, b in entry[1]:
+        for start, stop, a, b in parts:
             if start > row:
                 pieces.append(x.new_zeros(x.shape[0], start - row))
             xd = F.dropout(x, p, training=True) if p > 0 else x

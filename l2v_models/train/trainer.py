@@ -11,9 +11,16 @@
 One step: forward with autograd through the frozen model (torch backend, LoraOps: unmerged
 LoRA, dropout), the stage's loss, backward into the LoRA matrices only, gradient clipping,
 AdamW with a linear warm-up / decay schedule. Everything random is seeded: LoRA init and the
-data order from `seed`, MNTP masking from its own generator, dropout from torch's global
-generator (seeded at construction); a checkpoint stores all of them with the optimizer, so a
-resumed run is bit-identical to an uninterrupted one (same machine, same thread count).
+data order from `seed`; MNTP masks per text and dropout per forward from seeds derived from
+(seed, step, ...) (seeding), so a resumed run is bit-identical to an uninterrupted one (same
+machine, same thread count, same number of processes).
+
+Data parallel (under torchrun; distributed, step, collate): every rank reads the same data
+stream and takes its own `batch_size` examples of each step (the step is world x batch_size
+examples), DDP averages the LoRA gradients, contrastive stages gather the pooled rows of every
+rank with their gradients, MNTP divides by the predicted tokens of all ranks: 2 processes x
+batch B train like 1 x 2B. config.fsdp shards the frozen base over the ranks (FSDP2).
+config.grad_cache_chunk: GradCache for contrastive batches larger than memory.
 
 Defaults follow llm2vec's published train_configs: LoRA r 16, alpha 32, dropout 0.05 on all
 seven projections; MNTP lr 5e-5 (transformers' default: the configs set none), batch 32, 512
@@ -23,8 +30,8 @@ lr 2e-4, 300 warm-up steps, batch 64, 512 tokens, scale 50; 1000 steps; weight d
 gradient clipping at 1.0 (transformers' Trainer defaults).
 
 Longer than ~500 lines on purpose: the Trainer is the recipe's one stateful object (optimizer,
-schedule, checkpoints and bit-exact resume, the three stages' batching); objectives, data, LoRA
-and saving live in their own modules.
+schedule, the loop, the three stages' text handling); objectives, data, collation, the step's
+forward / backward, distribution, checkpoints, LoRA and saving live in their own modules.
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,20 +49,28 @@ import torch
 
 from l2v_models import text_inputs, text_rules
 from l2v_models import tokenization as tk
-from l2v_models.engine import Engine
-from l2v_models.packing import TokenizedTexts, pack
+from l2v_models.packing import pack
+from l2v_models.train import checkpoints
+from l2v_models.train.checkpoints import CHECKPOINT_FILE, CONFIG_FILE, latest_checkpoint
+from l2v_models.train.collate import StepBatch, collate_contrastive, collate_mntp
 from l2v_models.train.data import DataError, DataIndex, Example, ExampleStream, TrainingBatcher
-from l2v_models.train.lora import LORA_TARGETS, LoraAdapters, LoraOps, merge_adapter_
-from l2v_models.train.objectives import (
-    MASK_POLICIES,
-    ContrastiveBatch,
-    contrastive_loss,
-    duplicate_rows,
-    mask_tokens,
-    mntp_loss,
-    pooled_rows,
-    train_forward,
+from l2v_models.train.distributed import (
+    Dist,
+    is_collective_failure,
+    replicate,
+    shard_base,
 )
+from l2v_models.train.loading import (  # the loading API, re-exported
+    BosTokenError,
+    base_arg,
+    load_for_training,
+    prepend_special_token,
+    read_lm_head,
+)
+from l2v_models.train.lora import LORA_TARGETS, LoraAdapters, LoraOps
+from l2v_models.train.objectives import MASK_POLICIES, pooled_rows, train_forward
+from l2v_models.train.seeding import MASKS, derive_seed
+from l2v_models.train.step import StepRunner
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +90,10 @@ MNTP_DEFAULT = (0.2, "bert")
 # A text longer than this many characters per token of the limit is cut before tokenization
 # under --long-lines truncate (no tokenizer makes tokens that long on real text).
 _CHARS_PER_TOKEN_BOUND = 64
-CHECKPOINT_FILE = "trainer_state.pt"
-CONFIG_FILE = "train_config.json"
 LOG_FILE = "train_log.jsonl"
+__all__ = ["CHECKPOINT_FILE", "CONFIG_FILE", "LOG_FILE", "BosTokenError", "RankLost",
+           "TrainConfig", "Trainer", "latest_checkpoint", "load_for_training",
+           "prepend_special_token", "read_lm_head"]  # fmt: skip
 
 
 @dataclass
@@ -89,6 +106,7 @@ class TrainConfig:
     warmup_steps: int | None = None
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    # Per process: a step of a run on N processes takes N x these.
     batch_size: int | None = None  # examples per step (SimCSE: sentences; supervised: triples)
     batch_tokens: int | None = None  # real tokens per step (all texts of the step)
     max_length: int | None = None  # tokens per text
@@ -99,6 +117,12 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     attn_dropout: float | None = None
     scale: float | None = None  # contrastive: cosine similarity x scale
+    temperature: float | None = None  # contrastive: scale = 1 / temperature (give one of them)
+    symmetric: bool = False  # contrastive: + the document-to-query loss
+    mask_false_negatives: bool = True  # candidates with the target's text leave the softmax
+    false_negative_margin: float | None = None  # and those scoring above target - margin
+    grad_cache_chunk: int | None = None  # GradCache: forward this many examples at a time
+    fsdp: bool = False  # shard the frozen base over the processes (FSDP2)
     mask_prob: float | None = None
     mask_policy: str | None = None
     mask_token: str | None = None  # None: the tokenizer's, else "_" (llm2vec's "blank")
@@ -128,6 +152,24 @@ class TrainConfig:
         _check_int("max_length", out.max_length, 1)
         _check_int("lora_r", out.lora_r, 1)
         _check_int("save_every", out.save_every, 0)
+        _check_int("seed", out.seed, 0)
+        if out.grad_cache_chunk is not None:
+            _check_int("grad_cache_chunk", out.grad_cache_chunk, 1)
+        if out.temperature is not None:
+            if not out.temperature > 0:
+                raise ValueError(f"temperature must be > 0, got {out.temperature!r}")
+            if self.scale is not None and self.scale != 1.0 / self.temperature:
+                raise ValueError("give the scale or the temperature (scale = 1 / temperature), "
+                                 "not both")  # fmt: skip
+            out.scale = 1.0 / out.temperature
+        if out.false_negative_margin is not None and not math.isfinite(out.false_negative_margin):
+            raise ValueError("false_negative_margin must be a finite number")
+        if out.stage == "mntp":
+            given = [name for name in ("temperature", "false_negative_margin")
+                     if getattr(out, name) is not None] + (["symmetric"] if out.symmetric else [])
+            if given:
+                raise ValueError(f"{', '.join(given)}: contrastive settings (simcse, supervised), "
+                                 "not for mntp")  # fmt: skip
         for name in ("batch_size", "batch_tokens"):
             if getattr(out, name) is not None:
                 _check_int(name, getattr(out, name), 1)
@@ -168,113 +210,8 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * max(0.0, (config.steps - step) / max(1, config.steps - warm))
 
 
-# ------------------------------------------------------------------------------ loading
-def load_for_training(model=None, peft=None, *, dtype=None, device=None, extra_peft=(),
-                      attention: str = "bidirectional", bos_token: str | None = None):  # fmt: skip
-    """l2v_models.checkpoint.load_model on the torch backend (training needs autograd), with
-    `peft` (a previous stage's adapter) merged; `extra_peft` adapters are merged after it (a
-    chain longer than load_model's). model None: the untrained embedded SmolLM2 ("smollm2").
-    An adapter whose shapes do not fit the base raises ValueError saying so. attention:
-    "bidirectional" (LLM2Vec's recipe, every family, Qwen2 included), or load_model's "llm2vec"
-    / "causal". bos_token: see prepend_special_token.
-    Returns the Loaded (model in the given dtype: default bf16 on CUDA, fp32 on CPU)."""
-    from l2v_models.checkpoint import load_model, read_lora_adapter
-
-    try:
-        loaded = load_model(_base_arg(model), peft, dtype=dtype, device=device, backend="torch",
-                            attention=attention)  # fmt: skip
-        for path in extra_peft:
-            merge_adapter_(loaded.model, read_lora_adapter(Path(path)))
-    except ValueError as e:
-        text = str(e)
-        if "LoRA adapter" in text and ("lora_A is" in text or "not in this model" in text):
-            raise ValueError(
-                f"{text.splitlines()[0]}. The adapter was trained for another base model: "
-                f"pass the --model it was trained on (its adapter_config.json names it)"
-            ) from None
-        raise
-    loaded.model.requires_grad_(False)
-    if bos_token is not None:
-        prepend_special_token(loaded.tokenizer, bos_token)
-    return loaded
-
-
-class BosTokenError(ValueError):
-    """--bos-token names a token that cannot be every text's first token (a user error)."""
-
-
-def prepend_special_token(tokenizer, token: str) -> None:
-    """Make a fast tokenizer put `token` (one of its special tokens) before every text, as
-    Llama's tokenizer puts its BOS, and keep it when saved (MNTP writes the tokenizer into its
-    -mntp folder, so the next stages and the encoder tokenize the same way).
-
-    Why: a decoder's first position is an attention sink whose hidden state is nearly the same
-    for every text; a tokenizer without a BOS (SmolLM2's) makes that position a text token, so
-    mean pooling over a one-word text returns almost the same vector for every word. The
-    prepended token takes the sink, and like any special token it is attended to but never
-    pooled (llm2vec pools the text's own tokens). A no-op when the tokenizer already does it."""
-    from tokenizers import processors
-
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    if token_id is None or token_id == tokenizer.unk_token_id and token != tokenizer.unk_token:
-        raise BosTokenError(f"--bos-token {token!r} is not a token of this tokenizer")
-    if token not in tokenizer.all_special_tokens:
-        # A plain token would be pooled like the text's own tokens (only special ones are not).
-        raise BosTokenError(f"--bos-token {token!r} is not a special token of this tokenizer; "
-                            f"its special tokens: {' '.join(tokenizer.all_special_tokens)}")
-    if tokenizer("a")["input_ids"][:1] == [token_id]:
-        return
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise BosTokenError("--bos-token needs a fast tokenizer (tokenizer.json)")
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{token} $A", pair=f"{token} $A $B:1", special_tokens=[(token, token_id)]
-    )
-    tokenizer.bos_token = token
-    if tokenizer("a")["input_ids"][:1] != [token_id]:
-        raise BosTokenError(f"could not make this tokenizer prepend {token!r}")
-
-
-def _base_arg(model) -> str:
-    from l2v_models.checkpoint import BASE_MODEL
-
-    return BASE_MODEL if model is None else str(model)
-
-
-def read_lm_head(model_arg, loaded) -> torch.Tensor:
-    """The LM head [V, H] for MNTP: the input embeddings where the config ties them (SmolLM2,
-    Gemma), else `lm_head.weight` of the base checkpoint (an -mntp dir's base weights)."""
-    from l2v_models.checkpoint import PACKAGED_MODELS, read_lora_adapter
-    from l2v_models.checkpoint.hub import _resolve_dir
-    from l2v_models.checkpoint.sources import _checkpoint_files, _load_bin, _safe_open
-
-    model = loaded.model
-    if getattr(loaded.hf_config, "tie_word_embeddings", True):
-        return model.embed
-    arg = _base_arg(model_arg)
-    if arg.endswith(".gguf") or arg.lower() in PACKAGED_MODELS:
-        raise ValueError(f"{arg}: MNTP on an untied GGUF model is not supported (its LM head "
-                         "is not read); pass the Hugging Face model directory")  # fmt: skip
-    directory = _resolve_dir(arg, "base model")
-    if (directory / "adapter_config.json").is_file():  # an -mntp dir: the base weights
-        base = read_lora_adapter(directory).base_model_name_or_path
-        directory = _resolve_dir(str(base), "base weights")
-    fmt, files = _checkpoint_files(directory)
-    for f in files:
-        if fmt == "safetensors":
-            handle = _safe_open(f)
-            for key in ("lm_head.weight", "model.lm_head.weight"):
-                if key in handle.keys():
-                    w = handle.get_tensor(key)
-                    return w.to(device=model.device, dtype=model.dtype)
-        else:
-            state = _load_bin(f)
-            if "lm_head.weight" in state:
-                return state["lm_head.weight"].to(device=model.device, dtype=model.dtype)
-    raise ValueError(
-        f"{directory}: the config does not tie the LM head to the embeddings and the checkpoint "
-        "has no lm_head.weight; MNTP needs the model's LM head (save the *ForCausalLM)"
-    )
+class RankLost(RuntimeError):
+    """A data-parallel run lost one of its processes: the message says where to resume."""
 
 
 # ------------------------------------------------------------------------------ trainer
@@ -284,19 +221,30 @@ class Trainer:
     loaded: l2v_models.checkpoint.Loaded on the torch backend (load_for_training). config: the
     run's TrainConfig. lm_head: MNTP's LM head [V, H] (default: read_lm_head(model_arg)).
     mask_token_id: MNTP's mask token (default: from the tokenizer; needed without one, as in
-    benchmarks on token ids)."""
+    benchmarks on token ids). dist: this process's place in a data-parallel run
+    (distributed.init_from_environment; default one process). device: where to train with
+    config.fsdp (the model is loaded on the CPU and its shards move there; default the
+    model's device)."""
 
     def __init__(self, loaded, config: TrainConfig, *, model_arg=None,
-                 lm_head: torch.Tensor | None = None,
-                 mask_token_id: int | None = None):  # fmt: skip
+                 lm_head: torch.Tensor | None = None, mask_token_id: int | None = None,
+                 dist: Dist | None = None, device=None):  # fmt: skip
         model = loaded.model
         if model.backend != "torch":
             raise ValueError("training runs on the torch backend: load with backend='torch' "
                              "(load_for_training does)")  # fmt: skip
         self.loaded, self.model, self.tokenizer = loaded, model, loaded.tokenizer
         self.config = config = config.resolved(model.config.arch)
-        self.model_arg = _base_arg(model_arg)
-        torch.manual_seed(config.seed)  # dropout draws from the global generator
+        self.model_arg = base_arg(model_arg)
+        self.dist = dist if dist is not None else Dist()
+        if config.stage == "mntp" and lm_head is None:
+            lm_head = read_lm_head(model_arg, loaded)
+        if config.fsdp:
+            device = torch.device(device) if device is not None else model.device
+            if lm_head is not None and lm_head is model.embed:  # tied: keep a whole copy
+                lm_head = lm_head.detach().clone()
+            shard_base(model, device, self.dist)
+            lm_head = lm_head.to(device) if lm_head is not None else None
         init = torch.Generator().manual_seed(config.seed)
         self.adapters = LoraAdapters(model.config, config.lora_r, config.lora_alpha,
                                      config.lora_targets, generator=init,
@@ -304,13 +252,14 @@ class Trainer:
         self.ops = LoraOps(model, self.adapters, lora_dropout=config.lora_dropout,
                            attn_dropout=config.attn_dropout)  # fmt: skip
         model.build_ops(self.ops)
+        self.holder = replicate(self.adapters, self.dist)  # DDP with several processes
         self.optimizer = torch.optim.AdamW(self.adapters.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)  # fmt: skip
-        self.mask_generator = torch.Generator().manual_seed(config.seed + 1)
         self.step = 0
         self.rules = None
+        self.lm_head = lm_head
+        self.final_softcap = None
         if config.stage == "mntp":
-            self.lm_head = lm_head if lm_head is not None else read_lm_head(model_arg, loaded)
             self.final_softcap = getattr(loaded.hf_config, "final_logit_softcapping", None)
             self.mask_token_id = mask_token_id
             if mask_token_id is None:
@@ -321,6 +270,8 @@ class Trainer:
         else:
             # llm2vec's text rules (instruction attended, not pooled), mean pooling.
             self.rules = llm2vec_rules(loaded, config.max_length)
+        self.runner = StepRunner(model, config, self.dist, self.holder, lm_head=self.lm_head,
+                                 final_softcap=self.final_softcap)  # fmt: skip
 
     # ------------------------------------------------------------------ text -> items
     def prepare(self, sentences, rules=None):
@@ -363,9 +314,9 @@ class Trainer:
         raise DataError(self._over_limit(example, text, n))
 
     def encode(self, example: Example) -> list:
-        """One example -> [(item, real tokens), ...] (see data.TrainingBatcher): MNTP a list of ids
-        per piece; SimCSE a TokenizedTexts of 1 text (run twice); supervised one of 3 (or 2)
-        texts: [instruction, query], positive, negative."""
+        """One example -> [(item, real tokens), ...] (see data.TrainingBatcher): MNTP a list of
+        ids per piece; SimCSE a TokenizedTexts of 1 text (run twice); supervised one of 2 + k
+        texts: [instruction, query], positive, its k hard negatives."""
         c = self.config
         if c.stage == "mntp":
             if example.text is None:
@@ -393,10 +344,8 @@ class Trainer:
             return [(texts, 2 * int(texts.lengths.sum()))]
         if example.query is None:
             raise DataError(f'{example.where}: supervised training reads {{"query", '
-                            '"positive", "negative", "instruction"} objects')  # fmt: skip
-        parts = [example.query, example.positive]
-        if example.negative is not None:
-            parts.append(example.negative)
+                            '"positive", "negatives", "instruction"} objects')  # fmt: skip
+        parts = [example.query, example.positive, *example.negatives]
         cut = [self._cut(example, t) for t in parts]
         if any(t is None for t in cut):
             return []
@@ -404,33 +353,38 @@ class Trainer:
         texts = self.prepare([query, *cut[1:]])
         return [(texts, int(texts.lengths.sum()))]
 
-    def collate(self, items: list):
-        """Items of one step -> the stage's batch on the host (MNTP masking drawn here)."""
+    def collate(self, items: list, splits=None) -> StepBatch:
+        """Items of one step -> this process's batch on the host (collate.StepBatch; MNTP
+        masks drawn here, per text). items: the items of every process's share of the step,
+        in rank order; splits: how many each process takes (default: all on one process, or
+        as even as possible over the processes)."""
         if not items:
             raise ValueError("collate: no items")
-        c = self.config
+        c, d = self.config, self.dist
+        if splits is None:
+            splits = [len(a) for a in np.array_split(np.arange(len(items)), d.world)]
+        if len(splits) != d.world:
+            raise ValueError(f"collate: {len(splits)} splits for {d.world} processes")
         if c.stage == "mntp":
-            texts = TokenizedTexts.whole(items)
-            packed = pack(texts, np.arange(len(items)))
-            return mask_tokens(packed, mask_prob=c.mask_prob, policy=c.mask_policy,
-                               mask_token_id=self.mask_token_id, special_ids=self.special_ids,
-                               vocab_size=self.random_vocab,
-                               generator=self.mask_generator)  # fmt: skip
-        texts = TokenizedTexts.concat(items)
-        n = len(items)
-        groups = {2} if c.stage == "simcse" else {len(t) for t in items}
-        if len(groups) != 1:
-            raise DataError("supervised examples must all have a negative or all have none; "
-                            "this batch mixes both")  # fmt: skip
-        g = groups.pop()
-        if n < 2 and g == 2:  # only --batch-tokens can get here (batch_size >= 2 is checked)
-            raise DataError(f"a {c.stage} step got 1 example, so no negative: the loss would be "
-                            f"0; raise --batch-tokens (now {c.batch_tokens}) to hold at least "
-                            "2 examples, or lower --max-length")  # fmt: skip
-        if c.stage == "simcse":
-            return ContrastiveBatch(pack(texts, duplicate_rows(n)), n, 2)
-        rows = np.concatenate([np.arange(n) * g + j for j in range(g)])
-        return ContrastiveBatch(pack(texts, rows), n, g)
+            seeds = [derive_seed(c.seed, MASKS, self.step, i) for i in range(len(items))]
+            mask = dict(mask_prob=c.mask_prob, policy=c.mask_policy,
+                        mask_token_id=self.mask_token_id, special_ids=self.special_ids,
+                        vocab_size=self.random_vocab)  # fmt: skip
+            return collate_mntp(items, splits, d.rank, chunk=c.grad_cache_chunk, seeds=seeds,
+                                mask=mask)  # fmt: skip
+        return collate_contrastive(items, splits, d.rank, simcse=c.stage == "simcse",
+                                   chunk=c.grad_cache_chunk, keys=c.mask_false_negatives,
+                                   batch_tokens=c.batch_tokens)  # fmt: skip
+
+    def next_step_items(self, batcher: TrainingBatcher) -> tuple[list, list]:
+        """(items, splits) of the next step: each process's batch in rank order, every
+        process reading the same stream (so the data order does not depend on their number)."""
+        items, splits = [], []
+        for _ in range(self.dist.world):
+            batch = [item for _, item in batcher.next_batch()]
+            items.extend(batch)
+            splits.append(len(batch))
+        return items, splits
 
     # ------------------------------------------------------------------ loss and step
     def train(self, mode: bool = True) -> Trainer:
@@ -438,68 +392,76 @@ class Trainer:
         self.ops.training = mode
         return self
 
-    def loss(self, batch) -> torch.Tensor:
-        """The stage's loss of one batch (host or device), with autograd."""
-        c = self.config
-        batch = batch.to(self.model.device)
-        hidden = train_forward(self.model, batch.packed, checkpointing=c.gradient_checkpointing)
-        if c.stage == "mntp":
-            return mntp_loss(hidden, batch, self.lm_head, self.final_softcap)
-        pooled = pooled_rows(self.model, hidden, batch.packed)
-        return contrastive_loss(pooled, batch.n, batch.groups, c.scale)
+    def loss(self, batch: StepBatch) -> torch.Tensor:
+        """The step's loss (all processes) of one batch (host or device), with autograd
+        through this process's part; dropout drawn as train_step would at this step."""
+        return self.runner.loss(batch.to(self.model.device), self.step)
 
-    def train_step(self, batch) -> dict:
-        """One optimizer step on one batch -> {"loss", "tokens", "texts", "lr", "grad_norm"}."""
+    def train_step(self, batch: StepBatch) -> dict:
+        """One optimizer step on one batch -> {"loss", "tokens", "texts", "lr", "grad_norm"}
+        (tokens: real tokens of the step over all processes; texts: this process's)."""
         c = self.config
         self.train(True)
         lr = lr_at(self.step, c)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(batch)
-        loss.backward()
+        loss = self.runner.backward(batch.to(self.model.device), self.step)
         norm = torch.nn.utils.clip_grad_norm_(list(self.adapters.parameters()), c.max_grad_norm)
         self.optimizer.step()
         self.step += 1
-        return {"loss": float(loss.detach()), "tokens": batch.num_tokens,
-                "texts": batch.packed.num_texts, "lr": lr, "grad_norm": float(norm)}  # fmt: skip
+        return {"loss": loss, "tokens": batch.step_tokens, "texts": batch.num_texts, "lr": lr,
+                "grad_norm": float(norm)}  # fmt: skip
 
     # ------------------------------------------------------------------ data
-    def batches(self, paths, *, index: DataIndex | None = None) -> TrainingBatcher:
-        """A TrainingBatcher over data files for this stage (validated now; seeded order)."""
+    def batches(self, paths, *, index: DataIndex | None = None, weights=None) -> TrainingBatcher:
+        """A TrainingBatcher over data files for this stage (validated now; seeded order). weights:
+        one per file to mix the files by weight (mixing.MixedStream) instead of pooling
+        their examples."""
         c = self.config
         kind = "triplet" if c.stage == "supervised" else "text"
         index = index if index is not None else DataIndex.scan(paths, kind)
-        stream = ExampleStream(index, seed=c.seed, shuffle=c.shuffle)
+        if weights is not None:
+            from l2v_models.train.mixing import MixedStream
+
+            stream = MixedStream(index, weights, seed=c.seed, shuffle=c.shuffle)
+        else:
+            stream = ExampleStream(index, seed=c.seed, shuffle=c.shuffle)
         return TrainingBatcher(stream, self.encode, batch_size=c.batch_size,
-                               batch_tokens=c.batch_tokens)  # fmt: skip
+                       batch_tokens=c.batch_tokens)  # fmt: skip
 
     # ------------------------------------------------------------------ the loop
-    def fit(self, batcher: TrainingBatcher, *, output=None, progress: bool = True,
-            log_path=None, stop_at: int | None = None) -> list[dict]:  # fmt: skip
+    def fit(self, batcher: TrainingBatcher, *, output=None, progress: bool = True, log_path=None,
+            stop_at: int | None = None) -> list[dict]:  # fmt: skip
         """Run until config.steps: batches from `batcher`, a JSON line per step in `log_path`
         (default output/train_log.jsonl), a checkpoint every save_every steps, the adapter in
         `output` at the end. stop_at: stop after that step instead (an interrupted run; the
-        schedule still runs to config.steps). Returns the steps' stats."""
+        schedule still runs to config.steps). Returns the steps' stats. With several processes
+        only rank 0 logs, shows progress and writes files; a process that loses the others
+        raises RankLost."""
         from tqdm.auto import tqdm
 
-        c = self.config
+        c, main = self.config, self.dist.main
         output = Path(output) if output is not None else None
         if log_path is None and output is not None:
             log_path = output / LOG_FILE
         history = []
         log = None
-        if log_path is not None:
+        if log_path is not None and main:
             Path(log_path).parent.mkdir(parents=True, exist_ok=True)
             log = open(log_path, "a", encoding="utf-8")
         bar = tqdm(total=c.steps, initial=self.step, desc=f"train {c.stage}", unit="step",
-                   disable=not progress)  # fmt: skip
+                   disable=not (progress and main))  # fmt: skip
         start, tokens_done = time.perf_counter(), 0
         try:
             while self.step < (c.steps if stop_at is None else min(stop_at, c.steps)):
                 t0 = time.perf_counter()
-                items = [item for _, item in batcher.next_batch()]
-                stats = self.train_step(self.collate(items))
+                try:
+                    stats = self.train_step(self.collate(*self.next_step_items(batcher)))
+                except (RuntimeError, ValueError) as e:
+                    if self.dist.active and is_collective_failure(e):
+                        raise RankLost(self._lost_message(e, output)) from None
+                    raise
                 stats["step"] = self.step
                 stats["seconds"] = time.perf_counter() - t0
                 tokens_done += stats["tokens"]
@@ -516,15 +478,27 @@ class Trainer:
                         f"the loss became {stats['loss']} at step {self.step}; lower --lr"
                     )
                 if output is not None and c.save_every and self.step % c.save_every == 0:
-                    self.save_checkpoint(output / "checkpoints" / f"step-{self.step:06d}",
-                                         batcher)  # fmt: skip
+                    if main:
+                        self.save_checkpoint(output / "checkpoints" / f"step-{self.step:06d}",
+                                             batcher)  # fmt: skip
         finally:
             bar.close()
             if log is not None:
                 log.close()
-        if output is not None:
+        if output is not None and main:
             self.save(output)
         return history
+
+    def _lost_message(self, error: BaseException, output) -> str:
+        # gloo: "[.../pair.cc:545] Read error [addr]: Connection reset by peer. This is ...".
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\]\s*", "", text).split(". ")[0].rstrip(".")
+        newest = latest_checkpoint(output) if output is not None else None
+        where = (f"the newest checkpoint is {newest}: rerun the same command with --resume"
+                 if newest is not None else "no checkpoint was written (--save-every N)")
+        return (f"rank {self.dist.rank} lost the other processes during step {self.step + 1} "
+                f"(another process stopped or was killed: {first}); the run stopped on every "
+                f"process, {where}")
 
     # ------------------------------------------------------------------ output
     def llm2vec_config(self) -> dict:
@@ -546,57 +520,24 @@ class Trainer:
         )  # fmt: skip
 
     def state_dict(self, batcher: TrainingBatcher | None = None) -> dict:
-        state = {
-            "step": self.step,
-            "lora": self.adapters.peft_state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "mask_rng": self.mask_generator.get_state(),
-            "data": json.dumps(batcher.state()) if batcher is not None else None,
-        }
-        if torch.cuda.is_available() and self.model.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.model.device)
-        return state
+        return checkpoints.state_dict(self, batcher)
 
     def save_checkpoint(self, directory, batcher: TrainingBatcher | None = None) -> Path:
-        """A resumable checkpoint: the adapter (usable as is) + trainer_state.pt + the config."""
-        directory = Path(directory)
-        self.save(directory)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config_record(), indent=2) + "\n")
-        tmp = directory / (CHECKPOINT_FILE + ".tmp")
-        torch.save(self.state_dict(batcher), tmp)
-        tmp.replace(directory / CHECKPOINT_FILE)
-        return directory
+        """A resumable checkpoint (checkpoints.save_checkpoint): call it on rank 0 only."""
+        return checkpoints.save_checkpoint(self, directory, batcher)
 
     def config_record(self) -> dict:
         """What must match for a resume to continue the same run."""
-        record = asdict(self.config)
-        record["lora_targets"] = list(record["lora_targets"])
-        record["model"] = self.model_arg
-        return record
+        return checkpoints.config_record(self)
 
-    def load_checkpoint(self, directory, batcher: TrainingBatcher | None = None) -> None:
-        """Restore a checkpoint written by save_checkpoint (same config required)."""
-        directory = Path(directory)
-        saved = json.loads((directory / CONFIG_FILE).read_text())
-        mine = self.config_record()
-        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-        if diff:
-            raise ValueError(
-                f"cannot resume from {directory}: the run's settings differ in "
-                + ", ".join(f"{k} ({saved.get(k)!r} -> {mine.get(k)!r})" for k in diff)
-                + "; resume with the same options, or start a new --output"
-            )
-        state = torch.load(directory / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-        self.adapters.load_peft_state_dict(state["lora"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        self.mask_generator.set_state(state["mask_rng"])
-        if "cuda_rng" in state and self.model.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.model.device)
-        self.step = int(state["step"])
-        if batcher is not None and state["data"] is not None:
-            batcher.restore(json.loads(state["data"]))
+    def load_checkpoint(self, directory=None, batcher: TrainingBatcher | None = None, *,
+                        checkpoint: dict | None = None) -> list[str]:  # fmt: skip
+        """Restore a checkpoint written by save_checkpoint (same config required): from
+        `directory`, or an already read checkpoints.read_checkpoint() (what rank 0 broadcasts).
+        Returns notes on what differs from the uninterrupted run (another world size)."""
+        if checkpoint is None:
+            checkpoint = checkpoints.read_checkpoint(directory)
+        return checkpoints.restore_checkpoint(self, checkpoint, batcher)
 
     # ------------------------------------------------------------------ embeddings
     @torch.no_grad()
@@ -608,7 +549,9 @@ class Trainer:
         self.train(False)
         try:
             texts = self.prepare(sentences, rules)
-            return Engine(self.model).run_batch(texts, mode="mean").cpu()
+            batch = pack(texts, np.arange(len(texts))).to(self.model.device)
+            hidden = train_forward(self.model, batch)
+            return pooled_rows(self.model, hidden, batch).cpu()
         finally:
             self.train(was)
 
@@ -621,15 +564,6 @@ def llm2vec_rules(loaded, max_length: int) -> text_rules.Llm2vecRules:
         config_family=tk.config_family(loaded.hf_config), pooling_mode="mean",
         max_length=max_length, doc_max_length=max_length, skip_instruction=True,
     )  # fmt: skip
-
-
-def latest_checkpoint(output) -> Path | None:
-    """The newest output/checkpoints/step-N with a complete trainer state, or None."""
-    root = Path(output) / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.glob("step-*") if (p / CHECKPOINT_FILE).is_file())
-    return done[-1] if done else None
 
 
 def _adapter_base_name(model_arg: str) -> str:
