@@ -312,6 +312,16 @@ def test_an_empty_prompt_turns_the_default_prompt_off(tmp_path, capsys):
     assert_close_rows(torch.from_numpy(np.load(out)), st_encode(folder, TEXTS, prompt=""))
 
 
+def test_training_refuses_a_sentence_transformers_folder(tmp_path):
+    """An adapter trained by llm2vec's rules would later run by the folder's own (prompts,
+    last-token pooling, causal attention): refused, naming the folder."""
+    from l2v_models.train.loading import load_for_training
+
+    folder = make_st_folder(tmp_path, "llama", pooling="lasttoken")
+    with pytest.raises(ValueError, match="is a sentence-transformers model"):
+        load_for_training(str(folder), device="cpu")
+
+
 def test_cli_choices_are_the_libraries_modes():
     from l2v_models import model_options, tokenization
     from l2v_models.checkpoint import ATTENTION_MODES

@@ -39,6 +39,13 @@ def load_for_training(model=None, peft=None, *, dtype=None, device=None, extra_p
                 f"pass the --model it was trained on (its adapter_config.json names it)"
             ) from None
         raise
+    if loaded.st_folder is not None:
+        raise ValueError(
+            f"{loaded.st_folder.root} is a sentence-transformers model, with its own text rules "
+            f"({', '.join(loaded.st_folder.module_names)}); l2v train trains LLM2Vec adapters by "
+            "llm2vec's rules (instruction, mean pooling, bidirectional), which an adapter on it "
+            "would not be run with: train on its base model's folder instead"
+        )
     loaded.model.requires_grad_(False)
     if bos_token is not None:
         prepend_special_token(loaded.tokenizer, bos_token)
