@@ -54,7 +54,7 @@ class ServedModel:
 
     name: str
     adapters: tuple[str, ...]
-    rules: object | None
+    rules: object  # the model's text rules (l2v_models.text_rules)
     vocab_size: int
     dimension: int
     normalizes: bool
@@ -64,7 +64,7 @@ class ServedModel:
 
     @classmethod
     def of(cls, embedder, name: str, adapters=(), device: str = "") -> ServedModel:
-        rules = copy.copy(embedder.rules) if embedder.tokenizer is not None else None
+        rules = copy.copy(embedder.rules)  # without a tokenizer: pool spans of token ids only
         return cls(name=name, adapters=tuple(adapters), rules=rules,
                    vocab_size=embedder.engine.vocab_size, dimension=embedder.dimension,
                    normalizes=embedder.normalizes, max_length=int(embedder.rules.max_length),
@@ -73,7 +73,7 @@ class ServedModel:
 
     @property
     def has_tokenizer(self) -> bool:
-        return self.rules is not None
+        return getattr(self.rules, "tokenizer", None) is not None
 
     @property
     def names(self) -> list[str]:
