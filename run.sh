@@ -2,6 +2,7 @@
 # One entry point that does all set-up itself on a fresh machine:
 #   ./run.sh encode "text one" "text two"   # the main job: embed texts with the default model
 #   ./run.sh test                           # the test suite (CPU: Triton interpreter; GPU tests skip)
+#                                           #   (L2V_TEST_WORKERS=N: N pytest-xdist workers, default 2)
 #   ./run.sh bench [--quick]                # GPU only: build + gpu tests + benchmarks (bench/gpu_check.sh)
 #   ./run.sh setup                          # only the set-up
 #   ./run.sh <any l2v subcommand ...>       # e.g. ./run.sh encode --help
@@ -67,7 +68,13 @@ case "$cmd" in
   test)
     shift; setup
     cd "$ROOT"
-    exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" tests bench ;;
+    # Two worker processes (pytest-xdist), one compute thread each (tests/conftest.py): the
+    # suite is mostly single-threaded Python (the Triton interpreter, subprocesses, servers).
+    # L2V_TEST_WORKERS=N sets the count; 0 runs everything in this one process.
+    workers=${L2V_TEST_WORKERS:-2}
+    xdist=(-n "$workers" --dist loadgroup)
+    [ "$workers" = 0 ] && xdist=()
+    exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "${xdist[@]}" "$@" tests bench ;;
   bench)
     shift; exec bash "$ROOT/bench/gpu_check.sh" "$@" ;;
   help|-h|--help)  # the comment block at the top of this file

@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+# Under pytest-xdist every test that starts a local Ray cluster runs on the same worker.
+pytestmark = pytest.mark.xdist_group("ray")
 pytest.importorskip("ray", reason="the corpus benchmark needs the [ray] extra")
 
 from bench import corpus  # noqa: E402

@@ -3,7 +3,7 @@ killed driver, a worker killed mid-run, bad inputs, embed_dataset, the CLI.
 
 One local Ray instance (2 CPUs, small object store) serves the whole module; the driver that is
 killed runs in a subprocess joined to it with --ray-address semantics (ray_address=<gcs>).
-The equality test runs the embedded default model (SmolLM2-135M-Instruct, fp32 on CPU) on 240
+The equality test runs the embedded default model (SmolLM2-135M-Instruct, fp32 on CPU) on 96
 real sentences from gensim's Lee corpus; the other tests use a tiny random model (tests/tiny.py).
 """
 
@@ -25,6 +25,8 @@ from tiny import make_tiny_checkpoint
 
 from l2v_models import cli
 
+# Under pytest-xdist every test that starts a local Ray cluster runs on the same worker.
+pytestmark = pytest.mark.xdist_group("ray")
 ray = pytest.importorskip("ray", reason="the corpus runner needs the [ray] extra")
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -143,17 +145,17 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ tests
 def test_default_model_on_ray_equals_offline_encode(ray_cluster, tmp_path):
-    """240 real sentences in 4 files of both formats, 2 CPU workers, the default model: one
+    """96 real sentences in 4 files of both formats, 2 CPU workers, the default model: one
     output row per input row, same ids and order, embeddings equal to LLM2Vec.encode."""
     from l2v_models.encoder import LLM2Vec
 
-    files, rows = make_corpus(tmp_path / "in", lee_sentences(240))
+    files, rows = make_corpus(tmp_path / "in", lee_sentences(96))
     out = tmp_path / "out"
     result = runner.encode_corpus(
         [str(f) for f in files], str(out), None, fields=corpus_inputs.Fields(
             instruction="instruction"), num_workers=2, batch_texts=16, progress=False,
     )  # fmt: skip
-    assert result.rows == result.embedded_rows == 240
+    assert result.rows == result.embedded_rows == 96
     assert result.embedded_files == 4 and result.skipped_files == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "_SUCCESS.json", "part-a.parquet", "part-b.parquet", "part-c.parquet", "part-d.parquet",
@@ -162,7 +164,7 @@ def test_default_model_on_ray_equals_offline_encode(ray_cluster, tmp_path):
     assert ids == [r["id"] for r in rows]
     encoder = LLM2Vec.from_pretrained()
     ref = encoder.encode(items_of(rows), show_progress_bar=False).numpy()
-    assert emb.shape == ref.shape == (240, 576) and emb.dtype == np.float32
+    assert emb.shape == ref.shape == (96, 576) and emb.dtype == np.float32
     cos = cosines(emb, ref)
     assert cos.min() >= 0.99999, (cos.argmin(), cos.min())
     # The instruction mattered (so equality above covers pairs, not only bare texts).
@@ -171,13 +173,13 @@ def test_default_model_on_ray_equals_offline_encode(ray_cluster, tmp_path):
     meta = pq.read_schema(out / "part-c.parquet").metadata
     assert meta[b"l2v.dimension"] == b"576" and meta[b"l2v.model"] == b"smollm2-llm2vec"
     info = json.loads(meta[b"l2v.info"])
-    assert info["rows"] == 65 and info["source"] == str(files[2])
+    assert info["rows"] == 29 and info["source"] == str(files[2])
     assert pq.read_schema(out / "part-c.parquet").field("embedding").type == pa.list_(
         pa.float32(), 576
     )
     manifest = json.loads((out / "_SUCCESS.json").read_text())
-    assert manifest["rows"] == 240 and manifest["files"] == 4 and manifest["dimension"] == 576
-    assert [e["rows"] for e in manifest["inputs"]] == [60, 60, 65, 55]
+    assert manifest["rows"] == 96 and manifest["files"] == 4 and manifest["dimension"] == 576
+    assert [e["rows"] for e in manifest["inputs"]] == [24, 24, 29, 19]
     assert manifest["model"]["model"] == "smollm2-llm2vec" and manifest["seconds"] > 0
     assert manifest["ray"]["workers"] == 2 and manifest["l2v_version"]
 

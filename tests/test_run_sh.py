@@ -30,8 +30,9 @@ def fake_venv(path: Path) -> Path:
     return path
 
 
-def run_sh(args, cwd: Path, venv: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, L2V_VENV=venv, L2V_WORDNET_DIR="/nonexistent")  # no apt-get here
+def run_sh(args, cwd: Path, venv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k != "L2V_TEST_WORKERS"}
+    env = dict(base, L2V_VENV=venv, L2V_WORDNET_DIR="/nonexistent", **(env or {}))  # no apt-get
     return subprocess.run(["bash", str(RUN_SH), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=60)  # fmt: skip
 
@@ -76,6 +77,12 @@ def test_relative_l2v_venv_is_taken_from_the_callers_folder(tmp_path):
 def test_test_command_runs_in_the_checkout(tmp_path):
     venv = fake_venv(tmp_path / "venv")
     proc = run_sh(["test", "-k", "nothing"], tmp_path, str(venv))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == (
+        f"fake python in {ROOT}: -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup "
+        "-k nothing tests bench"
+    )
+    proc = run_sh(["test", "-k", "nothing"], tmp_path, str(venv), env={"L2V_TEST_WORKERS": "0"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == (
         f"fake python in {ROOT}: -m pytest -q -p no:cacheprovider -k nothing tests bench"

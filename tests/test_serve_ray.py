@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from tiny import make_tiny_checkpoint
 
+# Under pytest-xdist every test that starts a local Ray cluster runs on the same worker.
+pytestmark = pytest.mark.xdist_group("ray")
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
