@@ -138,8 +138,9 @@ def _closed_part(requests: list[bytes], tokens: list[int], port: int, connection
                 writer.close()
 
         await asyncio.sleep(max(0.0, start_at - time.time()))
+        cpu = time.process_time()
         await asyncio.gather(*(conn() for _ in range(connections)))
-        return {**done, "end": time.time()}
+        return {**done, "end": time.time(), "cpu_s": time.process_time() - cpu}
 
     return asyncio.run(go())
 
@@ -152,8 +153,10 @@ def closed_loop(pool, port: int, requests: list[bytes], tokens: list[int], procs
     done = list(pool.map(_closed_part, *zip(*parts, strict=True)))
     wall = max(d["end"] for d in done) - start_at
     ok, n_tokens = sum(d["ok"] for d in done), sum(d["tokens"] for d in done)
+    # client_cores: the CPU the load generators themselves used (they share the server's cores)
     return {"requests": len(requests), "ok": ok, "errors": sum(d["errors"] for d in done),
-            "seconds": wall, "req_per_s": ok / wall, "tokens_per_s": n_tokens / wall}  # fmt: skip
+            "seconds": wall, "req_per_s": ok / wall, "tokens_per_s": n_tokens / wall,
+            "client_cores": sum(d["cpu_s"] for d in done) / wall}  # fmt: skip
 
 
 def batch1(port: int, requests: list[bytes]) -> list[float]:
@@ -335,7 +338,8 @@ def write_report(result: dict, out: Path, name: str) -> Path:
     for r in result["runs"]:
         lines.append(f"| server max, {r['per_request']} texts per request | "
                      f"{r['tokens_per_s']:.0f} tokens/s = {r['ratio_to_offline']:.2f} x offline "
-                     f"({r['req_per_s']:.0f} req/s, {r['errors']} errors) |")  # fmt: skip
+                     f"({r['req_per_s']:.0f} req/s, {r['errors']} errors; the clients used "
+                     f"{r['client_cores']:.2f} of the {result['cores']} cores) |")  # fmt: skip
     md = out / f"{name}.md"
     md.write_text("\n".join(lines) + "\n")
     return md

@@ -34,6 +34,19 @@ POOL_MODES = ("mean", "weighted_mean", "last", "max")
 
 
 @dataclass
+class PadGroup:
+    """Some of a batch's texts in one padded [n, L] view (torch backend attention): which packed
+    tokens they hold (None: every token, in order), where each sits in the view, and which
+    (query, key) pairs may attend, per layer kind (bool [n, 1, 1 or L, L])."""
+
+    tokens: torch.Tensor | None  # int64 [t]
+    pad_index: torch.Tensor  # int64 [t]: text * L + position
+    n_seq: int
+    seq_len: int
+    allowed: dict
+
+
+@dataclass
 class BatchTables:
     """Per-forward values every layer reads (built once per forward by the model)."""
 
@@ -44,10 +57,8 @@ class BatchTables:
     sin: torch.Tensor
     local_cos: torch.Tensor | None = None  # local layers with their own RoPE base (Gemma-3)
     local_sin: torch.Tensor | None = None
-    # torch backend only: where each packed token sits in a padded [B, L] view and which
-    # (query, key) pairs may attend, per layer kind; filled by TorchOps.prepare
-    pad_index: torch.Tensor | None = None
-    allowed: dict | None = None
+    # torch backend only: the padded views attention runs on (TorchOps.prepare fills it)
+    pad_groups: list[PadGroup] | None = None
 
     def rope(self, local: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if local and self.local_cos is not None:
@@ -72,6 +83,22 @@ def attention_window(config: ModelConfig, local: bool) -> tuple[int, int] | None
 
 
 # ------------------------------------------------------------------------------ torch
+def length_groups(lengths: list[int], ratio: float = 2.0,
+                  short: int = 32) -> list[list[int]] | None:  # fmt: skip
+    """Texts (indices into `lengths`) grouped so that in each group the longest is at most
+    `ratio` times the shortest (texts up to `short` tokens share one group), longest first;
+    None when one group holds them all. Padded attention costs n * L^2 per group, so a pass of
+    many short texts and one long one costs about what its tokens do, not n times the longest."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[groups[-1][0]] <= max(ratio * lengths[i], short):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups if len(groups) > 1 else None
+
+
 def _norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -110,29 +137,53 @@ class TorchOps:
         self.attention_kernel = attention_kernel
 
     def prepare(self, b: BatchTables, device: torch.device) -> None:
-        """Padded-view index and attention masks, once per forward (read by every layer); the
-        packed attention kernel needs neither."""
+        """Padded views and attention masks, once per forward (read by every layer); the packed
+        attention kernel needs neither. In inference, texts of very different lengths go to
+        separate views (length_groups), so a pass that mixes short queries with long passages
+        (the server's first-in-first-out passes) does not pad every query to the longest text;
+        training keeps one view, so dropout draws its masks as it always has."""
         if self.attention_kernel:
             return
-        c = self.c
-        T = b.positions.shape[0]
         lengths = (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).long()
-        n_seq, L = lengths.shape[0], max(b.max_seqlen, 1)
+        T = b.positions.shape[0]
         seq_ids = torch.repeat_interleave(
-            torch.arange(n_seq, device=device), lengths, output_size=T
+            torch.arange(lengths.shape[0], device=device), lengths, output_size=T
         )
-        b.pad_index = seq_ids * L + b.positions.long()
+        groups = None if self.training else length_groups(lengths.tolist())
+        if groups is None:
+            b.pad_groups = [self._pad_group(None, seq_ids, lengths, max(b.max_seqlen, 1), b,
+                                            device)]  # fmt: skip
+            return
+        b.pad_groups = []
+        for texts in groups:
+            members = torch.tensor(texts, device=device)
+            in_group = torch.full_like(lengths, -1)
+            in_group[members] = torch.arange(len(texts), device=device)
+            # the group's tokens, text by text in the group's order
+            tokens = torch.argsort(in_group[seq_ids] * T + torch.arange(T, device=device))
+            tokens = tokens[T - int(lengths[members].sum()) :]
+            group_lengths = lengths[members]
+            b.pad_groups.append(self._pad_group(tokens, in_group[seq_ids[tokens]], group_lengths,
+                                                max(int(group_lengths.max()), 1), b,
+                                                device))  # fmt: skip
+
+    def _pad_group(self, tokens, seq_ids, lengths, L: int, b: BatchTables, device) -> PadGroup:
+        """The padded [n, L] view of the texts of `lengths` (tokens: their packed tokens, None
+        for all; seq_ids: each token's text within the view)."""
+        c = self.c
+        n_seq = lengths.shape[0]
+        positions = b.positions.long() if tokens is None else b.positions.long()[tokens]
         real = torch.arange(L, device=device)[None, :] < lengths[:, None]
         key_ok = real | (lengths == 0)[:, None]  # an empty text would give NaN rows nobody reads
         # Padded query rows (outputs discarded) see every real key of their text: a row with no
         # key (past the end, outside every window) has a NaN softmax whose NaN gradient would
         # reach q and k in the backward.
         pad_row = ~real[:, None, :, None]
-        b.allowed = {}
+        allowed = {}
         for local in {c.layer_is_local(i) for i in range(c.num_layers)}:
             window = attention_window(c, local)
             if window is None and not c.causal:
-                b.allowed[local] = key_ok[:, None, None, :]
+                allowed[local] = key_ok[:, None, None, :]
                 continue
             i = torch.arange(L, device=device)[:, None]
             j = torch.arange(L, device=device)[None, :]
@@ -141,7 +192,8 @@ class TorchOps:
                 pair &= j <= i
             if window is not None:
                 pair &= (j >= i - window[0]) & (j <= i + window[1])
-            b.allowed[local] = key_ok[:, None, None, :] & (pair | pad_row)
+            allowed[local] = key_ok[:, None, None, :] & (pair | pad_row)
+        return PadGroup(tokens, seq_ids * L + positions, n_seq, L, allowed)
 
     def rms_norm(self, x, w):
         return _norm(x, w, self.c.rms_norm_eps, self.c.norm_offset)
@@ -170,13 +222,24 @@ class TorchOps:
     def attention(self, q, k, v, b: BatchTables, local: bool):
         if self.attention_kernel:
             return self._packed_attention(q, k, v, b, local)
-        allowed = b.allowed[local]
-        n_seq, L = allowed.shape[0], allowed.shape[-1]
+        (group,) = b.pad_groups if len(b.pad_groups) == 1 else (None,)
+        if group is not None and group.tokens is None:
+            return self._padded_attention(q, k, v, group, local)
+        out = torch.empty_like(q)
+        for g in b.pad_groups:
+            out[g.tokens] = self._padded_attention(q[g.tokens], k[g.tokens], v[g.tokens], g,
+                                                   local)  # fmt: skip
+        return out
+
+    def _padded_attention(self, q, k, v, g: PadGroup, local: bool):
+        """Attention of the group's tokens q, k, v [t, heads, D] on its padded view."""
+        allowed = g.allowed[local]
         groups = self.c.num_heads // self.c.num_kv_heads
 
         def padded(t: torch.Tensor) -> torch.Tensor:
-            out = t.new_zeros(n_seq * L, t.shape[1], t.shape[2]).index_copy(0, b.pad_index, t)
-            return out.view(n_seq, L, t.shape[1], t.shape[2]).transpose(1, 2)
+            L = g.seq_len
+            out = t.new_zeros(g.n_seq * L, t.shape[1], t.shape[2]).index_copy(0, g.pad_index, t)
+            return out.view(g.n_seq, L, t.shape[1], t.shape[2]).transpose(1, 2)
 
         qp = padded(q)
         kp = padded(k).repeat_interleave(groups, dim=1)
@@ -193,7 +256,8 @@ class TorchOps:
             if p > 0:
                 probs = F.dropout(probs, p, training=True)
             out = (probs.to(vp.dtype) @ vp).to(q.dtype)
-        return out.transpose(1, 2).reshape(n_seq * L, q.shape[1], q.shape[2])[b.pad_index]
+        n = g.n_seq * g.seq_len
+        return out.transpose(1, 2).reshape(n, q.shape[1], q.shape[2])[g.pad_index]
 
     def _packed_attention(self, q, k, v, b: BatchTables, local: bool):
         """l2v_kernels' FlashAttnVarlen on the packed tokens (autograd: the Triton backward).

@@ -16,6 +16,7 @@ from l2v_models.checkpoint import from_hf_state_dict, load_model, to_hf_state_di
 from l2v_models.config import ModelConfig
 from l2v_models.hf_compat import build_hf_model, hf_bidirectional
 from l2v_models.model import Transformer, masked_pool_torch, resolve_backend
+from l2v_models.ops import length_groups
 
 HAS_CUDA = torch.cuda.is_available()
 # Mixed lengths: a single token, awkward sizes, one text much longer than the rest.
@@ -102,6 +103,33 @@ def test_packed_batch_equals_each_text_alone():
     # ... and with an empty text in the batch (cu_seqlens repeats an offset).
     cu_empty = torch.cat([cu[:2], cu[1:]])
     assert rel_err(ours(packed, cu_empty, max_len), alone) < 1e-5
+
+
+def test_length_groups():
+    # longest first; within a group the longest is at most twice the shortest; <= 32 together
+    assert length_groups([300, 1, 37, 20, 600, 280, 0]) == [[4, 0], [5], [2, 3], [1, 6]]
+    assert length_groups([64, 40, 33]) is None  # one group: the padded view as before
+    assert length_groups([5]) is None and length_groups([]) is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3"])
+def test_torch_attention_in_length_groups_equals_one_padded_view(arch):
+    """Inference runs texts of very different lengths in separate padded views (softcap and
+    local windows included); the result equals one view of all texts, as training runs it,
+    and a view holding only an empty text is harmless."""
+    config = tiny_config(arch, sliding_window=16) if arch != "llama" else tiny_config(arch)
+    _, ours = hf_and_ours(config)
+    texts = random_texts([70, 3, 33, 1, 9, 40], 256, seed=2)
+    packed, cu, max_len = pack(texts)
+    grouped = ours(packed, cu, max_len)
+    ours.ops.training = True  # no dropout in this model: the same math on one padded view
+    try:
+        one_view = ours(packed, cu, max_len)
+    finally:
+        ours.ops.training = False
+    assert rel_err(grouped, one_view) < 1e-5
+    cu_empty = torch.cat([cu, cu[-1:]])  # a seventh, empty text: a group of its own
+    assert rel_err(ours(packed, cu_empty, max_len), grouped) < 1e-5
 
 
 def test_hf_reference_is_bidirectional_and_ignores_left_padding():
