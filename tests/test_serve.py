@@ -27,7 +27,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from tiny import make_tiny_checkpoint
 
 from l2v_models.encoder import LLM2Vec
@@ -48,14 +47,8 @@ WARMUP_TEXTS = 2  # the warm-up pass of a server with a tokenizer runs two texts
 
 
 # ------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# The server's model worker and the test's clients share the CPU: one torch thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
