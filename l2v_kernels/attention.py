@@ -168,6 +168,44 @@ def _dropout_keep(seed, row_ids, key_pos, dropout_p):
 
 
 @triton.jit
+def _rule_mask(allowed, q_pos, k_pos, win_left, win_right, CAUSAL: tl.constexpr,
+               WINDOW: tl.constexpr):  # fmt: skip
+    """allowed, narrowed to the (query, key) pairs the attention rule keeps: k <= q when causal,
+    q - win_left <= k <= q + win_right with a window (q_pos, k_pos: broadcastable positions)."""
+    if CAUSAL:
+        allowed = allowed & (k_pos <= q_pos)
+    if WINDOW:
+        allowed = allowed & (k_pos >= q_pos - win_left) & (k_pos <= q_pos + win_right)
+    return allowed
+
+
+@triton.jit
+def _key_walk(k_lo, k_hi, t_first, t_last, win_left, win_right, BLOCK_N: tl.constexpr,
+              CAUSAL: tl.constexpr, WINDOW: tl.constexpr):  # fmt: skip
+    """The keys the query rows t_first..t_last of a block walk, among keys [k_lo, k_hi):
+    (k_start, k_end, full_start, n_full). Some row sees each key of [k_start, k_end); every row
+    sees each key of the BLOCK_N-aligned run [full_start, full_start + n_full), whose blocks need
+    no causal / window mask. Without a window full_start is k_start (the masked blocks follow
+    the run); with one, masked blocks lie on both sides of it."""
+    k_start = k_lo
+    k_end = k_hi
+    full_hi = k_hi
+    if CAUSAL:
+        k_end = tl.minimum(k_end, t_last + 1)  # no row of the block sees a key past t_last
+        full_hi = tl.minimum(full_hi, t_first + 1)  # every row sees the keys up to t_first
+    if WINDOW:
+        k_start = tl.maximum(k_start, t_first - win_left)
+        k_end = tl.minimum(k_end, t_last + win_right + 1)
+        full_lo = tl.maximum(k_start, t_last - win_left)
+        full_hi = tl.minimum(full_hi, t_first + win_right + 1)
+        full_start = k_start + tl.cdiv(tl.maximum(full_lo - k_start, 0), BLOCK_N) * BLOCK_N
+    else:
+        full_start = k_start
+    n_full = (tl.maximum(full_hi - full_start, 0) // BLOCK_N) * BLOCK_N
+    return k_start, k_end, full_start, n_full
+
+
+@triton.jit
 def _attn_loop(
     acc, l_i, m_i, q,
     K, V, KM,
@@ -211,13 +249,10 @@ def _attn_loop(
         if SOFTCAP:
             qk = _tanh(qk * cap_scale)
         if MASKED or PADDED:
-            if CAUSAL and MASKED:
-                allowed = kval[None, :] & (offs_k[None, :] <= t_rows[:, None])
-            else:
-                allowed = kval[None, :]
-            if WINDOW and MASKED:
-                allowed = allowed & (offs_k[None, :] >= t_rows[:, None] - win_left)
-                allowed = allowed & (offs_k[None, :] <= t_rows[:, None] + win_right)
+            allowed = kval[None, :]
+            if MASKED:
+                allowed = _rule_mask(allowed, t_rows[:, None], offs_k[None, :], win_left,
+                                     win_right, CAUSAL, WINDOW)  # fmt: skip
             qk = tl.where(allowed, qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
@@ -340,49 +375,27 @@ def _attn_fwd_kernel(
     else:
         row_ids = t_rows
 
-    # Keys [k_start, k_end) are seen by some row of the block; keys [full_lo, full_hi) by every
-    # row (those blocks need no causal / window mask).
-    k_start = k_lo
-    k_end = k_hi
-    full_hi = k_hi
-    if CAUSAL:
-        k_end = tl.minimum(k_end, t_last + 1)  # no row of the block sees a key past t_last
-        full_hi = tl.minimum(full_hi, t_first + 1)  # every row sees the keys up to t_first
-    if WINDOW:
-        k_start = tl.maximum(k_start, t_first - win_left)
-        k_end = tl.minimum(k_end, t_last + win_right + 1)
-        full_lo = tl.maximum(k_start, t_last - win_left)
-        full_hi = tl.minimum(full_hi, t_first + win_right + 1)
-        # Masked blocks from k_start up to the first key every row sees (pre_end), unmasked
-        # blocks [pre_end, pre_end + skip), masked blocks from there to k_end: the two masked
-        # edges run as one loop that jumps over the unmasked middle.
-        pre_end = k_start + tl.cdiv(tl.maximum(full_lo - k_start, 0), BLOCK_N) * BLOCK_N
-        skip = (tl.maximum(full_hi - pre_end, 0) // BLOCK_N) * BLOCK_N
+    # First the unmasked run of key blocks every row sees, then the masked ones (_key_walk).
+    k_start, k_end, full_start, n_full = _key_walk(k_lo, k_hi, t_first, t_last, win_left,
+                                                   win_right, BLOCK_N, CAUSAL, WINDOW)  # fmt: skip
+    acc, l_i, m_i = _attn_loop(
+        acc, l_i, m_i, q, k_base, v_base, KM, stride_kt, stride_vt, stride_ml,
+        full_start, full_start + n_full, k_end, t_rows, qk_scale, offs_d,
+        win_left, win_right, cap_scale, 0, 0, row_ids, dropout_p, dropout_seed,
+        BLOCK_N, CAUSAL, PADDED, False, DOT_PREC, WINDOW, SOFTCAP, DROPOUT,
+    )
+    if WINDOW:  # the masked edges on both sides of the run: one loop that jumps over it
         acc, l_i, m_i = _attn_loop(
             acc, l_i, m_i, q, k_base, v_base, KM, stride_kt, stride_vt, stride_ml,
-            pre_end, pre_end + skip, k_end, t_rows, qk_scale, offs_d,
-            win_left, win_right, cap_scale, 0, 0, row_ids, dropout_p, dropout_seed,
-            BLOCK_N, CAUSAL, PADDED, False, DOT_PREC, WINDOW, SOFTCAP, DROPOUT,
-        )
-        acc, l_i, m_i = _attn_loop(
-            acc, l_i, m_i, q, k_base, v_base, KM, stride_kt, stride_vt, stride_ml,
-            k_start, k_end - skip, k_end, t_rows, qk_scale, offs_d,
-            win_left, win_right, cap_scale, pre_end, skip, row_ids, dropout_p, dropout_seed,
+            k_start, k_end - n_full, k_end, t_rows, qk_scale, offs_d,
+            win_left, win_right, cap_scale, full_start, n_full, row_ids, dropout_p, dropout_seed,
             BLOCK_N, CAUSAL, PADDED, True, DOT_PREC, WINDOW, SOFTCAP, DROPOUT,
         )
     else:
-        n_full = tl.maximum(full_hi - k_start, 0) // BLOCK_N
-        mid = k_start + n_full * BLOCK_N
         acc, l_i, m_i = _attn_loop(
             acc, l_i, m_i, q, k_base, v_base, KM, stride_kt, stride_vt, stride_ml,
-            k_start, mid, k_end, t_rows, qk_scale, offs_d, win_left, win_right, cap_scale, 0, 0,
-            row_ids, dropout_p, dropout_seed,
-            BLOCK_N, CAUSAL, PADDED, False, DOT_PREC, WINDOW, SOFTCAP, DROPOUT,
-        )
-        acc, l_i, m_i = _attn_loop(
-            acc, l_i, m_i, q, k_base, v_base, KM, stride_kt, stride_vt, stride_ml,
-            mid, k_end, k_end, t_rows, qk_scale, offs_d, win_left, win_right, cap_scale, 0, 0,
-            row_ids, dropout_p, dropout_seed,
+            full_start + n_full, k_end, k_end, t_rows, qk_scale, offs_d,
+            win_left, win_right, cap_scale, 0, 0, row_ids, dropout_p, dropout_seed,
             BLOCK_N, CAUSAL, PADDED, True, DOT_PREC, WINDOW, SOFTCAP, DROPOUT,
         )
 
@@ -634,12 +647,8 @@ def _attn_bwd_dq_loop(
             s = _tanh(s * cap_scale)
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
         if MASKED:
-            allowed = kval[None, :]
-            if CAUSAL:
-                allowed = allowed & (offs_k[None, :] <= t_rows[:, None])
-            if WINDOW:
-                allowed = allowed & (offs_k[None, :] >= t_rows[:, None] - win_left)
-                allowed = allowed & (offs_k[None, :] <= t_rows[:, None] + win_right)
+            allowed = _rule_mask(kval[None, :], t_rows[:, None], offs_k[None, :], win_left,
+                                 win_right, CAUSAL, WINDOW)  # fmt: skip
             p = tl.where(allowed, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
@@ -706,43 +715,26 @@ def _attn_bwd_dq_kernel(
     v_base = V + s64 * stride_vt + hk * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # The forward's key walk: [k_start, k_end) seen by some row, [full_lo, full_hi) by all.
-    k_start = 0
-    k_end = seqlen
-    full_hi = seqlen
-    if CAUSAL:
-        k_end = tl.minimum(k_end, t_last + 1)
-        full_hi = tl.minimum(full_hi, t_first + 1)
+    # The forward's key walk (_key_walk): the unmasked run first, then the masked blocks.
+    k_start, k_end, full_start, n_full = _key_walk(0, seqlen, t_first, t_last, win_left,
+                                                   win_right, BLOCK_N, CAUSAL, WINDOW)  # fmt: skip
+    dq = _attn_bwd_dq_loop(
+        dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt,
+        full_start, full_start + n_full, k_end, t_rows, row_ids, qk_scale, cap_scale,
+        offs_d, win_left, win_right, 0, 0, dropout_p, dropout_seed,
+        BLOCK_N, CAUSAL, False, DOT_PREC, WINDOW, SOFTCAP, DROPOUT,
+    )
     if WINDOW:
-        k_start = tl.maximum(k_start, t_first - win_left)
-        k_end = tl.minimum(k_end, t_last + win_right + 1)
-        full_lo = tl.maximum(k_start, t_last - win_left)
-        full_hi = tl.minimum(full_hi, t_first + win_right + 1)
-        pre_end = k_start + tl.cdiv(tl.maximum(full_lo - k_start, 0), BLOCK_N) * BLOCK_N
-        skip = (tl.maximum(full_hi - pre_end, 0) // BLOCK_N) * BLOCK_N
         dq = _attn_bwd_dq_loop(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt,
-            pre_end, pre_end + skip, k_end, t_rows, row_ids, qk_scale, cap_scale,
-            offs_d, win_left, win_right, 0, 0, dropout_p, dropout_seed,
-            BLOCK_N, CAUSAL, False, DOT_PREC, WINDOW, SOFTCAP, DROPOUT,
-        )
-        dq = _attn_bwd_dq_loop(
-            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt,
-            k_start, k_end - skip, k_end, t_rows, row_ids, qk_scale, cap_scale,
-            offs_d, win_left, win_right, pre_end, skip, dropout_p, dropout_seed,
+            k_start, k_end - n_full, k_end, t_rows, row_ids, qk_scale, cap_scale,
+            offs_d, win_left, win_right, full_start, n_full, dropout_p, dropout_seed,
             BLOCK_N, CAUSAL, True, DOT_PREC, WINDOW, SOFTCAP, DROPOUT,
         )
     else:
-        mid = k_start + (tl.maximum(full_hi - k_start, 0) // BLOCK_N) * BLOCK_N
         dq = _attn_bwd_dq_loop(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt,
-            k_start, mid, k_end, t_rows, row_ids, qk_scale, cap_scale,
-            offs_d, win_left, win_right, 0, 0, dropout_p, dropout_seed,
-            BLOCK_N, CAUSAL, False, DOT_PREC, WINDOW, SOFTCAP, DROPOUT,
-        )
-        dq = _attn_bwd_dq_loop(
-            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt,
-            mid, k_end, k_end, t_rows, row_ids, qk_scale, cap_scale,
+            full_start + n_full, k_end, k_end, t_rows, row_ids, qk_scale, cap_scale,
             offs_d, win_left, win_right, 0, 0, dropout_p, dropout_seed,
             BLOCK_N, CAUSAL, True, DOT_PREC, WINDOW, SOFTCAP, DROPOUT,
         )
@@ -795,12 +787,8 @@ def _attn_bwd_dkdv_loop(
             s = _tanh(s * cap_scale)
         p = tl.math.exp2(s * qk_scale - lse2[None, :])
         if MASKED:
-            allowed = kval[:, None] & row_in[None, :]
-            if CAUSAL:
-                allowed = allowed & (offs_k[:, None] <= t_rows[None, :])
-            if WINDOW:
-                allowed = allowed & (offs_k[:, None] >= t_rows[None, :] - win_left)
-                allowed = allowed & (offs_k[:, None] <= t_rows[None, :] + win_right)
+            allowed = _rule_mask(kval[:, None] & row_in[None, :], t_rows[None, :],
+                                 offs_k[:, None], win_left, win_right, CAUSAL, WINDOW)  # fmt: skip
             p = tl.where(allowed, p, 0.0)
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # dP^T
         if DROPOUT:
