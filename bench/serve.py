@@ -57,18 +57,11 @@ import torch
 from fastapi import Request  # module level: FastAPI resolves the handler's annotation here
 
 from bench import common
+from bench.workloads import QUERY_INSTRUCTION, WORDS
 
-QUERY_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 QUERY_SHARE = 0.7
 GOAL_P99_OVER_B1 = 3.0  # at 50% of the max throughput
 GOAL_THROUGHPUT_VS_OFFLINE = 0.9
-WORDS = (
-    "the of and to in is was for on that with as by at from it an be this are or which time "
-    "year people way day man thing woman life child world school state family student group "
-    "country problem hand part place case week company system program question work government "
-    "number night point home water room mother area money story fact month lot right study book "
-    "eye job word business issue side kind head house service friend father power hour game line"
-).split()
 
 
 # --------------------------------------------------------------------------------------------

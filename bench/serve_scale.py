@@ -45,15 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import common
-
-QUERY_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
-WORDS = (
-    "the of and to in is was for on that with as by at from it an be this are or which time "
-    "year people way day man thing woman life child world school state family student group "
-    "country problem hand part place case week company system program question work government "
-    "number night point home water room mother area money story fact month lot right study book "
-    "eye job word business issue side kind head house service friend father power hour game line"
-).split()
+from bench.workloads import QUERY_INSTRUCTION, WORDS
 
 
 def make_items(n: int, seed: int = 0) -> list:

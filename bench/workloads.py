@@ -1,4 +1,5 @@
-"""Model shapes and seeded token-id workloads for the end-to-end benchmark (bench/e2e.py).
+"""Model shapes and seeded token-id workloads for the end-to-end benchmark (bench/e2e.py), and
+the words the serving benchmarks draw their texts from.
 
 Workloads are token ids, not strings: both sides of the comparison (the llm2vec-style Hugging
 Face baseline and our encoder) receive the very same ids, so no tokenizer or hub is needed and
@@ -16,6 +17,17 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+# The text workloads of the serving benchmarks (bench/serve.py, bench/serve_scale.py): queries
+# carry this retrieval instruction, and texts are drawn from this vocabulary of common words.
+QUERY_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+WORDS = (
+    "the of and to in is was for on that with as by at from it an be this are or which time "
+    "year people way day man thing woman life child world school state family student group "
+    "country problem hand part place case week company system program question work government "
+    "number night point home water room mother area money story fact month lot right study book "
+    "eye job word business issue side kind head house service friend father power hour game line"
+).split()
 
 # The config.json of each published base model (fields that shape the network).
 MODEL_SHAPES: dict[str, dict] = {
