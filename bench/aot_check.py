@@ -103,25 +103,39 @@ def _cu(batch: int, length: int) -> torch.Tensor:
     return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32)
 
 
+def _packed_qkv(t: int, hq: int, hkv: int, d: int, dtype):
+    """q [t, hq, d], k and v [t, hkv, d]: views of one fused QKV output, as the model has them."""
+    qkv = _empty(t, (hq + 2 * hkv) * d, dtype=dtype)
+    q = qkv[:, : hq * d].view(t, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+    v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
+    return q, k, v
+
+
+def _mode_options(words: list[str]) -> dict:
+    """The attention call's keyword options for a mode's words (window, softcap, dropout)."""
+    extra = {}
+    if "window" in words:
+        extra["window"] = (511, 511)
+    if "softcap" in words:
+        extra["softcap"] = 50.0
+    if "dropout" in words:
+        extra.update(dropout_p=0.1, dropout_seed=1)
+    return extra
+
+
 def record_attention(rec: Recorder, name: str, hq: int, hkv: int, d: int, dtype, modes, shapes):
     from l2v_kernels import attention
 
     for shape_name in shapes:
         batch, length = ATTN_SHAPES[shape_name]
         t = batch * length
-        qkv = _empty(t, (hq + 2 * hkv) * d, dtype=dtype)  # the model's fused QKV output
-        q = qkv[:, : hq * d].view(t, hq, d)
-        k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
-        v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
+        q, k, v = _packed_qkv(t, hq, hkv, d, dtype)
         cu = _cu(batch, length)
         for mode in modes:  # "varlen", or "-"-joined words of padded, causal, window, softcap
             label = f"{name} attention {mode} {shape_name} {str(dtype)[6:]}"
             words = mode.split("-")
-            extra = {}
-            if "window" in words:
-                extra["window"] = (511, 511)
-            if "softcap" in words:
-                extra["softcap"] = 50.0
+            extra = _mode_options(words)
             if "padded" in words:
                 pq = _empty(batch, length, hq, d, dtype=dtype)
                 pk = _empty(batch, length, hkv, d, dtype=dtype)
@@ -143,22 +157,13 @@ def record_attention_train(rec: Recorder, name: str, hq: int, hkv: int, d: int, 
     for shape_name in shapes:
         batch, length = ATTN_SHAPES[shape_name]
         t = batch * length
-        qkv = _empty(t, (hq + 2 * hkv) * d, dtype=dtype)
-        q = qkv[:, : hq * d].view(t, hq, d)
-        k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
-        v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
+        q, k, v = _packed_qkv(t, hq, hkv, d, dtype)
         out, dout = _empty(t, hq, d, dtype=dtype), _empty(t, hq, d, dtype=dtype)
         lse = torch.empty(t, hq, dtype=torch.float32)
         cu = _cu(batch, length)
         for mode in modes:
             words = mode.split("-")
-            extra = {}
-            if "window" in words:
-                extra["window"] = (511, 511)
-            if "softcap" in words:
-                extra["softcap"] = 50.0
-            if "dropout" in words:
-                extra.update(dropout_p=0.1, dropout_seed=1)
+            extra = _mode_options(words)
             causal = "causal" in words
             label = f"{name} attention {mode} {shape_name} {str(dtype)[6:]}"
             rec.call(f"{label} fwd", attention.flash_attn_varlen_fwd, q, k, v, cu, length, causal,
