@@ -149,23 +149,28 @@ class TorchOps:
         seq_ids = torch.repeat_interleave(
             torch.arange(lengths.shape[0], device=device), lengths, output_size=T
         )
-        groups = None if self.training else length_groups(lengths.tolist())
+        host_lengths = None if self.training else lengths.tolist()
+        groups = None if host_lengths is None else length_groups(host_lengths)
         if groups is None:
             b.pad_groups = [self._pad_group(None, seq_ids, lengths, max(b.max_seqlen, 1), b,
                                             device)]  # fmt: skip
             return
+        # One sort puts the tokens group by group, text by text (each text's rank in that order).
+        text_order = torch.tensor([i for texts in groups for i in texts], device=device)
+        rank = torch.empty_like(lengths)
+        rank[text_order] = torch.arange(len(text_order), device=device)
+        order = torch.argsort(rank[seq_ids] * T + torch.arange(T, device=device))
         b.pad_groups = []
+        first_text = first_token = 0
         for texts in groups:
-            members = torch.tensor(texts, device=device)
-            in_group = torch.full_like(lengths, -1)
-            in_group[members] = torch.arange(len(texts), device=device)
-            # the group's tokens, text by text in the group's order
-            tokens = torch.argsort(in_group[seq_ids] * T + torch.arange(T, device=device))
-            tokens = tokens[T - int(lengths[members].sum()) :]
-            group_lengths = lengths[members]
-            b.pad_groups.append(self._pad_group(tokens, in_group[seq_ids[tokens]], group_lengths,
-                                                max(int(group_lengths.max()), 1), b,
-                                                device))  # fmt: skip
+            n_tokens = sum(host_lengths[i] for i in texts)
+            tokens = order[first_token : first_token + n_tokens]
+            members = text_order[first_text : first_text + len(texts)]
+            b.pad_groups.append(self._pad_group(
+                tokens, rank[seq_ids[tokens]] - first_text, lengths[members],
+                max(max(host_lengths[i] for i in texts), 1), b, device))  # fmt: skip
+            first_text += len(texts)
+            first_token += n_tokens
 
     def _pad_group(self, tokens, seq_ids, lengths, L: int, b: BatchTables, device) -> PadGroup:
         """The padded [n, L] view of the texts of `lengths` (tokens: their packed tokens, None
